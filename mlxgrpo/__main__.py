@@ -1,0 +1,3 @@
+from mlxgrpo.cli.app import run
+
+run()

@@ -1,0 +1,89 @@
+"""The `mlxgrpo` Typer application.
+
+Command modules are imported here, but each keeps heavy imports (mlx, mlx-lm, datasets) inside
+its function bodies so `mlxgrpo --help` and `mlxgrpo config ...` start fast and work anywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from mlxgrpo import __version__
+from mlxgrpo.cli import config_cmd, doctor
+from mlxgrpo.errors import MlxgrpoError
+
+app = typer.Typer(
+    name="mlxgrpo",
+    help="GRPO reinforcement fine-tuning for language models on Apple MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlxgrpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_show_version, is_eager=True, help="Print the version."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """GRPO reinforcement fine-tuning for language models on Apple MLX."""
+    _state["debug"] = debug
+
+
+app.add_typer(config_cmd.app, name="config")
+app.command("doctor")(doctor.doctor)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return _state["debug"] or "--debug" in argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app and map every failure to an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from mlxgrpo import ui
+
+    try:
+        result = app(args=argv, prog_name="mlxgrpo", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        ui.interrupted()
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if _debug_requested(argv):
+            raise
+        ui.interrupted()
+        return 130
+    except MlxgrpoError as exc:
+        if _debug_requested(argv):
+            raise
+        ui.error(exc)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - last-resort mapping to one readable line
+        if _debug_requested(argv):
+            raise
+        ui.internal_error(exc)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Options every command shares (-c, --set) and the one way commands resolve their config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlxgrpo.config import ResolvedConfig, resolve_config
+
+ConfigFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file or preset name (repeatable; later files win). "
+        "Default: $MLX_GRPO_CONFIG if set.",
+        show_default=False,
+    ),
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one key, e.g. --set rollout.temperature=0.8 (repeatable; legacy flat keys ok).",
+        show_default=False,
+    ),
+]
+
+
+def load_config(
+    config_files: list[Path] | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any] | None = None,
+    *,
+    check_paths: bool = True,
+) -> ResolvedConfig:
+    """Resolve defaults < files < --set < flags (flags given as dotted keys; None = not given)."""
+    return resolve_config(
+        config_files or (), overrides or (), flags or {}, check_paths=check_paths
+    )

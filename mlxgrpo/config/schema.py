@@ -1,0 +1,267 @@
+"""The configuration schema: one frozen dataclass per TOML section, every field with a help line.
+
+Field metadata keys: `help` (one line), `choices` (allowed values), `min`/`max` (inclusive
+bounds), `gt` (exclusive lower bound). The resolver and `config show` read them; nothing here
+imports mlx, so config tooling works anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text and validation metadata."""
+    meta["help"] = help
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = opt(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Model to train: a hub id, a local MLX/HF directory, or builtin:NAME (offline tiny models).",
+    )
+    adapter_path: str | None = opt(None, "Existing LoRA adapters to start from (a directory).")
+    dtype: str = opt(
+        "auto",
+        "Compute dtype; auto = bfloat16 on GPU, float32 on CPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    trust_remote_code: bool = opt(False, "Allow tokenizers that ship custom code (hub models).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = opt("runs", "Directory that holds one sub-directory per run.")
+    run_name: str = opt("", "Run directory name; empty = a timestamp such as 20261121-084012.")
+    seed: int = opt(0, "Seed for data order, sampling and initialisation.", min=0)
+    num_epochs: int = opt(1, "Passes over the training prompts.", min=1)
+    max_steps: int = opt(0, "Stop after this many updates; 0 = as many as the epochs give.", min=0)
+    max_train_samples: int = opt(0, "Use at most this many training prompts; 0 = all.", min=0)
+    resume: str = opt(
+        "auto",
+        "auto = continue from the newest checkpoint in the run directory, never = start fresh, "
+        "or a checkpoint directory.",
+    )
+    compile: bool = opt(True, "Compile the training step with mx.compile where it pays.")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    type: str = opt("lora", "What to train.", choices=("lora", "dora", "full"))
+    lora_rank: int = opt(8, "LoRA rank.", min=1)
+    lora_scale: float = opt(20.0, "LoRA scale (alpha / rank, as mlx-lm counts it).", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0, max=1)
+    lora_layers: int = opt(16, "Apply LoRA to the last N transformer blocks; -1 = all.", min=-1)
+    target_modules: list[str] = opt(
+        [], "Module names to adapt (e.g. self_attn.q_proj); empty = mlx-lm's defaults."
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt(
+        "gsm8k",
+        "gsm8k, synthetic:NAME (offline), a local .jsonl/.json/.parquet/.csv file or directory, "
+        "or a hub id.",
+    )
+    subset: str | None = opt(None, "Dataset configuration name (gsm8k uses 'main').")
+    train_split: str = opt("train", "Split to train on.")
+    eval_split: str = opt("test", "Split for evaluation.")
+    prompt_field: str = opt("question", "Column holding the prompt text.")
+    answer_field: str = opt("answer", "Column holding the reference answer.")
+    system_prompt: str | None = opt(
+        None, "System prompt; unset = the task's default (GSM8K asks for <reasoning>/<answer>)."
+    )
+    shuffle: bool = opt(True, "Shuffle training prompts with the run seed.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_generations: int = opt(8, "Completions sampled per prompt (the group size G).", min=2)
+    max_new_tokens: int = opt(256, "Token budget per completion.", min=1)
+    max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut.", min=1)
+    temperature: float = opt(0.7, "Sampling temperature for rollouts.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold; 1 = off.", min=0, max=1)
+    top_k: int = opt(0, "Sample from the k most likely tokens; 0 = off.", min=0)
+    min_p: float = opt(0.0, "Drop tokens below min_p x the top probability; 0 = off.", min=0, max=1)
+    repetition_penalty: float = opt(1.0, "Penalty on already generated tokens; 1 = off.", gt=0)
+    stop: list[str] = opt([], "Extra stop strings (EOS always stops).")
+    quantize_bits: int = opt(
+        0, "Quantize a rollout copy of the model to this many bits; 0 = off.", choices=(0, 2, 3, 4, 6, 8)
+    )
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    loss_type: str = opt(
+        "grpo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+    )
+    clip_eps: float = opt(0.2, "Lower clip range: ratios below 1 - clip_eps are clipped.", min=0)
+    clip_eps_high: float | None = opt(
+        None, "Upper clip range (1 + clip_eps_high); unset = clip_eps. DAPO uses 0.28.", min=0
+    )
+    kl_coeff: float = opt(0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0)
+    kl_estimator: str = opt("k3", "KL estimator per token.", choices=("k1", "k2", "k3"))
+    entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
+    scale_rewards: str = opt(
+        "group",
+        "Advantage scaling: group = divide by the group's std, batch = the batch's std, none.",
+        choices=("group", "batch", "none"),
+    )
+    num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
+    mask_truncated_completions: bool = opt(
+        False, "Give truncated completions zero advantage."
+    )
+    filter_zero_std_groups: bool = opt(
+        False, "Drop groups whose rewards are all equal (they carry no signal)."
+    )
+    overlong_penalty: float = opt(
+        0.0, "Largest reward penalty for completions running into the token budget; 0 = off.", min=0
+    )
+    overlong_buffer: int = opt(
+        0, "Tokens before the budget where the overlong penalty ramps up; 0 = a quarter of it.", min=0
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = opt("adamw", "Optimizer.", choices=("adam", "adamw"))
+    learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0)
+    lr_scheduler_type: str = opt(
+        "cosine", "Decay after warm-up.", choices=("constant", "linear", "cosine")
+    )
+    warmup_ratio: float = opt(0.1, "Share of the run's updates spent warming up.", min=0, max=1)
+    max_grad_norm: float = opt(0.1, "Clip gradients to this global norm; 0 = off.", min=0)
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
+    weight_decay: float = opt(0.0, "Decoupled weight decay (adamw).", min=0)
+    batch_size: int = opt(4, "Prompts per optimizer update (each sampled G times).", min=1)
+    gradient_accumulation_steps: int = opt(
+        4, "Micro-batches an update's completions are split into (bounds memory).", min=1
+    )
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    functions: list[str] = opt(
+        [],
+        "Reward functions: built-in names, module:function or path/file.py:function; "
+        "empty = the dataset's defaults.",
+    )
+    weights: list[float] = opt([], "One weight per function; empty = all 1.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_updates: int = opt(0, "Evaluate every N updates; 0 = off.", min=0)
+    samples: int = opt(200, "Held-out prompts per evaluation.", min=1)
+    max_new_tokens: int = opt(128, "Token budget per evaluation completion.", min=1)
+    temperature: float = opt(0.0, "Sampling temperature for pass@k; pass@1 is greedy.", min=0)
+    pass_k: int = opt(1, "k for pass@k (1 = greedy accuracy only).", min=1)
+    before_training: bool = opt(False, "Also evaluate before the first update.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    logging_steps: int = opt(1, "Show a reward table every N updates.", min=1)
+    jsonl: bool = opt(True, "Write metrics.jsonl in the run directory.")
+    log_completions: bool = opt(False, "Write completions.jsonl (prompt, completion, rewards).")
+    tensorboard: bool = opt(False, "Also write TensorBoard event files (needs tensorboardX).")
+    wandb_project: str | None = opt(None, "Log to this Weights & Biases project (needs wandb).")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_steps: int = opt(100, "Save a checkpoint every N updates; 0 = only the final one.", min=0)
+    keep_last: int = opt(3, "Keep this many recent checkpoints; 0 = keep all.", min=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+    def to_dict(self, drop_none: bool = False) -> dict[str, dict[str, Any]]:
+        result = dataclasses.asdict(self)
+        if drop_none:
+            result = {s: {k: v for k, v in d.items() if v is not None} for s, d in result.items()}
+        return result
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Everything the resolver needs to know about one dotted key."""
+
+    key: str
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+
+
+def _section_classes() -> dict[str, type]:
+    hints = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    return hints  # section name -> dataclass type
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """All dotted keys of the schema, in declaration order."""
+    import typing
+
+    specs: dict[str, FieldSpec] = {}
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta = f.metadata
+            key = f"{section}.{f.name}"
+            specs[key] = FieldSpec(
+                key=key,
+                section=section,
+                name=f.name,
+                type=hints[f.name],
+                default=default,
+                help=meta.get("help", ""),
+                choices=meta.get("choices"),
+                min=meta.get("min"),
+                max=meta.get("max"),
+                gt=meta.get("gt"),
+            )
+    return specs
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Build a Config from a complete mapping of dotted keys to already-typed values."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    classes = _section_classes()
+    return Config(**{s: classes[s](**sections[s]) for s in SECTIONS})

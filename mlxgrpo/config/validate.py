@@ -1,0 +1,104 @@
+"""Cross-field rules that single-field types and bounds cannot express.
+
+Each rule returns sentences that name the keys involved and the fix. Nothing here loads a model
+or a data set, so `mlxgrpo config validate` runs anywhere in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlxgrpo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlxgrpo.config.resolver import ResolvedConfig
+
+
+def check_config(resolved: ResolvedConfig) -> list[str]:
+    cfg, problems = resolved.config, []
+    algo, rollout, optim, rewards = cfg.algorithm, cfg.rollout, cfg.optim, cfg.rewards
+    if algo.clip_eps_high is not None and algo.clip_eps_high < algo.clip_eps:
+        problems.append(
+            f"algorithm.clip_eps_high ({algo.clip_eps_high}) must be >= algorithm.clip_eps "
+            f"({algo.clip_eps}); raise it or leave it unset"
+        )
+    if rewards.weights and len(rewards.weights) != len(rewards.functions):
+        problems.append(
+            f"rewards.weights has {len(rewards.weights)} values but rewards.functions names "
+            f"{len(rewards.functions)}; give one weight per function (or none)"
+        )
+    completions = optim.batch_size * rollout.num_generations
+    if completions % optim.gradient_accumulation_steps:
+        problems.append(
+            f"optim.batch_size x rollout.num_generations = {completions} completions per update "
+            f"do not split into optim.gradient_accumulation_steps = "
+            f"{optim.gradient_accumulation_steps} equal micro-batches; pick a divisor of {completions}"
+        )
+    if cfg.eval.pass_k > 1 and cfg.eval.temperature <= 0:
+        problems.append("eval.pass_k > 1 needs eval.temperature > 0 (k greedy samples are identical)")
+    problems += _check_model_path(cfg.model.path, "model.path")
+    if cfg.model.adapter_path:
+        problems += _check_existing_dir(cfg.model.adapter_path, "model.adapter_path")
+    problems += _check_rewards(resolved)
+    problems += _check_dataset(resolved)
+    return problems
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def looks_local(path: str) -> bool:
+    """True for paths that cannot be hub ids: absolute, ./, ../, ~, or more than one slash."""
+    return (
+        path.startswith(("/", "./", "../", "~", "."))
+        or path.count("/") > 1
+        or os.sep != "/" and os.sep in path
+    )
+
+
+def _check_model_path(path: str, key: str) -> list[str]:
+    if path.startswith("builtin:"):
+        from mlxgrpo.models.builtin import list_builtin_models
+
+        names = list_builtin_models()
+        name = path.split(":", 1)[1]
+        if name not in names:
+            return [f"{key} = '{path}': no such built-in model; available: {', '.join(names)}"]
+        return []
+    if looks_local(path) and not Path(os.path.expanduser(path)).exists():
+        return [f"{key} = '{path}': directory not found; fix the path or run `mlxgrpo convert`"]
+    return []
+
+
+def _check_existing_dir(path: str, key: str) -> list[str]:
+    if not Path(os.path.expanduser(path)).is_dir():
+        return [f"{key} = '{path}': directory not found"]
+    return []
+
+
+def _check_rewards(resolved: ResolvedConfig) -> list[str]:
+    from mlxgrpo.rewards import resolve_reward
+
+    problems = []
+    for spec in resolved.config.rewards.functions:
+        try:
+            resolve_reward(spec, base_dir=resolved.base_dir())
+        except ConfigError as exc:
+            problems.append(f"rewards.functions: {exc}")
+    return problems
+
+
+def _check_dataset(resolved: ResolvedConfig) -> list[str]:
+    dataset = resolved.config.data.dataset
+    if dataset.startswith("synthetic:"):
+        from mlxgrpo.data import synthetic_task_names
+
+        name = dataset.split(":", 1)[1].split("?", 1)[0]
+        names = synthetic_task_names()
+        if name not in names:
+            return [f"data.dataset = '{dataset}': no such synthetic task; available: {', '.join(names)}"]
+    elif (looks_local(dataset) or dataset.endswith(DATA_SUFFIXES)) and not Path(os.path.expanduser(dataset)).exists():
+        return [f"data.dataset = '{dataset}': file or directory not found"]
+    return []

@@ -1,0 +1,65 @@
+"""Shared fixtures. Importing mlxgrpo first loads a system OpenBLAS before MLX (DESIGN §8)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlxgrpo  # noqa: F401  (BLAS preload must precede any mlx import)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Offline always: a test that tries the hub fails fast instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("MLX_GRPO_CONFIG", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Built-in models are created once per test session in a private cache directory."""
+    cache = tmp_path_factory.getbasetemp() / "mlxgrpo-cache"
+    monkeypatch.setenv("MLXGRPO_CACHE_DIR", str(cache))
+    monkeypatch.delenv("MLX_GRPO_CONFIG", raising=False)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the real entry point in-process; returns (exit_code, stdout, stderr)."""
+    from mlxgrpo.cli.app import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def run_subprocess(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
+    """Run `python -m mlxgrpo ARGS` in a fresh interpreter (for exit codes and import checks)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mlxgrpo", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def write_toml(tmp_path):
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    return write
