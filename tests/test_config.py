@@ -162,7 +162,9 @@ def tomllib_literal(value) -> str:
 
 
 def test_legacy_batch_pair_becomes_prompts_per_update(write_toml):
-    path = write_toml("old.toml", "batch_size = 2\ngradient_accumulation_steps = 3\nnum_generations = 2\n")
+    path = write_toml(
+        "old.toml", "batch_size = 2\ngradient_accumulation_steps = 3\nnum_generations = 2\n"
+    )
     cfg = resolve(path).config
     assert cfg.optim.batch_size == 6  # 2 prompts per micro-batch x 3 micro-batches
     assert cfg.optim.gradient_accumulation_steps == 3
@@ -183,9 +185,7 @@ def test_sections_and_legacy_keys_mix(write_toml):
 
 
 def test_env_interpolation_with_default_and_type(write_toml):
-    path = write_toml(
-        "i.toml", '[run]\nseed = "${env:SEED,5}"\noutput_dir = "${env:BASE}/runs"\n'
-    )
+    path = write_toml("i.toml", '[run]\nseed = "${env:SEED,5}"\noutput_dir = "${env:BASE}/runs"\n')
     cfg = resolve(path, environ={"BASE": "/data"}).config
     assert cfg.run.seed == 5 and cfg.run.output_dir == "/data/runs"
     cfg = resolve(path, environ={"BASE": "/x", "SEED": "11"}).config
@@ -267,7 +267,9 @@ def test_bad_set_values_name_key_value_type_and_layer(assignment, fragment):
         assert assignment.split("=")[0] in text and "--set" in text
 
 
-@pytest.mark.parametrize("word,expected", [("yes", True), ("off", False), ("1", True), ("FALSE", False)])
+@pytest.mark.parametrize(
+    "word,expected", [("yes", True), ("off", False), ("1", True), ("FALSE", False)]
+)
 def test_bool_words(word, expected):
     assert resolve(sets=[f"logging.jsonl={word}"]).config.logging.jsonl is expected
 
@@ -317,16 +319,23 @@ def check(*sets):
 @pytest.mark.parametrize(
     ("sets", "fragment"),
     [
-        (["algorithm.clip_eps=0.2", "algorithm.clip_eps_high=0.1"], "clip_eps_high (0.1) must be >="),
+        (
+            ["algorithm.clip_eps=0.2", "algorithm.clip_eps_high=0.1"],
+            "clip_eps_high (0.1) must be >=",
+        ),
         (["rewards.functions=correctness,int", "rewards.weights=1.0"], "one weight per function"),
         (
-            ["optim.batch_size=3", "rollout.num_generations=2", "optim.gradient_accumulation_steps=4"],
+            [
+                "optim.batch_size=3",
+                "rollout.num_generations=2",
+                "optim.gradient_accumulation_steps=4",
+            ],
             "do not split into",
         ),
         (["eval.pass_k=4", "eval.temperature=0"], "pass_k > 1 needs eval.temperature"),
         (["model.path=./no/such/dir"], "directory not found"),
         (["rewards.functions=no_such_reward"], "rewards.functions"),
-        (["data.dataset=synthetic:nope"], "no such synthetic task"),
+        (["data.dataset=synthetic:nope"], "Unknown synthetic task"),
         (["model.path=builtin:nope"], "no such built-in model"),
     ],
 )

@@ -12,7 +12,7 @@ import click
 import typer
 
 from mlxgrpo import __version__
-from mlxgrpo.cli import config_cmd, doctor
+from mlxgrpo.cli import config_cmd, doctor, train
 from mlxgrpo.errors import MlxgrpoError
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ def root(
 
 
 app.add_typer(config_cmd.app, name="config")
+app.command("train")(train.train)
 app.command("doctor")(doctor.doctor)
 
 

@@ -24,7 +24,8 @@ Overrides = Annotated[
     typer.Option(
         "--set",
         "-s",
-        help="Override one key, e.g. --set rollout.temperature=0.8 (repeatable; legacy flat keys ok).",
+        help="Override one key, e.g. --set rollout.temperature=0.8 "
+        "(repeatable; legacy flat keys work too).",
         show_default=False,
     ),
 ]
@@ -38,6 +39,4 @@ def load_config(
     check_paths: bool = True,
 ) -> ResolvedConfig:
     """Resolve defaults < files < --set < flags (flags given as dotted keys; None = not given)."""
-    return resolve_config(
-        config_files or (), overrides or (), flags or {}, check_paths=check_paths
-    )
+    return resolve_config(config_files or (), overrides or (), flags or {}, check_paths=check_paths)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +15,7 @@ from mlxgrpo.cli.common import ConfigFiles, Overrides, load_config
 app = typer.Typer(help="Show, check and explain configuration.", no_args_is_help=True)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     toml = "toml"
     json = "json"
 
@@ -44,7 +44,9 @@ def show(
     else:
         ui.raw(ui.to_toml(data))
     if sources:
-        rows = [(key, ui.format_value(result.config.get(key)), str(result.sources[key])) for key in keys]
+        rows = [
+            (key, ui.format_value(result.config.get(key)), str(result.sources[key])) for key in keys
+        ]
         ui.sources_table(rows)
 
 

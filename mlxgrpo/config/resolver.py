@@ -57,7 +57,9 @@ class ConfigProblems(ConfigError):
     """One or more configuration problems, each a complete sentence naming key and fix."""
 
     def __init__(self, problems: list[str], hint: str | None = None) -> None:
-        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} config problems", hint)
+        super().__init__(
+            problems[0] if len(problems) == 1 else f"{len(problems)} config problems", hint
+        )
         self.problems = problems
 
 
@@ -138,7 +140,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}", hint="fix the syntax at that line") from None
+        raise ConfigError(
+            f"{path}: invalid TOML: {exc}", hint="fix the syntax at that line"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
@@ -153,7 +157,9 @@ def _load_file(path: Path, col: _Collector, source: Source, chain: tuple[Path, .
     bases = data.pop("extends", None)
     if isinstance(bases, str):
         bases = [bases]
-    if bases is not None and not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+    if bases is not None and not (
+        isinstance(bases, list) and all(isinstance(b, str) for b in bases)
+    ):
         col.problems.append(f"{path}: `extends` must be a file name or a list of them")
         bases = []
     for base in bases or ():
@@ -163,7 +169,9 @@ def _load_file(path: Path, col: _Collector, source: Source, chain: tuple[Path, .
 
             base_path = find_preset(base) or base_path
         if not base_path.is_file():
-            raise ConfigError(f"{path}: extends '{base}', which does not exist", hint="fix the path")
+            raise ConfigError(
+                f"{path}: extends '{base}', which does not exist", hint="fix the path"
+            )
         label = Source(source.layer, f"{base_path} (extended by {path.name})")
         _load_file(base_path, col, label, (*chain, real))
     col.files.append(path)
@@ -247,7 +255,9 @@ def _parse_override(text: str, col: _Collector, legacy_sets: dict[str, Any]) -> 
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        col.problems.append(f"--set '{text}': expected KEY=VALUE, e.g. --set rollout.temperature=0.8")
+        col.problems.append(
+            f"--set '{text}': expected KEY=VALUE, e.g. --set rollout.temperature=0.8"
+        )
         return
     source = Source("--set", f"{key}={raw}")
     if key in legacy.LEGACY_KEYS:

@@ -24,7 +24,8 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 class ModelConfig:
     path: str = opt(
         "Qwen/Qwen2.5-1.5B-Instruct",
-        "Model to train: a hub id, a local MLX/HF directory, or builtin:NAME (offline tiny models).",
+        "Model to train: a hub id, a local MLX/HF directory, or builtin:NAME (offline tiny "
+        "models).",
     )
     adapter_path: str | None = opt(None, "Existing LoRA adapters to start from (a directory).")
     dtype: str = opt(
@@ -93,7 +94,9 @@ class RolloutConfig:
     repetition_penalty: float = opt(1.0, "Penalty on already generated tokens; 1 = off.", gt=0)
     stop: list[str] = opt([], "Extra stop strings (EOS always stops).")
     quantize_bits: int = opt(
-        0, "Quantize a rollout copy of the model to this many bits; 0 = off.", choices=(0, 2, 3, 4, 6, 8)
+        0,
+        "Quantize a rollout copy of the model to this many bits; 0 = off.",
+        choices=(0, 2, 3, 4, 6, 8),
     )
 
 
@@ -106,7 +109,9 @@ class AlgorithmConfig:
     clip_eps_high: float | None = opt(
         None, "Upper clip range (1 + clip_eps_high); unset = clip_eps. DAPO uses 0.28.", min=0
     )
-    kl_coeff: float = opt(0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0)
+    kl_coeff: float = opt(
+        0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0
+    )
     kl_estimator: str = opt("k3", "KL estimator per token.", choices=("k1", "k2", "k3"))
     entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
     scale_rewards: str = opt(
@@ -115,9 +120,7 @@ class AlgorithmConfig:
         choices=("group", "batch", "none"),
     )
     num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
-    mask_truncated_completions: bool = opt(
-        False, "Give truncated completions zero advantage."
-    )
+    mask_truncated_completions: bool = opt(False, "Give truncated completions zero advantage.")
     filter_zero_std_groups: bool = opt(
         False, "Drop groups whose rewards are all equal (they carry no signal)."
     )
@@ -125,7 +128,9 @@ class AlgorithmConfig:
         0.0, "Largest reward penalty for completions running into the token budget; 0 = off.", min=0
     )
     overlong_buffer: int = opt(
-        0, "Tokens before the budget where the overlong penalty ramps up; 0 = a quarter of it.", min=0
+        0,
+        "Tokens before the budget where the overlong penalty ramps up; 0 = a quarter of it.",
+        min=0,
     )
 
 

@@ -34,10 +34,13 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
         problems.append(
             f"optim.batch_size x rollout.num_generations = {completions} completions per update "
             f"do not split into optim.gradient_accumulation_steps = "
-            f"{optim.gradient_accumulation_steps} equal micro-batches; pick a divisor of {completions}"
+            f"{optim.gradient_accumulation_steps} equal micro-batches; "
+            f"pick a divisor of {completions}"
         )
     if cfg.eval.pass_k > 1 and cfg.eval.temperature <= 0:
-        problems.append("eval.pass_k > 1 needs eval.temperature > 0 (k greedy samples are identical)")
+        problems.append(
+            "eval.pass_k > 1 needs eval.temperature > 0 (k greedy samples are identical)"
+        )
     problems += _check_model_path(cfg.model.path, "model.path")
     if cfg.model.adapter_path:
         problems += _check_existing_dir(cfg.model.adapter_path, "model.adapter_path")
@@ -54,7 +57,8 @@ def looks_local(path: str) -> bool:
     return (
         path.startswith(("/", "./", "../", "~", "."))
         or path.count("/") > 1
-        or os.sep != "/" and os.sep in path
+        or os.sep != "/"
+        and os.sep in path
     )
 
 
@@ -93,12 +97,14 @@ def _check_rewards(resolved: ResolvedConfig) -> list[str]:
 def _check_dataset(resolved: ResolvedConfig) -> list[str]:
     dataset = resolved.config.data.dataset
     if dataset.startswith("synthetic:"):
-        from mlxgrpo.data import synthetic_task_names
+        from mlxgrpo.data import parse_synthetic_spec
 
-        name = dataset.split(":", 1)[1].split("?", 1)[0]
-        names = synthetic_task_names()
-        if name not in names:
-            return [f"data.dataset = '{dataset}': no such synthetic task; available: {', '.join(names)}"]
-    elif (looks_local(dataset) or dataset.endswith(DATA_SUFFIXES)) and not Path(os.path.expanduser(dataset)).exists():
+        try:
+            parse_synthetic_spec(dataset)
+        except ConfigError as exc:
+            return [f"data.dataset = '{dataset}': {exc}"]
+    elif (looks_local(dataset) or dataset.endswith(DATA_SUFFIXES)) and not Path(
+        os.path.expanduser(dataset)
+    ).exists():
         return [f"data.dataset = '{dataset}': file or directory not found"]
     return []

@@ -43,7 +43,9 @@ def parse_cli_text(spec: FieldSpec, text: str) -> Any:
     """
     base, _ = _unwrap_optional(spec.type)
     stripped = text.strip()
-    if base is str and not (stripped[:1] in "\"'" and stripped[-1:] == stripped[:1] and len(stripped) > 1):
+    if base is str and not (
+        stripped[:1] in "\"'" and stripped[-1:] == stripped[:1] and len(stripped) > 1
+    ):
         return text
     try:
         return tomllib.loads(f"v = {stripped}")["v"]
@@ -77,9 +79,7 @@ def _coerce_scalar(tp: type, value: Any) -> Any:
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ValueProblem(
-            f"expected a boolean (true/false, 1/0, yes/no, on/off), got {value!r}"
-        )
+        raise ValueProblem(f"expected a boolean (true/false, 1/0, yes/no, on/off), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -1,0 +1,77 @@
+"""`mlxgrpo train`: resolve the config, run the GRPO engine, render progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlxgrpo.cli.common import ConfigFiles, Overrides, load_config
+
+
+def train(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model.path")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="run.output_dir")
+    ] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="run.run_name")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="run.max_steps")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="run.seed")] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="run.resume: auto, never or a checkpoint dir")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary object at the end.")
+    ] = False,
+) -> int:
+    """Fine-tune a model with GRPO. Ctrl-C finishes the current update, saves and exits 130."""
+    flags = {
+        "model.path": model,
+        "run.output_dir": str(output_dir) if output_dir else None,
+        "run.run_name": run_name,
+        "run.max_steps": max_steps,
+        "run.seed": seed,
+        "run.resume": resume,
+    }
+    resolved = load_config(config, set_, flags)
+    from mlxgrpo import ui
+    from mlxgrpo.engine.trainer import train as run_training
+
+    stop = _GracefulStop()
+    with ui.TrainProgress() as progress:
+        with stop:
+            summary = run_training(resolved, [progress], should_stop=stop.requested)
+    if json_output:
+        ui.raw(json.dumps(summary) + "\n")
+    return 130 if summary["interrupted"] else 0
+
+
+class _GracefulStop:
+    """First Ctrl-C asks the loop to stop after the current update; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.previous = None
+
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        from mlxgrpo import ui
+
+        ui.note("stopping after this update (Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> _GracefulStop:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)

@@ -1,0 +1,101 @@
+"""How the trainer reports: callbacks receive plain dicts; the UI and the log files subscribe.
+
+The engine never imports Rich or Typer. `ui.TrainProgress` implements this interface for the
+console; `JsonlLogger` and `CompletionsLogger` write the run directory's log files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class Callback:
+    """Every hook is optional; the trainer calls them in this order of a run's life."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_update(self, update: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_completions(self, update: int, records: list[dict[str, Any]]) -> None: ...
+
+    def on_eval(self, update: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, update: int, path: Path) -> None: ...
+
+    def on_message(self, text: str) -> None: ...
+
+    def on_end(self, summary: dict[str, Any]) -> None: ...
+
+
+class CallbackList(Callback):
+    def __init__(self, callbacks: list[Callback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            hooks = [getattr(cb, name) for cb in object.__getattribute__(self, "callbacks")]
+
+            def fan_out(*args: Any, **kwargs: Any) -> None:
+                for hook in hooks:
+                    hook(*args, **kwargs)
+
+            return fan_out
+        return object.__getattribute__(self, name)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class JsonlLogger(Callback):
+    """metrics.jsonl: one object per update, plus eval records (kind = "eval")."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+
+    def on_update(self, update: int, metrics: dict[str, Any]) -> None:
+        self._write({"kind": "train", "update": update, **metrics})
+
+    def on_eval(self, update: int, metrics: dict[str, Any]) -> None:
+        self._write({"kind": "eval", "update": update, **metrics})
+
+
+class CompletionsLogger(Callback):
+    """completions.jsonl: prompt, completion, rewards and advantage of every sample."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_completions(self, update: int, records: list[dict[str, Any]]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(_jsonable({"update": update, **record}), ensure_ascii=False))
+                fh.write("\n")
+
+
+def truncate_jsonl(path: Path, last_update: int) -> None:
+    """On resume, drop records of updates after the checkpoint so logs are not doubled."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("update", 0) <= last_update:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")

@@ -1,0 +1,76 @@
+"""Which weights train (LoRA, DoRA or all), and the reference policy for the KL term.
+
+With adapters, the reference is the same model with its adapters taken out for one forward
+pass: no second copy of the weights. With full fine-tuning it is a frozen copy, loaded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlxgrpo.errors import ConfigError
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(model.layers)
+
+
+def prepare_trainable(model: nn.Module, finetune: Any) -> int:
+    """Freeze the base, insert adapters (or unfreeze all); returns the trainable parameter count."""
+    if finetune.type == "full":
+        model.unfreeze()
+    else:
+        blocks = num_blocks(model)
+        layers = blocks if finetune.lora_layers < 0 else finetune.lora_layers
+        if layers > blocks:
+            raise ConfigError(
+                f"finetune.lora_layers = {layers} but the model has {blocks} blocks",
+                hint=f"use at most {blocks}, or -1 for all",
+            )
+        model.freeze()
+        params: dict[str, Any] = {
+            "rank": finetune.lora_rank,
+            "scale": finetune.lora_scale,
+            "dropout": finetune.lora_dropout,
+        }
+        if finetune.target_modules:
+            params["keys"] = list(finetune.target_modules)
+        linear_to_lora_layers(model, layers, params, use_dora=finetune.type == "dora")
+    count = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if count == 0:
+        raise ConfigError(
+            "no trainable parameters: finetune.target_modules matched no layer",
+            hint="leave target_modules empty for mlx-lm's defaults, or name modules such as "
+            "self_attn.q_proj",
+        )
+    return count
+
+
+def _adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, adapter module, wrapped base module) for every LoRA/DoRA layer in the model."""
+    found = []
+    for name, module in model.named_modules():
+        base = getattr(module, "linear", None) or getattr(module, "embedding", None)
+        if base is not None and hasattr(module, "lora_a"):
+            found.append((name, module, base))
+    return found
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Temporarily swap each adapter layer for the base layer it wraps (exact reference)."""
+    swaps = _adapter_modules(model)
+    if not swaps:
+        yield
+        return
+    model.update_modules(tree_unflatten([(name, base) for name, _, base in swaps]))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten([(name, adapter) for name, adapter, _ in swaps]))

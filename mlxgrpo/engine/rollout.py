@@ -1,0 +1,524 @@
+"""GRPO rollout: G sampled completions for each of B prompts, generated as one batch.
+
+Each prompt is prefilled once; its KV cache is then repeated G times along the batch axis and
+all B*G sequences decode together, one sampled-token array per step. The host looks at the
+tokens only every `sync_every` steps (to apply stop rules and drop finished rows), while
+`mx.async_eval` keeps the next step computing during that bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from mlxgrpo.errors import ConfigError, MlxgrpoError
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+# A decoded stop string may start this many tokens before the first token not yet checked.
+_STOP_STRING_TOKEN_MARGIN = 16
+# Drop finished rows from the decode batch once at least this share of it is finished.
+_COMPACT_FINISHED_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is drawn. temperature 0 means greedy (argmax).
+
+    Filters follow the Hugging Face / vLLM order: temperature first, then top-k, top-p and
+    min-p on the tempered distribution. top_p of 0 or 1 and top_k of 0 disable those filters.
+    repetition_penalty divides positive (multiplies negative) logits of every token already
+    present in the prompt or the completion so far; 1.0 disables it.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(
+                f"temperature must be >= 0, got {self.temperature}",
+                hint="use 0 for greedy decoding or a positive value such as 0.7",
+            )
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(
+                f"top_p must be in [0, 1], got {self.top_p}", hint="use 1.0 to disable top-p"
+            )
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}", hint="use 0 to disable")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", hint="use 0.0")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                hint="use 1.0 to disable it",
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Training tensors for a set of completions (layout shared with the GRPO math).
+
+    tokens: [N, T] int32, prompt + completion, right-padded with pad_id.
+    completion_mask: [N, T] float32, 1.0 exactly at completion positions (EOS included).
+    prompt_lengths: [N] int32. start: min(prompt_lengths), the first completion position.
+    """
+
+    tokens: mx.array
+    completion_mask: mx.array
+    prompt_lengths: mx.array
+    start: int
+
+
+def build_micro_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int = 0,
+) -> MicroBatch:
+    """Concatenate each prompt with its completion (one prompt per completion, same order)."""
+    if len(prompt_ids) != len(completion_ids) or not prompt_ids:
+        raise MlxgrpoError(
+            f"need one prompt per completion, got {len(prompt_ids)} prompts "
+            f"and {len(completion_ids)} completions",
+            hint="pass the prompt of every completion, repeated for samples of one group",
+        )
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+    rows, masks = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        pad = width - len(prompt) - len(completion)
+        rows.append([*prompt, *completion] + [pad_id] * pad)
+        masks.append([0.0] * len(prompt) + [1.0] * len(completion) + [0.0] * pad)
+    lengths = [len(p) for p in prompt_ids]
+    return MicroBatch(
+        tokens=mx.array(rows, dtype=mx.int32),
+        completion_mask=mx.array(masks, dtype=mx.float32),
+        prompt_lengths=mx.array(lengths, dtype=mx.int32),
+        start=min(lengths),
+    )
+
+
+@dataclass
+class Rollout:
+    """Completions of one rollout, flat and grouped: prompt 0's G samples come first."""
+
+    prompt_ids: list[list[int]]
+    num_generations: int
+    prompt_index: list[int]
+    completion_ids: list[list[int]]
+    truncated: list[bool]
+    finish_reason: list[str]
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def num_completions(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Kept completion tokens per second of the whole rollout (prefill included)."""
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def training_batch(self, indices: Sequence[int] | None = None, pad_id: int = 0) -> MicroBatch:
+        """The MicroBatch of the completions at `indices` (all when None)."""
+        chosen = list(range(self.num_completions)) if indices is None else list(indices)
+        return build_micro_batch(
+            [self.prompt_ids[self.prompt_index[i]] for i in chosen],
+            [self.completion_ids[i] for i in chosen],
+            pad_id=pad_id,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (pure functions over batched logits)
+
+
+def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """CTRL-style penalty per row: seen [N, V] bool marks tokens already in that row's context."""
+    penalized = mx.where(logits < 0, logits * penalty, logits / penalty)
+    return mx.where(seen, penalized, logits)
+
+
+def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
+    """Draw one token per row of logits [N, V]; returns [N] uint32."""
+    if sampling.greedy:
+        return mx.argmax(logits, axis=-1).astype(mx.uint32)
+    # Categorical sampling needs no normalisation; top-p exponentiates, so shift by the max
+    # (much cheaper than logsumexp on CPU) to keep exp() from overflowing.
+    logprobs = logits.astype(mx.float32) * (1.0 / sampling.temperature)
+    if 0.0 < sampling.top_p < 1.0:
+        logprobs = logprobs - mx.max(logprobs, axis=-1, keepdims=True)
+    if 0 < sampling.top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, sampling.top_k)
+    if 0.0 < sampling.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, sampling.top_p)
+    if sampling.min_p > 0.0:
+        logprobs = apply_min_p(logprobs, sampling.min_p)
+    return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.uint32)
+
+
+def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:
+    return mx.put_along_axis(seen, tokens[:, None].astype(mx.int32), mx.array(True), axis=-1)
+
+
+def _prompt_presence(prompts: Sequence[Sequence[int]], vocab_size: int) -> mx.array:
+    rows = [sorted(set(p)) for p in prompts]
+    seen = mx.zeros((len(prompts), vocab_size), dtype=mx.bool_)
+    for i, ids in enumerate(rows):
+        seen[i, mx.array(ids, dtype=mx.int32)] = True
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched prompt cache
+
+
+def _merge_caches(model: nn.Module, caches: list[list[Any]]) -> list[Any]:
+    """One batched (left-padded) cache per layer from per-sequence caches, via mlx-lm's merge."""
+    batch_cache = []
+    for layer, layer_cache in enumerate(caches[0]):
+        if not hasattr(layer_cache, "merge"):
+            raise MlxgrpoError(
+                f"layer {layer} of {type(model).__name__} uses {type(layer_cache).__name__}, "
+                "which cannot run batched generation",
+                hint="use a model architecture that mlx-lm's batch_generate supports",
+            )
+        batch_cache.append(layer_cache.merge([c[layer] for c in caches]))
+    return batch_cache
+
+
+def prefill_prompts(
+    model: nn.Module, prompts: Sequence[Sequence[int]], step_size: int = 512
+) -> tuple[list[Any], mx.array]:
+    """Run every prompt once; return the batched cache and next-token logits [B, V].
+
+    Each prompt but its last token is prefilled on its own, unpadded (recurrent layers have
+    no padding mask, so a padded batch would corrupt their state), in chunks of `step_size`.
+    The caches are then merged into one left-padded batch that feeds all last tokens at once.
+    """
+    caches = []
+    for prompt in prompts:
+        cache = make_prompt_cache(model)
+        head = mx.array(prompt[:-1], dtype=mx.uint32)[None]
+        for begin in range(0, head.shape[1], step_size):
+            model(head[:, begin : begin + step_size], cache=cache)
+            mx.eval([c.state for c in cache])
+        caches.append(cache)
+    batch_cache = _merge_caches(model, caches)
+    last = mx.array([p[-1] for p in prompts], dtype=mx.uint32)
+    logits = model(last[:, None], cache=batch_cache)[:, -1, :]
+    return batch_cache, logits
+
+
+def _select_rows(cache: list[Any], rows: mx.array) -> None:
+    """Keep (and repeat) batch rows of every layer cache, in the order given."""
+    for c in cache:
+        c.filter(rows)
+
+
+@contextmanager
+def _inference_mode(model: nn.Module) -> Iterator[None]:
+    """Switch dropout etc. off for the rollout and restore every module's flag afterwards."""
+    flags = [(module, module.training) for _, module in model.named_modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, was_training in flags:
+            module._set_training_mode(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side stop rules
+
+
+class _StopTracker:
+    """Collects tokens per completion and decides where each one stops."""
+
+    def __init__(
+        self,
+        count: int,
+        max_new_tokens: int,
+        eos_token_ids: set[int],
+        stop_sequences: list[list[int]],
+        stop_strings: list[str],
+        decode: Callable[[list[int]], str] | None,
+    ) -> None:
+        self.ids: list[list[int]] = [[] for _ in range(count)]
+        self.reason: list[str | None] = [None] * count
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos_token_ids
+        self.stop_sequences = [s for s in stop_sequences if s]
+        self.stop_strings = [s for s in stop_strings if s]
+        self.decode = decode
+        self.string_margin = _STOP_STRING_TOKEN_MARGIN + max(
+            (len(s) for s in self.stop_strings), default=0
+        )
+
+    def finished(self, row: int) -> bool:
+        return self.reason[row] is not None
+
+    def add(self, rows: Sequence[int], new_tokens: list[list[int]]) -> None:
+        """new_tokens[i] are the tokens sampled for completion rows[i] since the last call."""
+        for row, tokens in zip(rows, new_tokens, strict=True):
+            if not self.finished(row):
+                self._extend(row, tokens)
+
+    def close(self) -> None:
+        for row, reason in enumerate(self.reason):
+            if reason is None:
+                self.reason[row] = FINISH_LENGTH
+
+    def _extend(self, row: int, tokens: list[int]) -> None:
+        ids = self.ids[row]
+        checked = len(ids)
+        ids.extend(tokens[: self.max_new_tokens - checked])
+        cut = self._token_stop(ids, checked)
+        if self.stop_strings:
+            cut = self._string_stop(ids, checked, len(ids) if cut is None else cut) or cut
+        if cut is not None:
+            del ids[cut:]
+            self.reason[row] = FINISH_STOP
+        elif len(ids) >= self.max_new_tokens:
+            self.reason[row] = FINISH_LENGTH
+
+    def _token_stop(self, ids: list[int], checked: int) -> int | None:
+        """Length up to and including the first EOS or stop sequence ending after `checked`."""
+        for end in range(checked + 1, len(ids) + 1):
+            if ids[end - 1] in self.eos:
+                return end
+            for seq in self.stop_sequences:
+                if len(seq) <= end and ids[end - len(seq) : end] == seq:
+                    return end
+        return None
+
+    def _string_stop(self, ids: list[int], checked: int, limit: int) -> int | None:
+        """Shortest length <= limit whose decoded tail contains a stop string."""
+        assert self.decode is not None
+        begin = max(0, checked - self.string_margin)
+        if not any(s in self.decode(ids[begin:limit]) for s in self.stop_strings):
+            return None
+        for end in range(max(begin, checked) + 1, limit + 1):
+            text = self.decode(ids[begin:end])
+            if any(s in text for s in self.stop_strings):
+                return end
+        return limit
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout
+
+
+def _check_inputs(
+    prompts: Sequence[Sequence[int]],
+    num_generations: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] | None,
+    decode: Callable[[list[int]], str] | None,
+    sync_every: int,
+) -> None:
+    if not prompts:
+        raise ConfigError("no prompts to generate from", hint="pass at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt has no tokens", hint="render prompts with a chat template")
+    if num_generations < 1:
+        raise ConfigError(
+            f"num_generations must be >= 1, got {num_generations}",
+            hint="GRPO needs several samples per prompt, e.g. 8",
+        )
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", hint="e.g. 256")
+    if stop_strings and decode is None:
+        raise ConfigError(
+            "stop strings need a decode function to read the generated text",
+            hint="pass decode=tokenizer.decode",
+        )
+    if sync_every < 1:
+        raise ConfigError(f"sync_every must be >= 1, got {sync_every}", hint="e.g. 8")
+
+
+def _initial_key(seed: int | None, key: mx.array | None) -> mx.array:
+    if key is not None:
+        return key
+    if seed is not None:
+        return mx.random.key(seed)
+    # Draw from the global generator so that mx.random.seed() upstream still reproduces runs.
+    return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.uint32)
+
+
+@dataclass
+class _DecodeBatch:
+    """The rows being decoded right now and their on-device state."""
+
+    rows: list[int]
+    tokens: mx.array
+    cache: list[Any]
+    seen: mx.array | None = None
+    pending: list[mx.array] = field(default_factory=list)
+
+    def keep(self, positions: list[int]) -> None:
+        index = mx.array(positions, dtype=mx.int32)
+        _select_rows(self.cache, index)
+        self.rows = [self.rows[p] for p in positions]
+        self.tokens = self.tokens[index]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+
+
+def generate_groups(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_token_ids: set[int] | Sequence[int],
+    stop_sequences: Sequence[Sequence[int]] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    seed: int | None = None,
+    key: mx.array | None = None,
+    sync_every: int = 8,
+    prefill_step_size: int = 512,
+) -> Rollout:
+    """Sample `num_generations` completions for every prompt (token ids in, token ids out).
+
+    A completion ends at the first EOS id (kept as its last token), stop token sequence or
+    stop string (cut right after the token that completes it; stop strings are matched on
+    `decode(ids)` text), or after `max_new_tokens` tokens (truncated). `seed` or an explicit
+    mx.random `key` makes sampling reproducible; without either the global generator is used.
+    The model is run in eval mode and its training flags are restored afterwards.
+    """
+    _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
+    prompts = [list(p) for p in prompts]
+    count = len(prompts) * num_generations
+    tracker = _StopTracker(
+        count,
+        max_new_tokens,
+        set(eos_token_ids),
+        [list(s) for s in stop_sequences or []],
+        list(stop_strings or []),
+        decode,
+    )
+    step_keys = (
+        None if sampling.greedy else mx.random.split(_initial_key(seed, key), max_new_tokens)
+    )
+    with _inference_mode(model):
+        started = time.perf_counter()
+        cache, logits = prefill_prompts(model, prompts, prefill_step_size)
+        mx.eval(logits)
+        prefilled = time.perf_counter()
+        batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys)
+        steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
+        finished = time.perf_counter()
+    tracker.close()
+    return Rollout(
+        prompt_ids=prompts,
+        num_generations=num_generations,
+        prompt_index=[i // num_generations for i in range(count)],
+        completion_ids=tracker.ids,
+        truncated=[r == FINISH_LENGTH for r in tracker.reason],
+        finish_reason=[r or FINISH_LENGTH for r in tracker.reason],
+        prefill_tokens=sum(len(p) for p in prompts),
+        generated_tokens=sum(len(ids) for ids in tracker.ids),
+        decode_steps=steps,
+        prefill_seconds=prefilled - started,
+        decode_seconds=finished - prefilled,
+    )
+
+
+def _first_step(
+    prompts: list[list[int]],
+    num_generations: int,
+    cache: list[Any],
+    logits: mx.array,
+    sampling: SamplingConfig,
+    step_keys: mx.array | None,
+) -> _DecodeBatch:
+    """Repeat each prompt's cache and logits G times and sample every completion's first token."""
+    group_rows = mx.repeat(mx.arange(len(prompts), dtype=mx.int32), num_generations)
+    _select_rows(cache, group_rows)
+    logits = logits[group_rows]
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    key = None if step_keys is None else step_keys[0]
+    tokens = sample_tokens(logits, key, sampling)
+    mx.async_eval(tokens)
+    rows = list(range(len(prompts) * num_generations))
+    return _DecodeBatch(rows=rows, tokens=tokens, cache=cache, seen=seen, pending=[tokens])
+
+
+def _decode(
+    model: nn.Module,
+    batch: _DecodeBatch,
+    tracker: _StopTracker,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    step_keys: mx.array | None,
+    sync_every: int,
+) -> int:
+    """Decode until every row stopped or max_new_tokens were drawn; returns the step count."""
+    step = 1
+    while step < max_new_tokens:
+        sync = step % sync_every == 0
+        if sync:
+            # Queued before the next step, so reading it back does not wait for that step.
+            window = mx.stack(batch.pending, axis=1)
+            mx.async_eval(window)
+        _queue_next_token(model, batch, sampling, None if step_keys is None else step_keys[step])
+        step += 1
+        if sync:
+            tracker.add(batch.rows, window.tolist())
+            batch.pending = []
+            if not _drop_finished_rows(batch, tracker):
+                return step
+        batch.pending.append(batch.tokens)
+    tracker.add(batch.rows, mx.stack(batch.pending, axis=1).tolist())
+    return step
+
+
+def _queue_next_token(
+    model: nn.Module, batch: _DecodeBatch, sampling: SamplingConfig, key: mx.array | None
+) -> None:
+    inputs = batch.tokens
+    logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
+    if batch.seen is not None:
+        batch.seen = _mark_seen(batch.seen, inputs)
+        logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
+    batch.tokens = sample_tokens(logits, key, sampling)
+    mx.async_eval(batch.tokens)
+
+
+def _drop_finished_rows(batch: _DecodeBatch, tracker: _StopTracker) -> bool:
+    """Shrink the batch when enough rows finished; False when none is left to decode."""
+    active = [i for i, row in enumerate(batch.rows) if not tracker.finished(row)]
+    if not active:
+        return False
+    if len(batch.rows) - len(active) >= _COMPACT_FINISHED_SHARE * len(batch.rows):
+        batch.keep(active)
+    return True

@@ -1,0 +1,388 @@
+"""The GRPO training loop: set up once, then update, log, evaluate and checkpoint.
+
+`train()` is the library entry point behind `mlxgrpo train`. It reports only through callbacks
+(plain dicts) and returns a summary dict; the CLI renders both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxgrpo.config import ResolvedConfig
+from mlxgrpo.engine.callbacks import (
+    Callback,
+    CallbackList,
+    CompletionsLogger,
+    JsonlLogger,
+    truncate_jsonl,
+)
+from mlxgrpo.errors import ConfigError, MlxgrpoError
+
+
+@dataclass
+class Session:
+    """What the loop works with, built once by `_setup`."""
+
+    resolved: ResolvedConfig
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    stream: Any
+    eval_examples: list
+    reward_set: Any
+    optimizer: Any
+    ctx: Any
+    total_updates: int
+    trainable: int
+    start_update: int = 0
+
+
+def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
+    """Where this run writes; a fresh run never writes into another run's files."""
+    name = run_name or time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir).expanduser() / name
+    if resume != "never" or not base.exists() or not any(base.iterdir()):
+        return base
+    for n in range(2, 10_000):
+        candidate = base.with_name(f"{name}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise MlxgrpoError(f"too many runs named {name} in {output_dir}", hint="pick another run_name")
+
+
+def update_seed(seed: int, update: int) -> int:
+    """Randomness of update k depends only on (run seed, k): resumed runs replay exactly."""
+    return (seed * 1_000_003 + update * 7_919 + 17) % (2**31 - 1)
+
+
+def train(
+    resolved: ResolvedConfig,
+    callbacks: Sequence[Callback] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Run GRPO as configured; returns a summary (run_dir, updates, first/last reward, ...)."""
+    cfg = resolved.config
+    run_dir = run_directory(cfg.run.output_dir, cfg.run.run_name, cfg.run.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_resolved_config(resolved, run_dir)
+    loggers: list[Callback] = []
+    if cfg.logging.jsonl:
+        loggers.append(JsonlLogger(run_dir / "metrics.jsonl"))
+    if cfg.logging.log_completions:
+        loggers.append(CompletionsLogger(run_dir / "completions.jsonl"))
+    cb = CallbackList([*loggers, *callbacks])
+    session = _setup(resolved, run_dir, cb)
+    cb.on_start(_start_info(session))
+    return _loop(session, cb, should_stop)
+
+
+def _write_resolved_config(resolved: ResolvedConfig, run_dir: Path) -> None:
+    import tomli_w
+
+    text = tomli_w.dumps(resolved.config.to_dict(drop_none=True))
+    (run_dir / "config.resolved.toml").write_text(text, encoding="utf-8")
+
+
+def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
+    import mlx.optimizers as optim
+
+    from mlxgrpo.backend import seed_everything, set_memory_limits
+    from mlxgrpo.data import PromptStream, num_updates
+    from mlxgrpo.engine.finetune import prepare_trainable
+    from mlxgrpo.engine.update import UpdateContext
+    from mlxgrpo.models.loading import load_model
+
+    cfg = resolved.config
+    seed_everything(cfg.run.seed)
+    set_memory_limits()
+    train_examples, eval_examples, reward_set = _load_task(resolved)
+    model, tokenizer = load_model(
+        cfg.model.path,
+        adapter_path=cfg.model.adapter_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    trainable = prepare_trainable(model, cfg.finetune)
+    ref_model = None
+    if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
+        ref_model, _ = load_model(
+            cfg.model.path,
+            adapter_path=cfg.model.adapter_path,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        ref_model.freeze()
+    per_epoch = num_updates(len(train_examples), cfg.optim.batch_size, 1)
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{len(train_examples)} training prompts are fewer than optim.batch_size = "
+            f"{cfg.optim.batch_size}",
+            hint="lower optim.batch_size or raise run.max_train_samples",
+        )
+    total = cfg.run.max_steps or per_epoch * cfg.run.num_epochs
+    epochs = max(cfg.run.num_epochs, math.ceil(total / per_epoch))
+    stream = PromptStream(
+        train_examples,
+        cfg.optim.batch_size,
+        seed=cfg.run.seed,
+        num_epochs=epochs,
+        shuffle=cfg.data.shuffle,
+    )
+    opt_cls = optim.AdamW if cfg.optim.optimizer == "adamw" else optim.Adam
+    kwargs: dict[str, Any] = {
+        "learning_rate": cfg.optim.learning_rate,
+        "betas": [cfg.optim.adam_beta1, cfg.optim.adam_beta2],
+    }
+    if cfg.optim.optimizer == "adamw":
+        kwargs["weight_decay"] = cfg.optim.weight_decay
+    optimizer = opt_cls(**kwargs)
+    encode, decode, eos_ids, pad_id = _text_codec(tokenizer, cfg)
+    ctx = UpdateContext(
+        model=model,
+        cfg=cfg,
+        reward_set=reward_set,
+        optimizer=optimizer,
+        encode_prompt=encode,
+        decode=decode,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        ref_model=ref_model,
+    )
+    session = Session(
+        resolved,
+        run_dir,
+        model,
+        tokenizer,
+        stream,
+        eval_examples,
+        reward_set,
+        optimizer,
+        ctx,
+        total,
+        trainable,
+    )
+    _maybe_resume(session, cb)
+    return session
+
+
+def _load_task(resolved: ResolvedConfig):
+    from mlxgrpo.data import default_rewards, load_examples
+    from mlxgrpo.rewards import RewardSet
+
+    cfg = resolved.config
+    data, base = cfg.data, resolved.base_dir()
+    common = dict(
+        subset=data.subset,
+        prompt_field=data.prompt_field,
+        answer_field=data.answer_field,
+        seed=cfg.run.seed,
+        base_dir=base,
+    )
+    train = load_examples(
+        data.dataset,
+        data.train_split,
+        shuffle=data.shuffle,
+        max_samples=cfg.run.max_train_samples or None,
+        **common,
+    )
+    evals: list = []
+    if cfg.eval.every_updates > 0 or cfg.eval.before_training:
+        evals = load_examples(
+            data.dataset, data.eval_split, shuffle=False, max_samples=cfg.eval.samples, **common
+        )
+    functions = list(cfg.rewards.functions) or default_rewards(data.dataset)
+    rewards = RewardSet(functions, list(cfg.rewards.weights) or None, base_dir=base)
+    return train, evals, rewards
+
+
+def _text_codec(tokenizer: Any, cfg: Any):
+    """Prompt encoder (chat template, left-cut to max_prompt_length), decoder, EOS ids, pad id."""
+    from mlxgrpo.data import build_messages, default_system_prompt
+    from mlxgrpo.models.tokenizer import decode as decode_ids
+    from mlxgrpo.models.tokenizer import eos_token_ids, render_prompt
+
+    system = cfg.data.system_prompt
+    if system is None:
+        system = default_system_prompt(cfg.data.dataset)
+    limit = cfg.rollout.max_prompt_length
+
+    def encode(example: Any) -> list[int]:
+        ids = render_prompt(tokenizer, build_messages(example, system))
+        return ids[-limit:]  # keep the end: it holds the question and the generation prompt
+
+    def decode(ids: list[int]) -> str:
+        return decode_ids(tokenizer, ids, skip_special_tokens=False)
+
+    eos = eos_token_ids(tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return encode, decode, eos, pad if pad is not None else min(eos)
+
+
+def _maybe_resume(session: Session, cb: Callback) -> None:
+    from mlxgrpo.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    resume = session.resolved.config.run.resume
+    if resume == "never":
+        return
+    path = latest_checkpoint(session.run_dir) if resume == "auto" else Path(resume).expanduser()
+    if path is None:
+        return
+    if not path.is_dir():
+        raise ConfigError(
+            f"run.resume = '{resume}': no such checkpoint directory",
+            hint="use auto, never, or a checkpoints/step-NNNNNN directory",
+        )
+    state = load_checkpoint(
+        path, session.model, session.optimizer, session.resolved.config.finetune.type
+    )
+    session.stream.load_state(state["data"])
+    session.start_update = int(state["update"])
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        truncate_jsonl(session.run_dir / name, session.start_update)
+    cb.on_message(f"resumed from {path} at update {session.start_update}")
+
+
+def _start_info(s: Session) -> dict[str, Any]:
+    from mlxgrpo.backend import blas_info, device_summary
+
+    cfg = s.resolved.config
+    return {
+        "run_dir": str(s.run_dir),
+        "model": cfg.model.path,
+        "finetune": cfg.finetune.type,
+        "trainable_parameters": s.trainable,
+        "dataset": cfg.data.dataset,
+        "rewards": list(s.reward_set.names),
+        "loss_type": cfg.algorithm.loss_type,
+        "num_generations": cfg.rollout.num_generations,
+        "batch_size": cfg.optim.batch_size,
+        "total_updates": s.total_updates,
+        "start_update": s.start_update,
+        "logging_steps": cfg.logging.logging_steps,
+        "device": device_summary(),
+        "blas": blas_info().name,
+    }
+
+
+def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    from mlxgrpo.engine.schedule import learning_rate_at
+    from mlxgrpo.engine.update import run_update
+
+    cfg = s.resolved.config
+    started, first, last, interrupted = time.perf_counter(), None, None, False
+    if cfg.eval.before_training and s.start_update == 0 and s.eval_examples:
+        cb.on_eval(0, _evaluate(s))
+    update = s.start_update
+    while update < s.total_updates:
+        batch = s.stream.next_batch()
+        if batch is None:
+            break
+        lr = learning_rate_at(
+            update,
+            peak=cfg.optim.learning_rate,
+            total_updates=s.total_updates,
+            warmup_ratio=cfg.optim.warmup_ratio,
+            kind=cfg.optim.lr_scheduler_type,
+        )
+        result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr)
+        update += 1
+        for name, message in result.reward_errors.items():
+            cb.on_message(f"reward function {name} raised: {message} (its values count as None)")
+        cb.on_update(update, result.metrics)
+        cb.on_completions(update, result.completions)
+        first = first if first is not None else result.metrics["reward_mean"]
+        last = result.metrics["reward_mean"]
+        if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.eval_examples:
+            cb.on_eval(update, _evaluate(s))
+        stopping = should_stop()
+        if stopping or (cfg.checkpoint.save_steps and update % cfg.checkpoint.save_steps == 0):
+            cb.on_checkpoint(update, _checkpoint(s, update))
+        if stopping:
+            interrupted = True
+            break
+    final = _save_final(s) if not interrupted else None
+    summary = {
+        "run_dir": str(s.run_dir),
+        "updates": update,
+        "total_updates": s.total_updates,
+        "first_reward_mean": first,
+        "last_reward_mean": last,
+        "seconds": time.perf_counter() - started,
+        "interrupted": interrupted,
+        "final_dir": str(final) if final else None,
+    }
+    cb.on_end(summary)
+    return summary
+
+
+def _evaluate(s: Session) -> dict[str, Any]:
+    from mlxgrpo.evaluation import evaluate
+
+    cfg, ctx = s.resolved.config, s.ctx
+    result = evaluate(
+        s.model,
+        s.eval_examples,
+        s.reward_set,
+        encode_prompt=ctx.encode_prompt,
+        decode=ctx.decode,
+        eos_ids=ctx.eos_ids,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        temperature=cfg.eval.temperature,
+        pass_k=cfg.eval.pass_k,
+        seed=cfg.run.seed,
+    )
+    return result.metrics
+
+
+def _checkpoint(s: Session, update: int) -> Path:
+    from mlxgrpo.engine.checkpoint import adapter_config, save_checkpoint
+    from mlxgrpo.engine.finetune import num_blocks
+
+    cfg = s.resolved.config
+    state = {
+        "data": s.stream.state(),
+        "seed": cfg.run.seed,
+        "total_updates": s.total_updates,
+        "rng": "derived per update from (seed, update)",
+    }
+    return save_checkpoint(
+        s.run_dir,
+        update,
+        s.model,
+        s.optimizer,
+        state,
+        finetune_type=cfg.finetune.type,
+        adapter_cfg=adapter_config(cfg.finetune, num_blocks(s.model)),
+        keep_last=cfg.checkpoint.keep_last,
+    )
+
+
+def _save_final(s: Session) -> Path:
+    """final/: adapters in mlx-lm's format, or a complete model directory for full training."""
+    from mlxgrpo.engine.checkpoint import adapter_config, write_weights
+    from mlxgrpo.engine.finetune import num_blocks
+
+    cfg = s.resolved.config
+    final = s.run_dir / "final"
+    tmp = s.run_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.finetune.type == "full":
+        from mlxgrpo.models.loading import save_full_model
+
+        save_full_model(tmp, s.model, s.tokenizer, cfg.model.path)
+    else:
+        write_weights(
+            tmp, s.model, cfg.finetune.type, adapter_config(cfg.finetune, num_blocks(s.model))
+        )
+    (tmp / "training.json").write_text(json.dumps({"base_model": cfg.model.path}, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

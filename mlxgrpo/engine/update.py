@@ -1,0 +1,303 @@
+"""One GRPO update: rollout, rewards, advantages, then the clipped policy loss with accumulation.
+
+DESIGN §4.1. Old log-probs are never computed by a separate model: for num_iterations = 1 the
+ratio is exactly 1 (stop-gradient of the current log-probs); for more passes the first pass's
+log-probs, taken before any optimizer step of this update, serve as the old policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from mlxgrpo.data import Example
+from mlxgrpo.engine import grpo
+from mlxgrpo.engine.finetune import adapters_disabled
+from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
+from mlxgrpo.rewards import RewardResult, RewardSet
+
+
+@dataclass
+class UpdateContext:
+    """Everything an update needs that stays the same across updates."""
+
+    model: nn.Module
+    cfg: Any  # mlxgrpo.config.Config
+    reward_set: RewardSet
+    optimizer: Any
+    encode_prompt: Callable[[Example], list[int]]
+    decode: Callable[[list[int]], str]
+    eos_ids: set[int]
+    pad_id: int
+    ref_model: nn.Module | None = None  # full fine-tuning with KL only
+    loss_and_grad: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    def _loss(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
+        algo = self.cfg.algorithm
+        logp, entropy = grpo.sequence_logprobs(self.model, tokens, start, with_entropy=True)
+        loss, metrics = grpo.policy_loss(
+            logp,
+            old_logp,
+            advantages,
+            grpo.completion_slice(mask, start),
+            norm=norm,
+            loss_type=algo.loss_type,
+            clip_eps=algo.clip_eps,
+            clip_eps_high=algo.clip_eps_high,
+            kl_coeff=algo.kl_coeff,
+            ref_logp=ref_logp,
+            kl_estimator=algo.kl_estimator,
+            entropy=entropy,
+            entropy_coeff=algo.entropy_coeff,
+        )
+        return loss, (metrics, mx.stop_gradient(logp))
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, Any]
+    completions: list[dict[str, Any]] = field(default_factory=list)
+    reward_errors: dict[str, str] = field(default_factory=dict)
+
+
+def run_update(
+    ctx: UpdateContext, examples: Sequence[Example], seed: int, lr: float
+) -> UpdateResult:
+    """Sample, score and learn from one batch of prompts; returns the update's metrics."""
+    cfg, started = ctx.cfg, time.perf_counter()
+    mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
+    prompts = [ctx.encode_prompt(ex) for ex in examples]
+    rollout = _rollout(ctx, prompts, seed)
+    texts = [ctx.decode(_strip_eos(ids, ctx.eos_ids)) for ids in rollout.completion_ids]
+    scored = _score(ctx.reward_set, examples, rollout, texts)
+    rewards = _with_overlong_penalty(scored.totals, rollout, cfg)
+    advantages, keep, zero_std = _advantages(rewards, rollout, cfg)
+    ctx.optimizer.learning_rate = lr
+    train_started = time.perf_counter()
+    train_metrics, trained_tokens = _learn(ctx, rollout, advantages, keep)
+    train_seconds = time.perf_counter() - train_started
+    metrics = {
+        **_reward_metrics(scored, rewards, zero_std, cfg.rollout.num_generations),
+        **_advantage_metrics(advantages, keep),
+        **_completion_metrics(rollout),
+        **train_metrics,
+        "learning_rate": lr,
+        "rollout_tokens_per_sec": rollout.tokens_per_second,
+        "rollout_seconds": rollout.seconds,
+        "train_tokens_per_sec": trained_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": train_seconds,
+        "step_seconds": time.perf_counter() - started,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+    records = _completion_records(examples, rollout, texts, scored, rewards, advantages)
+    errors = {name: f.first_message for name, f in scored.errors.items() if f.count == 1}
+    return UpdateResult(metrics, records, errors)
+
+
+def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout:
+    r = ctx.cfg.rollout
+    sampling = SamplingConfig(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        min_p=r.min_p,
+        repetition_penalty=r.repetition_penalty,
+    )
+    return generate_groups(
+        ctx.model,
+        prompts,
+        num_generations=r.num_generations,
+        max_new_tokens=r.max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=ctx.eos_ids,
+        stop_strings=r.stop or None,
+        decode=ctx.decode if r.stop else None,
+        seed=seed,
+    )
+
+
+def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+def _score(reward_set: RewardSet, examples, rollout: Rollout, texts: list[str]) -> RewardResult:
+    from mlxgrpo.evaluation import score_completions
+
+    return score_completions(reward_set, [examples[i] for i in rollout.prompt_index], texts)
+
+
+def _with_overlong_penalty(totals: Sequence[float], rollout: Rollout, cfg: Any) -> list[float]:
+    """DAPO's soft overlong punishment: a linear penalty through the last `buffer` tokens."""
+    algo, budget = cfg.algorithm, cfg.rollout.max_new_tokens
+    if algo.overlong_penalty <= 0:
+        return list(totals)
+    buffer = algo.overlong_buffer or max(1, budget // 4)
+    free = budget - buffer
+    return [
+        total - algo.overlong_penalty * min(1.0, max(0, len(ids) - free) / buffer)
+        for total, ids in zip(totals, rollout.completion_ids, strict=True)
+    ]
+
+
+def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
+    """Per-completion advantages, the indices that train, and the zero-std group mask."""
+    algo, group = cfg.algorithm, cfg.rollout.num_generations
+    r = mx.array(rewards, dtype=mx.float32)
+    adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
+    if algo.mask_truncated_completions:
+        adv = grpo.mask_truncated_advantages(adv, mx.array(rollout.truncated))
+    zero_std = grpo.zero_std_group_mask(r, group).tolist()
+    keep = [
+        i for i in range(len(rewards)) if not (algo.filter_zero_std_groups and zero_std[i // group])
+    ]
+    return adv.tolist(), keep, zero_std
+
+
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous chunks of near-equal size (fewer when there are fewer indices)."""
+    parts = max(1, min(parts, len(indices)))
+    size, extra = divmod(len(indices), parts)
+    chunks, begin = [], 0
+    for k in range(parts):
+        end = begin + size + (1 if k < extra else 0)
+        chunks.append(indices[begin:end])
+        begin = end
+    return chunks
+
+
+def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
+    """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
+    cfg = ctx.cfg
+    if not keep:
+        return {"skipped": 1.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
+    chunks = _split(keep, cfg.optim.gradient_accumulation_steps)
+    batches = [rollout.training_batch(c, pad_id=ctx.pad_id) for c in chunks]
+    advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
+    norm = grpo.LossNorm.for_update(
+        [b.completion_mask for b in batches], cfg.rollout.max_new_tokens
+    )
+    refs = [_reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
+    olds: list[mx.array | None] = [None] * len(batches)
+    totals: dict[str, float] = {}
+    passes = cfg.algorithm.num_iterations
+    for _ in range(passes):
+        loss_sum, grads, metrics_sum = 0.0, None, {}
+        for k, batch in enumerate(batches):
+            (loss, (metrics, logp)), g = ctx.loss_and_grad(
+                batch.tokens,
+                batch.completion_mask,
+                batch.start,
+                advs[k],
+                olds[k],
+                refs[k] if refs else None,
+                norm,
+            )
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            if passes > 1 and olds[k] is None:
+                olds[k] = logp
+            mx.eval(loss, metrics, grads, *(o for o in olds if o is not None))
+            loss_sum += loss.item()
+            for name, value in metrics.items():
+                metrics_sum[name] = metrics_sum.get(name, 0.0) + value.item()
+        grad_norm = _step(ctx, grads)
+        for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
+            totals[name] = totals.get(name, 0.0) + value / passes
+    tokens = sum(int(b.tokens.size) for b in batches) * passes
+    return {"skipped": 0.0, **totals}, tokens
+
+
+def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
+    if ctx.ref_model is not None:
+        ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start)
+    else:
+        with adapters_disabled(ctx.model):
+            ref = grpo.sequence_logprobs(ctx.model, batch.tokens, batch.start)
+            mx.eval(ref)
+    ref = mx.stop_gradient(ref)
+    mx.eval(ref)
+    return ref
+
+
+def _step(ctx: UpdateContext, grads: Any) -> float:
+    import mlx.optimizers as optim
+
+    limit = ctx.cfg.optim.max_grad_norm
+    grads, norm = optim.clip_grad_norm(grads, limit if limit > 0 else math.inf)
+    ctx.optimizer.update(ctx.model, grads)
+    mx.eval(ctx.model.parameters(), ctx.optimizer.state, norm)
+    return norm.item()
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _reward_metrics(scored: RewardResult, rewards, zero_std, group: int) -> dict[str, Any]:
+    mean, std = _stats(rewards)
+    out: dict[str, Any] = {"reward_mean": mean, "reward_std": std}
+    per_fn = {}
+    for name in scored.names:
+        per_fn[name] = {"mean": scored.mean(name), "std": scored.std(name)}
+    out["rewards"] = per_fn
+    from mlxgrpo.evaluation import ACCURACY_REWARDS
+
+    for name in ACCURACY_REWARDS:
+        if name in scored.names:
+            values = [v for v in scored.values[name] if v is not None]
+            out["accuracy"] = sum(v > 0 for v in values) / len(values) if values else 0.0
+            break
+    out["zero_std_groups"] = sum(zero_std) / max(1, len(zero_std))
+    out["reward_errors"] = {n: f.count for n, f in scored.errors.items()}
+    return out
+
+
+def _advantage_metrics(advantages: list[float], keep: list[int]) -> dict[str, float]:
+    kept = [advantages[i] for i in keep]
+    mean, std = _stats(kept)
+    return {
+        "advantage_mean": mean,
+        "advantage_std": std,
+        "advantage_abs_max": max((abs(a) for a in kept), default=0.0),
+        "trained_share": len(keep) / max(1, len(advantages)),
+    }
+
+
+def _completion_metrics(rollout: Rollout) -> dict[str, float]:
+    lengths = [len(ids) for ids in rollout.completion_ids]
+    return {
+        "completion_length_mean": sum(lengths) / len(lengths),
+        "completion_length_min": float(min(lengths)),
+        "completion_length_max": float(max(lengths)),
+        "truncated_share": sum(rollout.truncated) / len(lengths),
+    }
+
+
+def _completion_records(examples, rollout, texts, scored, rewards, advantages) -> list[dict]:
+    records = []
+    for i, text in enumerate(texts):
+        ex = examples[rollout.prompt_index[i]]
+        records.append(
+            {
+                "prompt": ex.prompt,
+                "answer": ex.answer,
+                "completion": text,
+                "rewards": {n: scored.values[n][i] for n in scored.names},
+                "reward": rewards[i],
+                "advantage": advantages[i],
+                "truncated": rollout.truncated[i],
+            }
+        )
+    return records

@@ -1,0 +1,155 @@
+"""Accuracy, pass@k and reward on held-out prompts; shared by `mlxgrpo eval` and training.
+
+A completion counts as correct when the task's accuracy reward (`correctness` for GSM8K-style
+tasks, `exact_match` where a task defines it) is positive. pass@1 is greedy; pass@k draws k
+samples at the eval temperature and counts a prompt as solved when any sample is correct.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxgrpo.data import Example
+from mlxgrpo.rewards import RewardSet
+
+ACCURACY_REWARDS = ("correctness", "exact_match")
+FORMAT_REWARDS = ("strict_format", "soft_format")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _first_present(names: Sequence[str], wanted: Sequence[str]) -> str | None:
+    return next((n for n in wanted if n in names), None)
+
+
+def _share_positive(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(v > 0 for v in present) / len(present) if present else 0.0
+
+
+def evaluate(
+    model: Any,
+    examples: Sequence[Example],
+    reward_set: RewardSet,
+    *,
+    encode_prompt: Callable[[Example], list[int]],
+    decode: Callable[[list[int]], str],
+    eos_ids: set[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    pass_k: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> EvalResult:
+    """Greedy accuracy (and pass@k when k > 1) with per-sample records."""
+    started = time.perf_counter()
+    greedy = _generate(
+        model, examples, encode_prompt, decode, eos_ids, max_new_tokens, 0.0, 1, batch_size, seed
+    )
+    scored = _score(reward_set, examples, greedy, 1)
+    acc_name = _first_present(scored.names, ACCURACY_REWARDS)
+    fmt_name = _first_present(scored.names, FORMAT_REWARDS)
+    lengths = [len(ids) for ids, _, _ in greedy]
+    tokens = sum(lengths)
+    metrics: dict[str, Any] = {
+        "samples": len(examples),
+        "reward_mean": sum(scored.totals) / max(1, len(scored.totals)),
+        "completion_length_mean": tokens / max(1, len(lengths)),
+        "truncated_share": sum(t for _, _, t in greedy) / max(1, len(greedy)),
+    }
+    if acc_name:
+        metrics["accuracy"] = _share_positive(scored.values[acc_name])
+    if fmt_name:
+        metrics["format_rate"] = _share_positive(scored.values[fmt_name])
+    if pass_k > 1 and acc_name:
+        sampled = _generate(
+            model,
+            examples,
+            encode_prompt,
+            decode,
+            eos_ids,
+            max_new_tokens,
+            temperature,
+            pass_k,
+            batch_size,
+            seed + 1,
+        )
+        s = _score(reward_set, examples, sampled, pass_k)
+        hits = [v is not None and v > 0 for v in s.values[acc_name]]
+        solved = [any(hits[i * pass_k : (i + 1) * pass_k]) for i in range(len(examples))]
+        metrics[f"pass@{pass_k}"] = sum(solved) / max(1, len(solved))
+        tokens += sum(len(ids) for ids, _, _ in sampled)
+    seconds = time.perf_counter() - started
+    metrics["seconds"] = seconds
+    metrics["tokens_per_sec"] = tokens / seconds if seconds > 0 else 0.0
+    records = [
+        {
+            "prompt": ex.prompt,
+            "answer": ex.answer,
+            "completion": text,
+            "rewards": {n: scored.values[n][i] for n in scored.names},
+            "reward": scored.totals[i],
+            "correct": None if acc_name is None else bool((scored.values[acc_name][i] or 0) > 0),
+        }
+        for i, (ex, (_, text, _)) in enumerate(zip(examples, greedy, strict=True))
+    ]
+    return EvalResult(metrics, records)
+
+
+def _generate(
+    model,
+    examples,
+    encode_prompt,
+    decode,
+    eos_ids,
+    max_new_tokens,
+    temperature,
+    k,
+    batch_size,
+    seed,
+) -> list[tuple[list[int], str, bool]]:
+    """(ids, text without EOS, truncated) for k samples of every example, in order."""
+    from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+
+    sampling = SamplingConfig(temperature=temperature)
+    out: list[tuple[list[int], str, bool]] = []
+    per_call = max(1, batch_size // k)
+    for begin in range(0, len(examples), per_call):
+        chunk = examples[begin : begin + per_call]
+        rollout = generate_groups(
+            model,
+            [encode_prompt(ex) for ex in chunk],
+            num_generations=k,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_token_ids=eos_ids,
+            seed=seed + begin,
+        )
+        for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
+            body = ids[:-1] if ids and ids[-1] in eos_ids else ids
+            out.append((ids, decode(body), truncated))
+    return out
+
+
+def _score(reward_set: RewardSet, examples, generated, k: int):
+    per = [ex for ex in examples for _ in range(k)]
+    return score_completions(reward_set, per, [text for _, text, _ in generated])
+
+
+def score_completions(reward_set: RewardSet, per_completion: Sequence[Example], texts: list[str]):
+    """Score completions; `per_completion[i]` is the example completion i answers."""
+    prompts = [
+        ex.prompt if isinstance(ex.prompt, str) else ex.prompt[-1]["content"]
+        for ex in per_completion
+    ]
+    columns: dict[str, list[Any]] = {}
+    for key in {key for ex in per_completion for key in ex.extra}:
+        columns[key] = [ex.extra.get(key) for ex in per_completion]
+    return reward_set.score(prompts, texts, [ex.answer for ex in per_completion], **columns)

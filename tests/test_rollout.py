@@ -1,0 +1,353 @@
+"""Batched GRPO rollout against naive, cache-free reference decoding on a tiny random model."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.models.qwen2 import Model, ModelArgs
+
+from mlxgrpo.engine.rollout import (
+    SamplingConfig,
+    build_micro_batch,
+    generate_groups,
+)
+from mlxgrpo.errors import ConfigError
+
+GREEDY = SamplingConfig(temperature=0.0)
+# Different lengths on purpose: batched prefill must pad and mask them correctly.
+PROMPTS = [
+    [1, 2, 3],
+    [5, 6, 7, 8, 9, 10, 11],
+    [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+    [40],
+]
+
+
+def _strengthen(model: nn.Module) -> nn.Module:
+    # At default init the tied-embedding model mostly echoes its last input token, which would
+    # hide masking bugs; stronger projections make the greedy output depend on the context.
+    stronger = tree_map_with_path(
+        lambda path, w: w * 3.0 if "proj" in path and path.endswith("weight") else w,
+        model.parameters(),
+    )
+    model.update(stronger)
+    mx.eval(model.parameters())
+    return model
+
+
+def _build_model() -> Model:
+    mx.random.seed(0)
+    args = ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    )
+    return _strengthen(Model(args))
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return _build_model()
+
+
+def _reference_greedy(
+    model: nn.Module, prompt: list[int], steps: int, repetition_penalty: float = 1.0
+) -> list[int]:
+    """Full forward pass over prompt + generated tokens at every step; no cache, no batching."""
+    sequence, generated = list(prompt), []
+    for _ in range(steps):
+        logits = model(mx.array(sequence)[None])[0, -1]
+        if repetition_penalty != 1.0:
+            values = logits.tolist()
+            for token in set(sequence):
+                v = values[token]
+                values[token] = v * repetition_penalty if v < 0 else v / repetition_penalty
+            logits = mx.array(values)
+        token = int(mx.argmax(logits).item())
+        generated.append(token)
+        sequence.append(token)
+    return generated
+
+
+@pytest.fixture(scope="module")
+def reference(model: Model) -> list[list[int]]:
+    return [_reference_greedy(model, p, 12) for p in PROMPTS]
+
+
+def _decode_chars(ids: list[int]) -> str:
+    return "".join(f"{i}," for i in ids)
+
+
+def test_greedy_matches_reference_for_every_sample(model, reference):
+    rollout = generate_groups(
+        model,
+        PROMPTS,
+        num_generations=3,
+        max_new_tokens=12,
+        sampling=GREEDY,
+        eos_token_ids=[],
+        sync_every=5,
+    )
+    assert len(set(map(tuple, reference))) == len(PROMPTS), "references should differ"
+    assert rollout.prompt_index == [i // 3 for i in range(12)]
+    for i, completion in enumerate(rollout.completion_ids):
+        assert completion == reference[i // 3]
+    assert rollout.truncated == [True] * 12
+    assert rollout.finish_reason == ["length"] * 12
+    assert rollout.generated_tokens == 12 * 12
+    assert rollout.prefill_tokens == sum(len(p) for p in PROMPTS)
+
+
+def test_eos_is_kept_and_stops_each_row(model, reference):
+    eos = reference[1][4]
+    expected = []
+    for ref in reference:
+        cut = ref.index(eos) + 1 if eos in ref else None
+        expected.append((ref[:cut], cut is None))
+    assert any(not truncated for _, truncated in expected)
+    rollout = generate_groups(
+        model,
+        PROMPTS,
+        num_generations=2,
+        max_new_tokens=12,
+        sampling=GREEDY,
+        eos_token_ids={eos, 63 if eos != 63 else 62},
+        sync_every=2,
+    )
+    for i, completion in enumerate(rollout.completion_ids):
+        tokens, truncated = expected[i // 2]
+        assert completion == tokens
+        assert rollout.truncated[i] is truncated
+        assert rollout.finish_reason[i] == ("length" if truncated else "stop")
+        if not truncated:
+            assert completion[-1] == eos
+
+
+def test_truncation_at_max_new_tokens(model, reference):
+    rollout = generate_groups(
+        model, PROMPTS[:2], num_generations=2, max_new_tokens=5, sampling=GREEDY, eos_token_ids=[]
+    )
+    assert rollout.completion_ids == [reference[0][:5]] * 2 + [reference[1][:5]] * 2
+    assert rollout.truncated == [True] * 4
+
+
+def test_stop_sequence_cuts_after_the_sequence(model, reference):
+    stop = reference[2][3:5]
+    ref = reference[2]
+    end = next(e for e in range(2, 13) if ref[e - 2 : e] == stop)
+    rollout = generate_groups(
+        model,
+        [PROMPTS[2]],
+        num_generations=2,
+        max_new_tokens=12,
+        sampling=GREEDY,
+        eos_token_ids=[],
+        stop_sequences=[stop],
+    )
+    assert rollout.completion_ids == [ref[:end]] * 2
+    assert rollout.finish_reason == ["stop"] * 2
+    assert rollout.truncated == [False] * 2
+
+
+def test_stop_string_cuts_after_its_last_token(model, reference):
+    ref = reference[1]
+    # Ends inside the text of token ref[6], so that token must be the last one kept.
+    stop = _decode_chars(ref[5:6]) + str(ref[6])[0]
+    end = next(e for e in range(1, 13) if stop in _decode_chars(ref[:e]))
+    rollout = generate_groups(
+        model,
+        [PROMPTS[1]],
+        num_generations=2,
+        max_new_tokens=12,
+        sampling=GREEDY,
+        eos_token_ids=[],
+        stop_strings=[stop, "no such text"],
+        decode=_decode_chars,
+        sync_every=3,
+    )
+    assert rollout.completion_ids == [ref[:end]] * 2
+    assert rollout.finish_reason == ["stop"] * 2
+    assert rollout.truncated == [False] * 2
+
+
+def test_samples_differ_and_are_reproducible(model):
+    def sample(seed: int):
+        return generate_groups(
+            model,
+            PROMPTS,
+            num_generations=4,
+            max_new_tokens=10,
+            sampling=SamplingConfig(temperature=1.0),
+            eos_token_ids=[],
+            seed=seed,
+        ).completion_ids
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first == again
+    assert first != other
+    for group in range(len(PROMPTS)):
+        samples = {tuple(c) for c in first[group * 4 : group * 4 + 4]}
+        assert len(samples) == 4
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(temperature=1.0, top_k=1),
+        SamplingConfig(temperature=0.8, top_p=1e-6),
+        SamplingConfig(temperature=1.5, min_p=1.0),
+    ],
+)
+def test_filters_that_keep_one_token_equal_greedy(model, reference, sampling):
+    rollout = generate_groups(
+        model,
+        PROMPTS,
+        num_generations=2,
+        max_new_tokens=12,
+        sampling=sampling,
+        eos_token_ids=[],
+        seed=3,
+    )
+    assert rollout.completion_ids == [ref for ref in reference for _ in range(2)]
+
+
+def test_repetition_penalty_matches_reference(model):
+    penalty = 1.8
+    expected = [_reference_greedy(model, p, 10, repetition_penalty=penalty) for p in PROMPTS]
+    assert expected != [_reference_greedy(model, p, 10) for p in PROMPTS]
+    rollout = generate_groups(
+        model,
+        PROMPTS,
+        num_generations=2,
+        max_new_tokens=10,
+        sampling=SamplingConfig(temperature=0.0, repetition_penalty=penalty),
+        eos_token_ids=[],
+        sync_every=4,
+    )
+    assert rollout.completion_ids == [ref for ref in expected for _ in range(2)]
+
+
+def test_quantized_model_matches_its_reference():
+    model = _build_model()
+    nn.quantize(model, group_size=32, bits=8)
+    mx.eval(model.parameters())
+    expected = [_reference_greedy(model, p, 8) for p in PROMPTS[:3]]
+    rollout = generate_groups(
+        model, PROMPTS[:3], num_generations=2, max_new_tokens=8, sampling=GREEDY, eos_token_ids=[]
+    )
+    assert rollout.completion_ids == [ref for ref in expected for _ in range(2)]
+
+
+# A sliding-window attention model (rotating cache, window shorter than the prompts) and a
+# recurrent one (state cache without a padding mask).
+OTHER_ARCHITECTURES = {
+    "gemma3_text": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 64,
+        "sliding_window": 4,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 16,
+    },
+    "mamba": {
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "state_size": 8,
+        "num_hidden_layers": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 4,
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_ARCHITECTURES))
+def test_other_cache_types_match_reference(model_type):
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(0)
+    config = {"model_type": model_type, **OTHER_ARCHITECTURES[model_type]}
+    model = _strengthen(module.Model(module.ModelArgs.from_dict(config)))
+    expected = [_reference_greedy(model, p, 8) for p in PROMPTS]
+    rollout = generate_groups(
+        model, PROMPTS, num_generations=2, max_new_tokens=8, sampling=GREEDY, eos_token_ids=[]
+    )
+    assert rollout.completion_ids == [ref for ref in expected for _ in range(2)]
+
+
+def test_model_is_left_unchanged(model):
+    before = [(k, mx.array(v)) for k, v in tree_flatten(model.parameters())]
+    model.train()
+    generate_groups(
+        model,
+        PROMPTS[:2],
+        num_generations=2,
+        max_new_tokens=4,
+        sampling=SamplingConfig(),
+        eos_token_ids=[],
+        seed=0,
+    )
+    assert model.training and all(m.training for _, m in model.named_modules())
+    model.eval()
+    after = dict(tree_flatten(model.parameters()))
+    assert all(mx.array_equal(v, after[k]).item() for k, v in before)
+
+
+def test_micro_batch_layout_by_hand():
+    batch = build_micro_batch([[1, 2, 3], [4, 5]], [[6], [8, 9, 10]], pad_id=0)
+    assert batch.tokens.dtype == mx.int32
+    assert batch.tokens.tolist() == [[1, 2, 3, 6, 0], [4, 5, 8, 9, 10]]
+    assert batch.completion_mask.dtype == mx.float32
+    assert batch.completion_mask.tolist() == [[0, 0, 0, 1, 0], [0, 0, 1, 1, 1]]
+    assert batch.prompt_lengths.tolist() == [3, 2]
+    assert batch.start == 2
+
+
+def test_rollout_training_batch_uses_each_completions_prompt(model):
+    rollout = generate_groups(
+        model, PROMPTS[:2], num_generations=2, max_new_tokens=3, sampling=GREEDY, eos_token_ids=[]
+    )
+    batch = rollout.training_batch([1, 2])
+    first, second = rollout.completion_ids[1], rollout.completion_ids[2]
+    assert batch.tokens.tolist() == [
+        PROMPTS[0] + first + [0] * 4,
+        PROMPTS[1] + second,
+    ]
+    assert batch.completion_mask.tolist() == [[0] * 3 + [1] * 3 + [0] * 4, [0] * 7 + [1] * 3]
+    assert batch.start == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_generations": 0},
+        {"max_new_tokens": 0},
+        {"stop_strings": ["x"]},
+    ],
+)
+def test_bad_arguments_raise_config_error(model, kwargs):
+    options = {"num_generations": 2, "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ConfigError):
+        generate_groups(model, PROMPTS, sampling=GREEDY, eos_token_ids=[], **options)
+
+
+def test_bad_sampling_config_raises():
+    with pytest.raises(ConfigError):
+        SamplingConfig(temperature=-1.0)
+    with pytest.raises(ConfigError):
+        SamplingConfig(top_p=1.5)

@@ -1,0 +1,202 @@
+"""End-to-end GRPO training on a built-in tiny model: learning, resume, run directory, adapters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxgrpo.config import resolve_config
+from mlxgrpo.engine import grpo
+from mlxgrpo.engine.trainer import train
+
+LEARN = [
+    "model.path=builtin:tiny-qwen2",
+    "data.dataset=synthetic:repeat?letters=x",
+    "rollout.num_generations=8",
+    "rollout.max_new_tokens=12",
+    "rollout.temperature=1.0",
+    "optim.learning_rate=1e-2",
+    "optim.lr_scheduler_type=constant",
+    "optim.warmup_ratio=0",
+    "optim.max_grad_norm=1.0",
+    "optim.batch_size=4",
+    "optim.gradient_accumulation_steps=2",
+    "finetune.lora_layers=-1",
+    "checkpoint.save_steps=0",
+    "run.resume=never",
+]
+
+
+def run(tmp_path, *sets, name="run", callbacks=(), should_stop=lambda: False):
+    resolved = resolve_config(
+        (), [*LEARN, f"run.output_dir={tmp_path}", f"run.run_name={name}", *sets], environ={}
+    )
+    return train(resolved, callbacks, should_stop=should_stop)
+
+
+def rewards_of(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["reward_mean"] for line in lines if '"train"' in line]
+
+
+def test_grpo_raises_reward(tmp_path):
+    summary = run(tmp_path, "run.max_steps=20")
+    rewards = rewards_of(tmp_path / "run")
+    assert len(rewards) == 20
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.4, rewards
+    assert summary["last_reward_mean"] == rewards[-1]
+
+
+def test_flipped_advantage_sign_does_not_learn(tmp_path, monkeypatch):
+    """The learning test's margin is meaningful: with the advantage negated it fails."""
+    original = grpo.group_advantages
+    monkeypatch.setattr(grpo, "group_advantages", lambda *a, **k: -original(*a, **k))
+    run(tmp_path, "run.max_steps=20")
+    rewards = rewards_of(tmp_path / "run")
+    assert not (sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.4), rewards
+
+
+def test_run_directory_contents(tmp_path):
+    run(tmp_path, "run.max_steps=2", "logging.log_completions=true", "checkpoint.save_steps=1")
+    run_dir = tmp_path / "run"
+    written = tomllib.loads((run_dir / "config.resolved.toml").read_text())
+    assert written["rollout"]["num_generations"] == 8
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2]
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "zero_std_groups",
+        "clip_low",
+        "clip_high",
+        "entropy",
+        "grad_norm",
+        "learning_rate",
+        "completion_length_mean",
+        "truncated_share",
+        "rollout_tokens_per_sec",
+        "train_tokens_per_sec",
+        "peak_memory_gb",
+        "advantage_mean",
+    ):
+        assert key in records[0], key
+    assert records[0]["rewards"]["char_match"]["mean"] == pytest.approx(records[0]["reward_mean"])
+    completions = (run_dir / "completions.jsonl").read_text().splitlines()
+    assert len(completions) == 2 * 4 * 8
+    first = json.loads(completions[0])
+    assert {"prompt", "completion", "rewards", "advantage", "update"} <= set(first)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-000001",
+        "step-000002",
+    ]
+    assert (run_dir / "final" / "adapters.safetensors").is_file()
+
+
+def _weights(path):
+    return mx.load(str(path / "adapters.safetensors"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    run(straight, "run.max_steps=4", "checkpoint.save_steps=2")
+    resumed = tmp_path / "resumed"
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    summary = run(resumed, "run.max_steps=4", "checkpoint.save_steps=2", should_stop=stop_after_two)
+    assert summary["interrupted"] and summary["updates"] == 2
+    assert not (resumed / "run" / "final").exists()
+    run(resumed, "run.max_steps=4", "checkpoint.save_steps=2", "run.resume=auto")
+    a, b = _weights(straight / "run" / "final"), _weights(resumed / "run" / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert mx.allclose(a[key], b[key], atol=1e-6).item(), key
+    ra, rb = rewards_of(straight / "run"), rewards_of(resumed / "run")
+    assert ra == pytest.approx(rb, abs=1e-6) and len(rb) == 4
+
+
+def test_kl_to_adapter_free_reference_starts_at_zero(tmp_path):
+    run(tmp_path, "run.max_steps=2", "algorithm.kl_coeff=0.1", "optim.learning_rate=1e-3")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # LoRA B starts at zero, so before the first optimizer step policy == reference exactly.
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert records[1]["kl"] > 1e-6
+
+
+def test_second_iteration_moves_the_ratio(tmp_path):
+    run(tmp_path, "run.max_steps=1", "algorithm.num_iterations=2", "optim.learning_rate=1e-3")
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # Averaged over the two passes: the first has ratio exactly 1, the second does not.
+    assert record["ratio"] != pytest.approx(1.0, abs=1e-7)
+    assert record["ratio"] == pytest.approx(1.0, abs=0.5)
+
+
+def test_adapters_load_in_mlx_lm(tmp_path):
+    from mlx_lm.utils import load
+
+    from mlxgrpo.models.builtin import resolve_model_path
+
+    run(tmp_path, "run.max_steps=12")
+    final = tmp_path / "run" / "final"
+    base = resolve_model_path("builtin:tiny-qwen2")
+    model, tokenizer = load(base, adapter_path=str(final))
+    trained = _weights(final)
+    loaded = dict(tree_flatten(model.parameters()))
+    for key, value in trained.items():
+        assert mx.array_equal(loaded[key], value).item(), key
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            base,
+            "--adapter-path",
+            str(final),
+            "--prompt",
+            "Repeat the letter x:",
+            "--max-tokens",
+            "8",
+            "--temp",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "xxxx" in result.stdout  # the trained policy answers with x's
+
+
+def test_full_finetune_final_is_a_loadable_model(tmp_path):
+    from mlx_lm.utils import load
+
+    run(tmp_path, "run.max_steps=1", "finetune.type=full", "optim.learning_rate=1e-3")
+    model, tokenizer = load(str(tmp_path / "run" / "final"))
+    assert tokenizer.encode("xyz") and model.layers
+
+
+def test_train_cli_json_summary(cli, tmp_path):
+    code, out, err = cli("train", "-c", "demo", "--max-steps", "2", "-o", tmp_path, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["updates"] == 2 and summary["run_dir"].startswith(str(tmp_path))
+    assert "mlxgrpo train" in err  # the header panel went to stderr
+
+
+def test_fresh_run_never_overwrites_an_existing_run(tmp_path):
+    run(tmp_path, "run.max_steps=1")
+    summary = run(tmp_path, "run.max_steps=1")
+    assert summary["run_dir"].endswith("run-2")
+    assert (tmp_path / "run" / "final").is_dir()
