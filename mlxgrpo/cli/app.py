@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from mlxgrpo import __version__
@@ -61,14 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="mlxgrpo", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        ui.interrupted()
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
     except KeyboardInterrupt:
         if _debug_requested(argv):
             raise
@@ -80,10 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         ui.error(exc)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last-resort mapping to one readable line
+        code = _framework_exit(exc)
+        if code is not None:
+            return code
         if _debug_requested(argv):
             raise
         ui.internal_error(exc)
         return 1
+
+
+def _framework_exit(exc: Exception) -> int | None:
+    """Exit code for Typer/Click's own exits and usage errors (their classes vary by version)."""
+    from mlxgrpo import ui
+
+    name = type(exc).__name__
+    if name == "Exit":
+        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    if name == "Abort":
+        ui.interrupted()
+        return 130
+    if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+        exc.show()
+        return int(exc.exit_code)
+    return None
 
 
 def run() -> None:

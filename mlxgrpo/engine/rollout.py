@@ -8,6 +8,7 @@ tokens only every `sync_every` steps (to apply stop rules and drop finished rows
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -162,22 +163,42 @@ def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -
     return mx.where(seen, penalized, logits)
 
 
-def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
-    """Draw one token per row of logits [N, V]; returns [N] uint32."""
+def sample_tokens(
+    logits: mx.array, sampling: SamplingConfig, noise: mx.array | None = None
+) -> mx.array:
+    """Draw one token per row of logits [N, V]; returns [N] uint32.
+
+    Sampling is Gumbel-max (what mx.random.categorical does inside): argmax of the filtered,
+    tempered logits plus `noise`, standard Gumbel noise of the same shape (see gumbel_noise).
+    Greedy configs take the argmax and need no noise.
+    """
     if sampling.greedy:
         return mx.argmax(logits, axis=-1).astype(mx.uint32)
-    # Categorical sampling needs no normalisation; top-p exponentiates, so shift by the max
+    if noise is None:
+        raise MlxgrpoError("sampling with temperature > 0 needs Gumbel noise", hint="gumbel_noise")
+    # No normalisation needed for Gumbel-max; top-p exponentiates, so shift by the max
     # (much cheaper than logsumexp on CPU) to keep exp() from overflowing.
-    logprobs = logits.astype(mx.float32) * (1.0 / sampling.temperature)
+    scores = logits.astype(mx.float32) * (1.0 / sampling.temperature)
     if 0.0 < sampling.top_p < 1.0:
-        logprobs = logprobs - mx.max(logprobs, axis=-1, keepdims=True)
-    if 0 < sampling.top_k < logprobs.shape[-1]:
-        logprobs = apply_top_k(logprobs, sampling.top_k)
+        scores = scores - mx.max(scores, axis=-1, keepdims=True)
+    if 0 < sampling.top_k < scores.shape[-1]:
+        scores = apply_top_k(scores, sampling.top_k)
     if 0.0 < sampling.top_p < 1.0:
-        logprobs = apply_top_p(logprobs, sampling.top_p)
+        scores = apply_top_p(scores, sampling.top_p)
     if sampling.min_p > 0.0:
-        logprobs = apply_min_p(logprobs, sampling.min_p)
-    return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.uint32)
+        scores = apply_min_p(scores, sampling.min_p)
+    return mx.argmax(scores + noise, axis=-1).astype(mx.uint32)
+
+
+def gumbel_noise(shape: tuple[int, int], key: mx.array) -> mx.array:
+    """Standard Gumbel noise, drawn on a side stream so that it overlaps the model's forward
+    pass (random bits are a large share of a sampling step on CPU)."""
+    return mx.random.gumbel(shape=shape, key=key, stream=_side_stream(mx.default_device()))
+
+
+@functools.cache
+def _side_stream(device: mx.Device) -> mx.Stream:
+    return mx.new_stream(device)
 
 
 def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:
@@ -376,6 +397,7 @@ class _DecodeBatch:
     rows: list[int]
     tokens: mx.array
     cache: list[Any]
+    vocab_size: int
     seen: mx.array | None = None
     pending: list[mx.array] = field(default_factory=list)
 
@@ -466,11 +488,18 @@ def _first_step(
     if sampling.repetition_penalty != 1.0:
         seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    key = None if step_keys is None else step_keys[0]
-    tokens = sample_tokens(logits, key, sampling)
+    noise = None if step_keys is None else gumbel_noise(logits.shape, step_keys[0])
+    tokens = sample_tokens(logits, sampling, noise)
     mx.async_eval(tokens)
     rows = list(range(len(prompts) * num_generations))
-    return _DecodeBatch(rows=rows, tokens=tokens, cache=cache, seen=seen, pending=[tokens])
+    return _DecodeBatch(
+        rows=rows,
+        tokens=tokens,
+        cache=cache,
+        vocab_size=logits.shape[-1],
+        seen=seen,
+        pending=[tokens],
+    )
 
 
 def _decode(
@@ -506,11 +535,12 @@ def _queue_next_token(
     model: nn.Module, batch: _DecodeBatch, sampling: SamplingConfig, key: mx.array | None
 ) -> None:
     inputs = batch.tokens
+    noise = None if key is None else gumbel_noise((inputs.shape[0], batch.vocab_size), key)
     logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
     if batch.seen is not None:
         batch.seen = _mark_seen(batch.seen, inputs)
         logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
-    batch.tokens = sample_tokens(logits, key, sampling)
+    batch.tokens = sample_tokens(logits, sampling, noise)
     mx.async_eval(batch.tokens)
 
 
