@@ -44,8 +44,15 @@ def test_version(cli):
 def test_every_preset_validates(cli):
     presets = sorted((REPO / "configs").glob("*.toml"))
     assert {p.stem for p in presets} >= {
-        "demo", "smoke_test", "ultra_light", "medium", "prod", "nanochat_grpo",
-        "nanochat_d32", "nanochat_d32_test", "nanochat_test",
+        "demo",
+        "smoke_test",
+        "ultra_light",
+        "medium",
+        "prod",
+        "nanochat_grpo",
+        "nanochat_d32",
+        "nanochat_d32_test",
+        "nanochat_test",
     }
     code, _, err = cli("config", "validate", *presets)
     assert code == 0, err
@@ -54,16 +61,24 @@ def test_every_preset_validates(cli):
 
 def test_preset_values_follow_the_original(cli):
     expected = {  # name: (max_train_samples, G, max_new_tokens)
-        "smoke_test": (50, 2, 32), "ultra_light": (50, 2, 32), "medium": (200, 2, 32),
-        "nanochat_grpo": (500, 4, 64), "nanochat_d32": (500, 4, 128),
-        "nanochat_d32_test": (20, 2, 64), "nanochat_test": (10, 2, 32), "prod": (2000, 16, 256),
+        "smoke_test": (50, 2, 32),
+        "ultra_light": (50, 2, 32),
+        "medium": (200, 2, 32),
+        "nanochat_grpo": (500, 4, 64),
+        "nanochat_d32": (500, 4, 128),
+        "nanochat_d32_test": (20, 2, 64),
+        "nanochat_test": (10, 2, 32),
+        "prod": (2000, 16, 256),
     }
     for name, (samples, group, tokens) in expected.items():
         code, out, err = cli("config", "show", "--resolved", "-c", name)
         assert code == 0, err
         data = tomllib.loads(out)
-        got = (data["run"]["max_train_samples"], data["rollout"]["num_generations"],
-               data["rollout"]["max_new_tokens"])
+        got = (
+            data["run"]["max_train_samples"],
+            data["rollout"]["num_generations"],
+            data["rollout"]["max_new_tokens"],
+        )
         assert got == (samples, group, tokens), name
     _, out, _ = cli("config", "show", "--resolved", "-c", "nanochat_d32")
     d32 = tomllib.loads(out)

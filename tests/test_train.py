@@ -200,3 +200,21 @@ def test_fresh_run_never_overwrites_an_existing_run(tmp_path):
     summary = run(tmp_path, "run.max_steps=1")
     assert summary["run_dir"].endswith("run-2")
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_in_training_evaluation_is_logged(tmp_path):
+    run(
+        tmp_path,
+        "run.max_steps=2",
+        "eval.every_updates=1",
+        "eval.samples=4",
+        "eval.max_new_tokens=6",
+        "eval.before_training=true",
+        "data.dataset=synthetic:arithmetic",
+        "rollout.max_new_tokens=6",
+    )
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x) for x in lines if '"kind": "eval"' in x]
+    assert [e["update"] for e in evals] == [0, 1, 2]
+    assert all(e["samples"] == 4 and 0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    assert all(e["completion_length_mean"] <= 6 for e in evals)
