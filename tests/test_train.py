@@ -218,3 +218,15 @@ def test_in_training_evaluation_is_logged(tmp_path):
     assert [e["update"] for e in evals] == [0, 1, 2]
     assert all(e["samples"] == 4 and 0.0 <= e["accuracy"] <= 1.0 for e in evals)
     assert all(e["completion_length_mean"] <= 6 for e in evals)
+
+
+def test_training_continues_from_existing_adapters(tmp_path):
+    run(tmp_path, "run.max_steps=2", name="first")
+    first = tmp_path / "first" / "final"
+    run(tmp_path, "run.max_steps=1", f"model.adapter_path={first}", "finetune.lora_rank=4",
+        name="second")
+    before, after = _weights(first), _weights(tmp_path / "second" / "final")
+    assert before.keys() == after.keys()  # the same adapters trained on, none nested inside
+    assert any(not mx.array_equal(before[k], after[k]).item() for k in before)
+    saved = json.loads((tmp_path / "second" / "final" / "adapter_config.json").read_text())
+    assert saved["lora_parameters"]["rank"] == 8  # the loaded adapters' config, not rank 4

@@ -49,7 +49,11 @@ class RunConfig:
         "auto = continue from the newest checkpoint in the run directory, never = start fresh, "
         "or a checkpoint directory.",
     )
-    compile: bool = opt(True, "Compile the training step with mx.compile where it pays.")
+    compile: bool = opt(
+        True,
+        "Accepted for configs of the original (use_compile); the training step is not "
+        "compiled yet.",
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class RolloutConfig:
     stop: list[str] = opt([], "Extra stop strings (EOS always stops).")
     quantize_bits: int = opt(
         0,
-        "Quantize a rollout copy of the model to this many bits; 0 = off.",
+        "Accepted for configs of the original (quantize_for_rollouts); rollouts always use the "
+        "training weights, so the importance ratio stays exact.",
         choices=(0, 2, 3, 4, 6, 8),
     )
 
@@ -177,8 +182,6 @@ class LoggingConfig:
     logging_steps: int = opt(1, "Show a reward table every N updates.", min=1)
     jsonl: bool = opt(True, "Write metrics.jsonl in the run directory.")
     log_completions: bool = opt(False, "Write completions.jsonl (prompt, completion, rewards).")
-    tensorboard: bool = opt(False, "Also write TensorBoard event files (needs tensorboardX).")
-    wandb_project: str | None = opt(None, "Log to this Weights & Biases project (needs wandb).")
 
 
 @dataclass(frozen=True)

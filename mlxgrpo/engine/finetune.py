@@ -22,8 +22,19 @@ def num_blocks(model: nn.Module) -> int:
 
 
 def prepare_trainable(model: nn.Module, finetune: Any) -> int:
-    """Freeze the base, insert adapters (or unfreeze all); returns the trainable parameter count."""
-    if finetune.type == "full":
+    """Freeze the base, insert adapters (or unfreeze all); returns the trainable parameter count.
+
+    A model that arrives with adapters (model.adapter_path) keeps training those adapters.
+    """
+    if _adapter_modules(model):
+        if finetune.type == "full":
+            raise ConfigError(
+                "model.adapter_path cannot be combined with finetune.type = full",
+                hint="fuse the adapters into the model first (mlx_lm.fuse), or train them as lora",
+            )
+        model.freeze()
+        model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)
+    elif finetune.type == "full":
         model.unfreeze()
     else:
         blocks = num_blocks(model)
@@ -56,7 +67,9 @@ def _adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]
     """(name, adapter module, wrapped base module) for every LoRA/DoRA layer in the model."""
     found = []
     for name, module in model.named_modules():
-        base = getattr(module, "linear", None) or getattr(module, "embedding", None)
+        base = getattr(module, "linear", None)
+        if base is None:
+            base = getattr(module, "embedding", None)
         if base is not None and hasattr(module, "lora_a"):
             found.append((name, module, base))
     return found

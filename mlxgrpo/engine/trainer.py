@@ -80,6 +80,11 @@ def train(
     cb = CallbackList([*loggers, *callbacks])
     session = _setup(resolved, run_dir, cb)
     cb.on_start(_start_info(session))
+    if resolved.config.rollout.quantize_bits:
+        cb.on_message(
+            "rollout.quantize_bits is ignored: rollouts sample from the training weights, "
+            "so the ratio to the rollout policy stays exact"
+        )
     return _loop(session, cb, should_stop)
 
 
@@ -341,9 +346,20 @@ def _evaluate(s: Session) -> dict[str, Any]:
     return result.metrics
 
 
-def _checkpoint(s: Session, update: int) -> Path:
-    from mlxgrpo.engine.checkpoint import adapter_config, save_checkpoint
+def _adapter_cfg(s: Session) -> dict[str, Any]:
+    """The adapters' config: the loaded adapters' own when training continues from them."""
+    from mlxgrpo.engine.checkpoint import ADAPTER_CONFIG, adapter_config
     from mlxgrpo.engine.finetune import num_blocks
+
+    cfg = s.resolved.config
+    if cfg.model.adapter_path:
+        path = Path(cfg.model.adapter_path).expanduser() / ADAPTER_CONFIG
+        return json.loads(path.read_text())
+    return adapter_config(cfg.finetune, num_blocks(s.model))
+
+
+def _checkpoint(s: Session, update: int) -> Path:
+    from mlxgrpo.engine.checkpoint import save_checkpoint
 
     cfg = s.resolved.config
     state = {
@@ -359,15 +375,14 @@ def _checkpoint(s: Session, update: int) -> Path:
         s.optimizer,
         state,
         finetune_type=cfg.finetune.type,
-        adapter_cfg=adapter_config(cfg.finetune, num_blocks(s.model)),
+        adapter_cfg=_adapter_cfg(s),
         keep_last=cfg.checkpoint.keep_last,
     )
 
 
 def _save_final(s: Session) -> Path:
     """final/: adapters in mlx-lm's format, or a complete model directory for full training."""
-    from mlxgrpo.engine.checkpoint import adapter_config, write_weights
-    from mlxgrpo.engine.finetune import num_blocks
+    from mlxgrpo.engine.checkpoint import write_weights
 
     cfg = s.resolved.config
     final = s.run_dir / "final"
@@ -378,9 +393,7 @@ def _save_final(s: Session) -> Path:
 
         save_full_model(tmp, s.model, s.tokenizer, cfg.model.path)
     else:
-        write_weights(
-            tmp, s.model, cfg.finetune.type, adapter_config(cfg.finetune, num_blocks(s.model))
-        )
+        write_weights(tmp, s.model, cfg.finetune.type, _adapter_cfg(s))
     (tmp / "training.json").write_text(json.dumps({"base_model": cfg.model.path}, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
