@@ -37,17 +37,12 @@ def checkpoint_name(update: int) -> str:
 
 def adapter_config(finetune: Any, num_layers: int) -> dict[str, Any]:
     """adapter_config.json in the form mlx-lm's `load_adapters` expects."""
-    params: dict[str, Any] = {
-        "rank": finetune.lora_rank,
-        "scale": finetune.lora_scale,
-        "dropout": finetune.lora_dropout,
-    }
-    if finetune.target_modules:
-        params["keys"] = list(finetune.target_modules)
+    from mlxgrpo.engine.finetune import lora_parameters
+
     return {
         "fine_tune_type": finetune.type,
         "num_layers": num_layers if finetune.lora_layers < 0 else finetune.lora_layers,
-        "lora_parameters": params,
+        "lora_parameters": lora_parameters(finetune),
     }
 
 

@@ -21,6 +21,18 @@ def num_blocks(model: nn.Module) -> int:
     return len(model.layers)
 
 
+def lora_parameters(finetune: Any) -> dict[str, Any]:
+    """mlx-lm's `lora_parameters` for the [finetune] section (also saved in adapter_config)."""
+    params: dict[str, Any] = {
+        "rank": finetune.lora_rank,
+        "scale": finetune.lora_scale,
+        "dropout": finetune.lora_dropout,
+    }
+    if finetune.target_modules:
+        params["keys"] = list(finetune.target_modules)
+    return params
+
+
 def prepare_trainable(model: nn.Module, finetune: Any) -> int:
     """Freeze the base, insert adapters (or unfreeze all); returns the trainable parameter count.
 
@@ -45,14 +57,9 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
                 hint=f"use at most {blocks}, or -1 for all",
             )
         model.freeze()
-        params: dict[str, Any] = {
-            "rank": finetune.lora_rank,
-            "scale": finetune.lora_scale,
-            "dropout": finetune.lora_dropout,
-        }
-        if finetune.target_modules:
-            params["keys"] = list(finetune.target_modules)
-        linear_to_lora_layers(model, layers, params, use_dora=finetune.type == "dora")
+        linear_to_lora_layers(
+            model, layers, lora_parameters(finetune), use_dora=finetune.type == "dora"
+        )
     count = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if count == 0:
         raise ConfigError(
