@@ -223,10 +223,69 @@ def test_in_training_evaluation_is_logged(tmp_path):
 def test_training_continues_from_existing_adapters(tmp_path):
     run(tmp_path, "run.max_steps=2", name="first")
     first = tmp_path / "first" / "final"
-    run(tmp_path, "run.max_steps=1", f"model.adapter_path={first}", "finetune.lora_rank=4",
-        name="second")
+    run(
+        tmp_path,
+        "run.max_steps=1",
+        f"model.adapter_path={first}",
+        "finetune.lora_rank=4",
+        name="second",
+    )
     before, after = _weights(first), _weights(tmp_path / "second" / "final")
     assert before.keys() == after.keys()  # the same adapters trained on, none nested inside
     assert any(not mx.array_equal(before[k], after[k]).item() for k in before)
     saved = json.loads((tmp_path / "second" / "final" / "adapter_config.json").read_text())
     assert saved["lora_parameters"]["rank"] == 8  # the loaded adapters' config, not rank 4
+
+
+def test_dora_adapters_train_and_load(tmp_path):
+    from mlx_lm.utils import load
+
+    from mlxgrpo.models.builtin import resolve_model_path
+
+    run(tmp_path, "run.max_steps=1", "finetune.type=dora")
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["fine_tune_type"] == "dora"
+    assert any(k.endswith(".m") for k in _weights(final))  # DoRA's magnitude vectors
+    model, _ = load(resolve_model_path("builtin:tiny-qwen2"), adapter_path=str(final))
+    assert model.layers
+
+
+def test_ctrl_c_finishes_the_update_saves_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    from conftest import REPO
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlxgrpo",
+            "train",
+            "-c",
+            "demo",
+            "--max-steps",
+            "5000",
+            "-o",
+            str(tmp_path),
+            "--set",
+            "checkpoint.save_steps=0",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "demo" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = list((tmp_path / "demo" / "checkpoints").iterdir())
+    assert len(saved) == 1
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert state["update"] == len(metrics.read_text().splitlines())
+    assert "stopped after" in err
