@@ -18,7 +18,7 @@ from mlxgrpo.engine.rollout import (
 from mlxgrpo.errors import ConfigError
 
 GREEDY = SamplingConfig(temperature=0.0)
-# Different lengths on purpose: batched prefill must pad and mask them correctly.
+# Different lengths on purpose: the merged batch cache must left-pad and mask them correctly.
 PROMPTS = [
     [1, 2, 3],
     [5, 6, 7, 8, 9, 10, 11],
@@ -108,20 +108,26 @@ def test_greedy_matches_reference_for_every_sample(model, reference):
     assert rollout.prefill_tokens == sum(len(p) for p in PROMPTS)
 
 
+def _cut_at_first(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """Reference stop rule: keep up to and including the first stop id; flag truncation."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1], False
+    return tokens, True
+
+
 def test_eos_is_kept_and_stops_each_row(model, reference):
-    eos = reference[1][4]
-    expected = []
-    for ref in reference:
-        cut = ref.index(eos) + 1 if eos in ref else None
-        expected.append((ref[:cut], cut is None))
-    assert any(not truncated for _, truncated in expected)
+    eos_ids = {reference[1][4], reference[3][5]}  # several EOS ids, from greedy output
+    expected = [_cut_at_first(ref, eos_ids) for ref in reference]
+    assert {tokens[-1] for tokens, truncated in expected if not truncated} == eos_ids
+    assert any(truncated for _, truncated in expected)
     rollout = generate_groups(
         model,
         PROMPTS,
         num_generations=2,
         max_new_tokens=12,
         sampling=GREEDY,
-        eos_token_ids={eos, 63 if eos != 63 else 62},
+        eos_token_ids=eos_ids,
         sync_every=2,
     )
     for i, completion in enumerate(rollout.completion_ids):
@@ -129,8 +135,7 @@ def test_eos_is_kept_and_stops_each_row(model, reference):
         assert completion == tokens
         assert rollout.truncated[i] is truncated
         assert rollout.finish_reason[i] == ("length" if truncated else "stop")
-        if not truncated:
-            assert completion[-1] == eos
+    assert rollout.generated_tokens == sum(len(c) for c in rollout.completion_ids)
 
 
 def test_truncation_at_max_new_tokens(model, reference):

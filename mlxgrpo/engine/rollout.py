@@ -1,14 +1,15 @@
 """GRPO rollout: G sampled completions for each of B prompts, generated as one batch.
 
-Each prompt is prefilled once; its KV cache is then repeated G times along the batch axis and
-all B*G sequences decode together, one sampled-token array per step. The host looks at the
-tokens only every `sync_every` steps (to apply stop rules and drop finished rows), while
-`mx.async_eval` keeps the next step computing during that bookkeeping.
+Each prompt is prefilled once; the per-prompt caches are merged into one left-padded batch
+cache whose rows are then repeated G times, and all B*G sequences decode together, one
+sampled-token array per step. The host reads tokens back only every `sync_every` steps (to
+apply stop rules and drop finished rows); `mx.async_eval` keeps the next step computing during
+that bookkeeping. Rows that finished between two syncs keep decoding; their extra tokens are
+discarded on the host.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -116,17 +117,21 @@ def build_micro_batch(
 
 @dataclass
 class Rollout:
-    """Completions of one rollout, flat and grouped: prompt 0's G samples come first."""
+    """Completions of one rollout, flat and grouped: prompt 0's G samples come first.
 
-    prompt_ids: list[list[int]]
+    completion_ids keep the EOS id as their last token when they stopped on it; truncated is
+    True when max_new_tokens ran out first (finish_reason "length", else "stop").
+    """
+
+    prompt_ids: list[list[int]]  # the B prompts
     num_generations: int
-    prompt_index: list[int]
+    prompt_index: list[int]  # per completion: index into prompt_ids
     completion_ids: list[list[int]]
     truncated: list[bool]
     finish_reason: list[str]
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through the model (each prompt once)
+    generated_tokens: int = 0  # completion tokens kept
+    decode_steps: int = 0  # tokens drawn per row, including those past a stop
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -163,20 +168,11 @@ def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -
     return mx.where(seen, penalized, logits)
 
 
-def sample_tokens(
-    logits: mx.array, sampling: SamplingConfig, noise: mx.array | None = None
-) -> mx.array:
-    """Draw one token per row of logits [N, V]; returns [N] uint32.
-
-    Sampling is Gumbel-max (what mx.random.categorical does inside): argmax of the filtered,
-    tempered logits plus `noise`, standard Gumbel noise of the same shape (see gumbel_noise).
-    Greedy configs take the argmax and need no noise.
-    """
+def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
+    """Draw one token per row of logits [N, V] with an mx.random key; returns [N] uint32."""
     if sampling.greedy:
         return mx.argmax(logits, axis=-1).astype(mx.uint32)
-    if noise is None:
-        raise MlxgrpoError("sampling with temperature > 0 needs Gumbel noise", hint="gumbel_noise")
-    # No normalisation needed for Gumbel-max; top-p exponentiates, so shift by the max
+    # Categorical sampling needs no normalisation; top-p exponentiates, so shift by the max
     # (much cheaper than logsumexp on CPU) to keep exp() from overflowing.
     scores = logits.astype(mx.float32) * (1.0 / sampling.temperature)
     if 0.0 < sampling.top_p < 1.0:
@@ -187,18 +183,7 @@ def sample_tokens(
         scores = apply_top_p(scores, sampling.top_p)
     if sampling.min_p > 0.0:
         scores = apply_min_p(scores, sampling.min_p)
-    return mx.argmax(scores + noise, axis=-1).astype(mx.uint32)
-
-
-def gumbel_noise(shape: tuple[int, int], key: mx.array) -> mx.array:
-    """Standard Gumbel noise, drawn on a side stream so that it overlaps the model's forward
-    pass (random bits are a large share of a sampling step on CPU)."""
-    return mx.random.gumbel(shape=shape, key=key, stream=_side_stream(mx.default_device()))
-
-
-@functools.cache
-def _side_stream(device: mx.Device) -> mx.Stream:
-    return mx.new_stream(device)
+    return mx.random.categorical(scores, axis=-1, key=key).astype(mx.uint32)
 
 
 def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:
@@ -397,7 +382,6 @@ class _DecodeBatch:
     rows: list[int]
     tokens: mx.array
     cache: list[Any]
-    vocab_size: int
     seen: mx.array | None = None
     pending: list[mx.array] = field(default_factory=list)
 
@@ -488,18 +472,11 @@ def _first_step(
     if sampling.repetition_penalty != 1.0:
         seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    noise = None if step_keys is None else gumbel_noise(logits.shape, step_keys[0])
-    tokens = sample_tokens(logits, sampling, noise)
+    key = None if step_keys is None else step_keys[0]
+    tokens = sample_tokens(logits, key, sampling)
     mx.async_eval(tokens)
     rows = list(range(len(prompts) * num_generations))
-    return _DecodeBatch(
-        rows=rows,
-        tokens=tokens,
-        cache=cache,
-        vocab_size=logits.shape[-1],
-        seen=seen,
-        pending=[tokens],
-    )
+    return _DecodeBatch(rows=rows, tokens=tokens, cache=cache, seen=seen, pending=[tokens])
 
 
 def _decode(
@@ -535,12 +512,11 @@ def _queue_next_token(
     model: nn.Module, batch: _DecodeBatch, sampling: SamplingConfig, key: mx.array | None
 ) -> None:
     inputs = batch.tokens
-    noise = None if key is None else gumbel_noise((inputs.shape[0], batch.vocab_size), key)
     logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
     if batch.seen is not None:
         batch.seen = _mark_seen(batch.seen, inputs)
         logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
-    batch.tokens = sample_tokens(logits, sampling, noise)
+    batch.tokens = sample_tokens(logits, key, sampling)
     mx.async_eval(batch.tokens)
 
 
