@@ -25,6 +25,12 @@ class EvalResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def accuracy(scored: Any) -> float | None:
+    """Share of completions the task's accuracy reward marks correct; None without one."""
+    name = _first_present(scored.names, ACCURACY_REWARDS)
+    return None if name is None else _share_positive(scored.values[name])
+
+
 def _first_present(names: Sequence[str], wanted: Sequence[str]) -> str | None:
     return next((n for n in wanted if n in names), None)
 
@@ -65,7 +71,7 @@ def evaluate(
         "truncated_share": sum(t for _, _, t in greedy) / max(1, len(greedy)),
     }
     if acc_name:
-        metrics["accuracy"] = _share_positive(scored.values[acc_name])
+        metrics["accuracy"] = accuracy(scored)
     if fmt_name:
         metrics["format_rate"] = _share_positive(scored.values[fmt_name])
     if pass_k > 1 and acc_name:

@@ -37,7 +37,7 @@ class UpdateContext:
     eos_ids: set[int]
     pad_id: int
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
-    loss_and_grad: Callable[..., Any] | None = None
+    loss_and_grad: Callable[..., Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
@@ -220,9 +220,9 @@ def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
     if ctx.ref_model is not None:
         ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start)
     else:
+        # The graph captures the base layers' weights, so it may run after the swap back.
         with adapters_disabled(ctx.model):
             ref = grpo.sequence_logprobs(ctx.model, batch.tokens, batch.start)
-            mx.eval(ref)
     ref = mx.stop_gradient(ref)
     mx.eval(ref)
     return ref
@@ -252,13 +252,10 @@ def _reward_metrics(scored: RewardResult, rewards, zero_std, group: int) -> dict
     for name in scored.names:
         per_fn[name] = {"mean": scored.mean(name), "std": scored.std(name)}
     out["rewards"] = per_fn
-    from mlxgrpo.evaluation import ACCURACY_REWARDS
+    from mlxgrpo.evaluation import accuracy
 
-    for name in ACCURACY_REWARDS:
-        if name in scored.names:
-            values = [v for v in scored.values[name] if v is not None]
-            out["accuracy"] = sum(v > 0 for v in values) / len(values) if values else 0.0
-            break
+    if (share := accuracy(scored)) is not None:
+        out["accuracy"] = share
     out["zero_std_groups"] = sum(zero_std) / max(1, len(zero_std))
     out["reward_errors"] = {n: f.count for n, f in scored.errors.items()}
     return out
