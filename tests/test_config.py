@@ -87,9 +87,10 @@ def test_set_beats_file(write_toml):
 
 
 def test_flag_beats_set():
-    r = resolve(sets=["model.path=org/a"], flags={"model.path": "org/b", "run.seed": None})
+    flags = {"model.path": ("--model", "org/b"), "run.seed": ("--seed", None)}
+    r = resolve(sets=["model.path=org/a"], flags=flags)
     assert r.config.model.path == "org/b"
-    assert str(r.sources["model.path"]) == "flag --path"
+    assert str(r.sources["model.path"]) == "flag --model"
     assert r.sources["run.seed"].layer == "default"  # a flag left as None is "not given"
 
 

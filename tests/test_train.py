@@ -289,3 +289,16 @@ def test_ctrl_c_finishes_the_update_saves_and_exits_130(tmp_path):
     state = json.loads((saved[0] / "trainer_state.json").read_text())
     assert state["update"] == len(metrics.read_text().splitlines())
     assert "stopped after" in err
+
+
+def test_full_finetune_kl_uses_a_frozen_reference(tmp_path):
+    run(
+        tmp_path,
+        "run.max_steps=2",
+        "finetune.type=full",
+        "algorithm.kl_coeff=0.1",
+        "optim.learning_rate=1e-4",
+    )
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights at the start
+    assert records[1]["kl"] > 1e-6  # the policy moved, the frozen copy did not

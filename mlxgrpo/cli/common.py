@@ -34,9 +34,9 @@ Overrides = Annotated[
 def load_config(
     config_files: list[Path] | None,
     overrides: list[str] | None,
-    flags: dict[str, Any] | None = None,
+    flags: dict[str, tuple[str, Any]] | None = None,
     *,
     check_paths: bool = True,
 ) -> ResolvedConfig:
-    """Resolve defaults < files < --set < flags (flags given as dotted keys; None = not given)."""
+    """Resolve defaults < files < --set < flags ({dotted key: (flag name, value or None)})."""
     return resolve_config(config_files or (), overrides or (), flags or {}, check_paths=check_paths)

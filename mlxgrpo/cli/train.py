@@ -31,12 +31,12 @@ def train(
 ) -> int:
     """Fine-tune a model with GRPO. Ctrl-C finishes the current update, saves and exits 130."""
     flags = {
-        "model.path": model,
-        "run.output_dir": str(output_dir) if output_dir else None,
-        "run.run_name": run_name,
-        "run.max_steps": max_steps,
-        "run.seed": seed,
-        "run.resume": resume,
+        "model.path": ("--model", model),
+        "run.output_dir": ("--output-dir", str(output_dir) if output_dir else None),
+        "run.run_name": ("--run-name", run_name),
+        "run.max_steps": ("--max-steps", max_steps),
+        "run.seed": ("--seed", seed),
+        "run.resume": ("--resume", resume),
     }
     resolved = load_config(config, set_, flags)
     from mlxgrpo import ui

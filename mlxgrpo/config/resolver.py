@@ -80,12 +80,15 @@ class _Collector:
 def resolve_config(
     config_files: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
-    flags: Mapping[str, Any] | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     check_paths: bool = True,
 ) -> ResolvedConfig:
-    """Resolve every layer into a validated Config with the source of each value."""
+    """Resolve every layer into a validated Config with the source of each value.
+
+    `flags` maps dotted keys to (flag as the user typed it, value); a None value = not given.
+    """
     environ = os.environ if environ is None else environ
     col = _Collector()
     if config_files:
@@ -99,9 +102,9 @@ def resolve_config(
     for text in overrides:
         _parse_override(text, col, legacy_sets)
     _add_legacy(legacy_sets, col, Source("--set", ""))
-    for key, value in (flags or {}).items():
+    for key, (flag, value) in (flags or {}).items():
         if value is not None:
-            col.entries.append(_Entry(key, value, Source("flag", _flag_name(key))))
+            col.entries.append(_Entry(key, value, Source("flag", flag)))
     resolved, problems = _finish(col, environ)
     if resolved is not None and check_paths:
         from mlxgrpo.config.validate import check_config
@@ -111,10 +114,6 @@ def resolve_config(
         raise ConfigProblems(problems)
     assert resolved is not None
     return resolved
-
-
-def _flag_name(key: str) -> str:
-    return "--" + key.split(".", 1)[1].replace("_", "-")
 
 
 def _find_file(name: str | Path, how: str) -> Path:

@@ -108,21 +108,16 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     seed_everything(cfg.run.seed)
     set_memory_limits()
     train_examples, eval_examples, reward_set = _load_task(resolved)
-    model, tokenizer = load_model(
-        cfg.model.path,
+    source = dict(
         adapter_path=cfg.model.adapter_path,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    model, tokenizer = load_model(cfg.model.path, **source)
     trainable = prepare_trainable(model, cfg.finetune)
     ref_model = None
     if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
-        ref_model, _ = load_model(
-            cfg.model.path,
-            adapter_path=cfg.model.adapter_path,
-            dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        ref_model, _ = load_model(cfg.model.path, **source)  # frozen copy: the reference
         ref_model.freeze()
     per_epoch = num_updates(len(train_examples), cfg.optim.batch_size, 1)
     if per_epoch == 0:
