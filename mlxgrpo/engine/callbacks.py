@@ -31,19 +31,35 @@ class Callback:
 
 
 class CallbackList(Callback):
+    """Hands each hook call to every callback, in order."""
+
     def __init__(self, callbacks: list[Callback]) -> None:
         self.callbacks = list(callbacks)
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            hooks = [getattr(cb, name) for cb in object.__getattribute__(self, "callbacks")]
+    def _each(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
 
-            def fan_out(*args: Any, **kwargs: Any) -> None:
-                for hook in hooks:
-                    hook(*args, **kwargs)
+    def on_start(self, info: dict[str, Any]) -> None:
+        self._each("on_start", info)
 
-            return fan_out
-        return object.__getattribute__(self, name)
+    def on_update(self, update: int, metrics: dict[str, Any]) -> None:
+        self._each("on_update", update, metrics)
+
+    def on_completions(self, update: int, records: list[dict[str, Any]]) -> None:
+        self._each("on_completions", update, records)
+
+    def on_eval(self, update: int, metrics: dict[str, Any]) -> None:
+        self._each("on_eval", update, metrics)
+
+    def on_checkpoint(self, update: int, path: Path) -> None:
+        self._each("on_checkpoint", update, path)
+
+    def on_message(self, text: str) -> None:
+        self._each("on_message", text)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self._each("on_end", summary)
 
 
 def _jsonable(value: Any) -> Any:
