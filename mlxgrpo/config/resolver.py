@@ -226,21 +226,28 @@ def _legacy_source(source: Source, name: str) -> Source:
 
 def _unknown_key(path: Path | str, key: str, section: str | None) -> str:
     name = key.rsplit(".", 1)[-1]
-    suggestion = None
-    same_name = [k for k in SPECS if k.endswith("." + name)]
-    if section in SECTIONS and same_name:
-        suggestion = same_name[0]
-    else:
-        pool = list(SPECS) + list(legacy.LEGACY_KEYS)
-        suggestion = closest(key, pool) or (same_name[0] if same_name else None)
-        if suggestion is None and section in SECTIONS:
-            suggestion = closest(f"{section}.{name}", SPECS)
-        if suggestion is None:
-            suggestion = closest(name, [k.split(".", 1)[1] for k in SPECS] + list(SECTIONS))
-            suggestion = _qualify(suggestion)
+    suggestion = suggest_key(key, section)
     where = f"[{section}] " if section else ""
     text = f"{path}: unknown key {where}'{key if section is None else name}'"
     return text + (f" — did you mean '{suggestion}'?" if suggestion else "")
+
+
+def suggest_key(key: str, section: str | None = None) -> str | None:
+    """The closest valid key for an unknown one (in `[section]` of a file, when given): the same
+    field name in another section first, then spelling among dotted and legacy keys, then the
+    bare field name."""
+    name = key.rsplit(".", 1)[-1]
+    same_name = [k for k in SPECS if k.endswith("." + name)]
+    if section in SECTIONS and same_name:
+        return same_name[0]
+    suggestion = closest(key, [*SPECS, *legacy.LEGACY_KEYS])
+    if suggestion is None and same_name:
+        suggestion = same_name[0]
+    if suggestion is None and section in SECTIONS:
+        suggestion = closest(f"{section}.{name}", SPECS)
+    if suggestion is None:
+        suggestion = _qualify(closest(name, [k.split(".", 1)[1] for k in SPECS] + list(SECTIONS)))
+    return suggestion
 
 
 def _qualify(name: str | None) -> str | None:
@@ -268,9 +275,7 @@ def _parse_override(text: str, col: _Collector, legacy_sets: dict[str, Any]) -> 
     elif key in SPECS:
         col.entries.append(_Entry(key, parse_cli_text(SPECS[key], raw), source))
     else:
-        suggestion = closest(key, list(SPECS) + list(legacy.LEGACY_KEYS)) or _qualify(
-            closest(key.rsplit(".", 1)[-1], [k.split(".", 1)[1] for k in SPECS])
-        )
+        suggestion = suggest_key(key)
         hint = f" — did you mean '{suggestion}'?" if suggestion else ""
         col.problems.append(f"--set: unknown key '{key}'{hint}")
 
