@@ -53,11 +53,25 @@ def evaluate(
     pass_k: int = 1,
     batch_size: int = 16,
     seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Greedy accuracy (and pass@k when k > 1) with per-sample records."""
+    """Greedy accuracy (and pass@k when k > 1) with per-sample records.
+
+    `on_batch(n)` is told after each generation batch how many prompts it finished (progress).
+    """
     started = time.perf_counter()
     greedy = _generate(
-        model, examples, encode_prompt, decode, eos_ids, max_new_tokens, 0.0, 1, batch_size, seed
+        model,
+        examples,
+        encode_prompt,
+        decode,
+        eos_ids,
+        max_new_tokens,
+        0.0,
+        1,
+        batch_size,
+        seed,
+        on_batch,
     )
     scored = _score(reward_set, examples, greedy, 1)
     acc_name = _first_present(scored.names, ACCURACY_REWARDS)
@@ -86,6 +100,7 @@ def evaluate(
             pass_k,
             batch_size,
             seed + 1,
+            on_batch,
         )
         s = _score(reward_set, examples, sampled, pass_k)
         hits = [v is not None and v > 0 for v in s.values[acc_name]]
@@ -120,6 +135,7 @@ def _generate(
     k,
     batch_size,
     seed,
+    on_batch=None,
 ) -> list[tuple[list[int], str, bool]]:
     """(ids, text without EOS, truncated) for k samples of every example, in order."""
     from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
@@ -141,6 +157,8 @@ def _generate(
         for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
             body = ids[:-1] if ids and ids[-1] in eos_ids else ids
             out.append((ids, decode(body), truncated))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 
@@ -159,3 +177,69 @@ def score_completions(reward_set: RewardSet, per_completion: Sequence[Example], 
     for key in {key for ex in per_completion for key in ex.extra}:
         columns[key] = [ex.extra.get(key) for ex in per_completion]
     return reward_set.score(prompts, texts, [ex.answer for ex in per_completion], **columns)
+
+
+def evaluate_config(
+    resolved: Any,
+    *,
+    adapter_dir: str | None = None,
+    compare_base: bool = False,
+    limit: int | None = None,
+    batch_size: int = 16,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[str, EvalResult]]:
+    """Evaluate the config's model (with `adapter_dir`) on its eval split, as training does.
+
+    With `compare_base`, the base model is evaluated too, by switching the adapters off in the
+    same loaded model, and comes first. Returns (label, result) pairs. `on_start(total)` gets
+    the number of prompt generations ahead, `on_batch(n)` each batch's share of them.
+    """
+    from mlxgrpo.engine.finetune import adapters_disabled
+    from mlxgrpo.errors import ConfigError
+    from mlxgrpo.models.loading import check_adapter_dir, load_model, resolve_load_target
+    from mlxgrpo.task import build_reward_set, load_eval_examples, text_codec
+
+    cfg = resolved.config
+    if compare_base and adapter_dir is None:
+        raise ConfigError(
+            "--compare-base needs adapters to compare against", hint="add --adapter DIR"
+        )
+    # Cheap checks first, so a wrong path fails before a dataset download.
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+    resolve_load_target(cfg.model.path)
+    examples = load_eval_examples(resolved, limit)
+    reward_set = build_reward_set(resolved)
+    model, tokenizer = load_model(
+        cfg.model.path,
+        adapter_path=adapter_dir,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    codec = text_codec(tokenizer, cfg)
+    if on_start is not None:
+        on_start(len(examples) * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
+
+    def run() -> EvalResult:
+        return evaluate(
+            model,
+            examples,
+            reward_set,
+            encode_prompt=codec.encode,
+            decode=codec.decode,
+            eos_ids=codec.eos_ids,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            pass_k=cfg.eval.pass_k,
+            batch_size=batch_size,
+            seed=cfg.run.seed,
+            on_batch=on_batch,
+        )
+
+    results = []
+    if compare_base:
+        with adapters_disabled(model):
+            results.append(("base", run()))
+    results.append(("adapters" if adapter_dir else "model", run()))
+    return results

@@ -291,3 +291,209 @@ def reward_table(update: int, m: dict[str, Any]) -> Table:
         if value is not None:
             table.add_row(label, value if isinstance(value, str) else _fmt(value), "")
     return table
+
+
+# --- generation: infer and chat --------------------------------------------------------------
+
+
+def stream_piece(text: str) -> None:
+    """A piece of a streamed answer, as is, flushed at once."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+    out.file.flush()
+
+
+def end_of_answer() -> None:
+    out.print()
+    out.file.flush()
+
+
+def generation_stats(answer: Any, peak_bytes: int | None) -> None:
+    """One dim stderr line: tokens, speed, finish reason, peak memory."""
+    peak = f", peak memory {_size(peak_bytes)}" if peak_bytes else ""
+    err.print(
+        f"[dim]{answer.prompt_tokens} prompt + {answer.completion_tokens} generated tokens "
+        f"({answer.finish_reason}), {answer.tokens_per_second:.1f} tok/s{peak}[/]"
+    )
+
+
+def batch_stats(count: int, tokens: int, seconds: float, peak_bytes: int | None, path: Any) -> None:
+    speed = tokens / seconds if seconds > 0 else 0.0
+    peak = f", peak memory {_size(peak_bytes)}" if peak_bytes else ""
+    err.print(
+        f"[green]✓[/] {count} answers, {tokens} tokens in {seconds:.1f}s "
+        f"({speed:.1f} tok/s{peak}) → {_escape(str(path))}"
+    )
+
+
+class BatchProgress:
+    """A progress bar over prompts (stderr); `advance(done, total)` is the library callback."""
+
+    def __init__(self, label: str, total: int | None = None) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{_escape(label)}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self) -> BatchProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def advance(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def set_total(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def add(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+
+CHAT_HELP = (
+    "/reset          forget the conversation\n"
+    "/system TEXT    set the system message (and start over); /system alone clears it\n"
+    "/help           this list\n"
+    "/exit           leave (also Ctrl-D); Ctrl-C stops an answer"
+)
+
+
+def chat_banner(model: str, interactive: bool) -> None:
+    if interactive:
+        err.print(f"[bold]mlxgrpo chat[/] — {_escape(model)}. Type /help for commands.")
+
+
+def chat_help() -> None:
+    err.print(_escape(CHAT_HELP))
+
+
+def chat_input(interactive: bool) -> str | None:
+    """The next line the user typed; None at end of input (Ctrl-D or the end of a pipe)."""
+    import sys
+
+    if interactive:
+        try:
+            return out.input("[bold cyan]>>> [/]")
+        except EOFError:
+            out.print()
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def chat_assistant_prefix(interactive: bool) -> None:
+    if interactive:
+        out.print("[bold green]assistant:[/] ", end="")
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+_EVAL_COLUMNS = (
+    ("accuracy", "accuracy (pass@1)"),
+    ("format_rate", "format rate"),
+    ("reward_mean", "mean reward"),
+    ("completion_length_mean", "mean length (tokens)"),
+    ("truncated_share", "truncated"),
+    ("tokens_per_sec", "tok/s"),
+    ("seconds", "seconds"),
+)
+
+
+def eval_table(title: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """One column per evaluated model (base, adapters, ...), one row per metric."""
+    keys = [k for k, _ in _EVAL_COLUMNS if any(k in m for _, m in runs)]
+    keys += sorted({k for _, m in runs for k in m if k.startswith("pass@")})
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("metric")
+    for label, _ in runs:
+        table.add_column(_escape(label), justify="right", overflow="fold")
+    for key in keys:
+        name = dict(_EVAL_COLUMNS).get(key, key)
+        table.add_row(name, *(_eval_cell(key, m.get(key)) for _, m in runs))
+    samples = runs[0][1].get("samples") if runs else None
+    if samples is not None:
+        table.caption = f"{samples} prompts"
+    out.print(table)
+
+
+def _eval_cell(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if key == "tokens_per_sec":
+        return f"{value:.1f}"
+    if key in ("seconds", "completion_length_mean"):
+        return f"{value:.2f}" if key == "seconds" else f"{value:.1f}"
+    return _fmt(value)
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+
+def stage_status(text: str) -> Any:
+    """A spinner with `text` on stderr; `.update(text)` moves it to the next stage."""
+    return err.status(_escape(text), spinner="dots")
+
+
+def _size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "–"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def conversion_summary(title: str, summary: dict[str, Any]) -> None:
+    """What a conversion or fuse produced: sizes, bits per weight, parameters, time."""
+    table = Table(title=title, title_justify="left", header_style="bold", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = []
+    for key, label in _SUMMARY_ROWS:
+        if summary.get(key) is None:
+            continue
+        value = summary[key]
+        if key.endswith("_bytes"):
+            value = _size(value)
+        elif key == "n_parameters":
+            value = f"{value:,}"
+        elif key == "bits_per_weight":
+            value = f"{value:.2f}"
+        elif key == "seconds":
+            value = f"{value:.1f}"
+        elif key == "quantization" and isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        rows.append((label, str(value)))
+    for label, value in rows:
+        table.add_row(label, _escape(value))
+    out.print(table)
+
+
+_SUMMARY_ROWS = (
+    ("source", "source"),
+    ("adapters", "adapters"),
+    ("step", "step"),
+    ("output", "output"),
+    ("n_parameters", "parameters"),
+    ("dtype", "dtype"),
+    ("quantization", "quantization"),
+    ("fused_layers", "fused layers"),
+    ("size_before_bytes", "size before"),
+    ("size_after_bytes", "size after"),
+    ("bits_per_weight", "bits per weight"),
+    ("seconds", "seconds"),
+)

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from mlxgrpo import __version__
-from mlxgrpo.cli import config_cmd, doctor, train
+from mlxgrpo.cli import chat, config_cmd, doctor, eval_cmd, infer, train
 from mlxgrpo.errors import MlxgrpoError
 
 app = typer.Typer(
@@ -43,9 +43,12 @@ def root(
     _state["debug"] = debug
 
 
-app.add_typer(config_cmd.app, name="config")
 app.command("train")(train.train)
+app.command("infer")(infer.infer)
+app.command("chat")(chat.chat)
+app.command("eval")(eval_cmd.eval_)
 app.command("doctor")(doctor.doctor)
+app.add_typer(config_cmd.app, name="config")
 
 
 def _debug_requested(argv: list[str]) -> bool:

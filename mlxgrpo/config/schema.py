@@ -172,9 +172,25 @@ class EvalConfig:
     every_updates: int = opt(0, "Evaluate every N updates; 0 = off.", min=0)
     samples: int = opt(200, "Held-out prompts per evaluation.", min=1)
     max_new_tokens: int = opt(128, "Token budget per evaluation completion.", min=1)
-    temperature: float = opt(0.0, "Sampling temperature for pass@k; pass@1 is greedy.", min=0)
+    temperature: float = opt(0.7, "Sampling temperature for pass@k; pass@1 is greedy.", min=0)
     pass_k: int = opt(1, "k for pass@k (1 = greedy accuracy only).", min=1)
     before_training: bool = opt(False, "Also evaluate before the first update.")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings for `mlxgrpo infer` and `mlxgrpo chat` (training samples with [rollout])."""
+
+    max_tokens: int = opt(512, "Token budget per answer.", min=1)
+    temperature: float = opt(0.7, "Sampling temperature; 0 = greedy.", min=0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold; 1 = off.", min=0, max=1)
+    top_k: int = opt(0, "Sample from the k most likely tokens; 0 = off.", min=0)
+    min_p: float = opt(0.0, "Drop tokens below min_p x the top probability; 0 = off.", min=0, max=1)
+    repetition_penalty: float = opt(1.0, "Penalty on already generated tokens; 1 = off.", gt=0)
+    system_prompt: str | None = opt(None, "System message for every prompt; unset = none.")
+    chat_template: bool = opt(True, "Wrap prompts in the model's chat template.")
+    stop: list[str] = opt([], "Extra stop strings (EOS always stops).")
+    seed: int = opt(0, "Sampling seed.", min=0)
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

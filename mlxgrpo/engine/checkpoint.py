@@ -121,3 +121,47 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, finetune_type:
     optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
     mx.eval(model.parameters(), optimizer.state)
     return json.loads((path / STATE_FILE).read_text())
+
+
+LAST_RUN = "last"
+
+
+def _run_adapters(run_dir: Path) -> Path | None:
+    """A run's adapters: `final/` when training finished, else its newest checkpoint."""
+    final = run_dir / "final"
+    if (final / ADAPTER_WEIGHTS).is_file():
+        return final
+    latest = latest_checkpoint(run_dir)
+    return latest if latest is not None and (latest / ADAPTER_WEIGHTS).is_file() else None
+
+
+def resolve_adapter_source(spec: str, output_dir: str) -> Path:
+    """An adapter directory from what a user may point at.
+
+    `spec` is an adapter directory itself, a run directory (its `final/` or newest checkpoint),
+    or `last`: the most recently modified run under `output_dir` that has adapters.
+    """
+    from mlxgrpo.errors import ConfigError
+
+    if spec == LAST_RUN:
+        root = Path(output_dir).expanduser()
+        runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+        found = [(p.stat().st_mtime, a) for p in runs if (a := _run_adapters(p)) is not None]
+        if not found:
+            raise ConfigError(
+                f"no run with adapters under '{root}' (run.output_dir)",
+                hint="train first, or point --adapter at an adapter directory",
+            )
+        return max(found)[1]
+    path = Path(spec).expanduser()
+    if (path / ADAPTER_WEIGHTS).is_file() or not path.is_dir():
+        return path  # an adapter dir, or a missing path that the loader reports clearly
+    adapters = _run_adapters(path)
+    if adapters is not None:
+        return adapters
+    if (path / FULL_WEIGHTS).is_file() or (path / "config.json").is_file():
+        raise ConfigError(
+            f"'{spec}' holds a full model, not adapters",
+            hint=f"load it as the model instead: -m {spec}",
+        )
+    return path

@@ -103,11 +103,15 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     from mlxgrpo.engine.finetune import prepare_trainable
     from mlxgrpo.engine.update import UpdateContext
     from mlxgrpo.models.loading import load_model
+    from mlxgrpo.task import build_reward_set, load_eval_examples, load_train_examples, text_codec
 
     cfg = resolved.config
     seed_everything(cfg.run.seed)
     set_memory_limits()
-    train_examples, eval_examples, reward_set = _load_task(resolved)
+    train_examples = load_train_examples(resolved)
+    wants_eval = cfg.eval.every_updates > 0 or cfg.eval.before_training
+    eval_examples = load_eval_examples(resolved) if wants_eval else []
+    reward_set = build_reward_set(resolved)
     source = dict(
         adapter_path=cfg.model.adapter_path,
         dtype=cfg.model.dtype,
@@ -143,16 +147,16 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     if cfg.optim.optimizer == "adamw":
         kwargs["weight_decay"] = cfg.optim.weight_decay
     optimizer = opt_cls(**kwargs)
-    encode, decode, eos_ids, pad_id = _text_codec(tokenizer, cfg)
+    codec = text_codec(tokenizer, cfg)
     ctx = UpdateContext(
         model=model,
         cfg=cfg,
         reward_set=reward_set,
         optimizer=optimizer,
-        encode_prompt=encode,
-        decode=decode,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
+        encode_prompt=codec.encode,
+        decode=codec.decode,
+        eos_ids=codec.eos_ids,
+        pad_id=codec.pad_id,
         ref_model=ref_model,
     )
     session = Session(
@@ -170,59 +174,6 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     )
     _maybe_resume(session, cb)
     return session
-
-
-def _load_task(resolved: ResolvedConfig):
-    from mlxgrpo.data import default_rewards, load_examples
-    from mlxgrpo.rewards import RewardSet
-
-    cfg = resolved.config
-    data, base = cfg.data, resolved.base_dir()
-    common = dict(
-        subset=data.subset,
-        prompt_field=data.prompt_field,
-        answer_field=data.answer_field,
-        seed=cfg.run.seed,
-        base_dir=base,
-    )
-    train = load_examples(
-        data.dataset,
-        data.train_split,
-        shuffle=data.shuffle,
-        max_samples=cfg.run.max_train_samples or None,
-        **common,
-    )
-    evals: list = []
-    if cfg.eval.every_updates > 0 or cfg.eval.before_training:
-        evals = load_examples(
-            data.dataset, data.eval_split, shuffle=False, max_samples=cfg.eval.samples, **common
-        )
-    functions = list(cfg.rewards.functions) or default_rewards(data.dataset)
-    rewards = RewardSet(functions, list(cfg.rewards.weights) or None, base_dir=base)
-    return train, evals, rewards
-
-
-def _text_codec(tokenizer: Any, cfg: Any):
-    """Prompt encoder (chat template, left-cut to max_prompt_length), decoder, EOS ids, pad id."""
-    from mlxgrpo.data import build_messages, default_system_prompt
-    from mlxgrpo.models.tokenizer import decode as decode_ids
-    from mlxgrpo.models.tokenizer import eos_token_ids, render_prompt
-
-    system = cfg.data.system_prompt
-    if system is None:
-        system = default_system_prompt(cfg.data.dataset)
-    limit = cfg.rollout.max_prompt_length
-
-    def encode(example: Any) -> list[int]:
-        ids = render_prompt(tokenizer, build_messages(example, system))
-        return ids[-limit:]  # keep the end: it holds the question and the generation prompt
-
-    def decode(ids: list[int]) -> str:
-        return decode_ids(tokenizer, ids, skip_special_tokens=False)
-
-    eos = eos_token_ids(tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return encode, decode, eos, pad if pad is not None else min(eos)
 
 
 def _maybe_resume(session: Session, cb: Callback) -> None:

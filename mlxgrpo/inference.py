@@ -1,0 +1,434 @@
+"""Generation for people: batched answers for `mlxgrpo infer`, streaming and chat for `chat`.
+
+Batched answers go through the engine's rollout (`generate_groups` with one sample per prompt),
+so what `infer --file` produces is sampled exactly as training samples. Streaming runs one
+sequence through a prompt cache that the caller may keep: `ChatSession` keeps it across turns
+and only prefills what the conversation added since the last answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxgrpo.errors import ConfigError
+from mlxgrpo.models.tokenizer import Message, eos_token_ids, normalize_messages, render_prompt
+
+Prompt = str | Sequence[Message]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling settings for one answer; temperature 0 is greedy."""
+
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, generate: Any) -> GenerationOptions:
+        """From the `[generate]` config section."""
+        return cls(
+            max_tokens=generate.max_tokens,
+            temperature=generate.temperature,
+            top_p=generate.top_p,
+            top_k=generate.top_k,
+            min_p=generate.min_p,
+            repetition_penalty=generate.repetition_penalty,
+            stop=tuple(generate.stop),
+            seed=generate.seed,
+        )
+
+    def sampling(self) -> Any:
+        from mlxgrpo.engine.rollout import SamplingConfig
+
+        return SamplingConfig(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+@dataclass
+class Answer:
+    """One generated answer and what it cost."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length" or "interrupted"
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: Prompt, *, system: str | None = None, chat_template: bool = True
+) -> list[int]:
+    """Token ids of a prompt: chat-rendered (with `system` first) or the raw text."""
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise ConfigError(
+                "a chat message list needs the chat template",
+                hint="drop --no-chat-template or give the prompt as plain text",
+            )
+        ids = list(tokenizer.encode(prompt))
+    else:
+        messages = normalize_messages(prompt)
+        if system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
+        ids = render_prompt(tokenizer, messages)
+    if not ids:
+        raise ConfigError("the prompt is empty", hint="give a prompt with some text")
+    return ids
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids)
+
+
+def _answer_body(ids: list[int], eos: set[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos else ids
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    options: GenerationOptions,
+    *,
+    system: str | None = None,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    on_batch: Any = None,
+) -> list[Answer]:
+    """Answers for many prompts, `batch_size` prompts per decode batch, in prompt order.
+
+    `on_batch(done, total)` is called after each batch (progress for the caller).
+    """
+    from mlxgrpo.engine.rollout import generate_groups
+
+    encoded = [
+        encode_prompt(tokenizer, p, system=system, chat_template=chat_template) for p in prompts
+    ]
+    eos = eos_token_ids(tokenizer)
+    sampling = options.sampling()
+    answers: list[Answer] = []
+    for begin in range(0, len(encoded), batch_size):
+        chunk = encoded[begin : begin + batch_size]
+        started = time.perf_counter()
+        rollout = generate_groups(
+            model,
+            chunk,
+            num_generations=1,
+            max_new_tokens=options.max_tokens,
+            sampling=sampling,
+            eos_token_ids=eos,
+            stop_strings=list(options.stop) or None,
+            decode=lambda ids: _decode(tokenizer, ids),
+            seed=options.seed + begin,
+        )
+        seconds = time.perf_counter() - started
+        for prompt_ids, ids, reason in zip(
+            chunk, rollout.completion_ids, rollout.finish_reason, strict=True
+        ):
+            text = _cut_at_stop(_decode(tokenizer, _answer_body(ids, eos)), options.stop)
+            answers.append(Answer(text, len(prompt_ids), len(ids), reason, seconds))
+        if on_batch is not None:
+            on_batch(len(answers), len(encoded))
+    return answers
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming one sequence through a (reusable) prompt cache
+
+
+def _token_stream(
+    model: Any,
+    feed: list[int],
+    cache: list[Any],
+    options: GenerationOptions,
+    context_ids: Sequence[int],
+    prefill_step: int = 512,
+) -> Iterator[int]:
+    """Tokens after `feed`; every token is run through the model before it is yielded.
+
+    So when the consumer stops after token t, the cache holds the feed and every token up to
+    and including t, which is what lets a chat continue from it. The next step is queued
+    before the current token is handed out, to keep the device busy while Python works.
+    """
+    import mlx.core as mx
+
+    from mlxgrpo.engine.rollout import apply_repetition_penalty, sample_tokens
+
+    sampling = options.sampling()
+    penalize = sampling.repetition_penalty != 1.0
+    tokens = mx.array(feed, dtype=mx.uint32)[None]
+    while tokens.shape[1] > 1:  # prefill all but the last token in chunks
+        step = min(prefill_step, tokens.shape[1] - 1)
+        model(tokens[:, :step], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[:, step:]
+    seen: Any = None
+
+    def advance(step_tokens: Any, key: Any) -> tuple[Any, Any]:
+        nonlocal seen
+        logits = model(step_tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        if penalize:
+            if seen is None:  # the vocabulary size is known once logits exist
+                seen = mx.zeros(logits.shape, dtype=mx.bool_)
+                seen[0, mx.array(sorted({*context_ids, *feed}), dtype=mx.int32)] = True
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        key, sub = mx.random.split(key)
+        return sample_tokens(logits, sub, sampling), key
+
+    token, key = advance(tokens, mx.random.key(options.seed))
+    mx.async_eval(token)
+    while True:
+        if penalize:
+            seen[0, token.astype(mx.int32)] = True
+        upcoming, key = advance(token[:, None], key)
+        mx.async_eval(upcoming)
+        yield int(token.item())
+        token = upcoming
+
+
+class _StopText:
+    """Streams decoded text but holds back what could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        self.text += piece
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = self.text[:cut]
+            return self.flush()
+        safe = len(self.text) - self.hold
+        if safe <= self.emitted:
+            return ""
+        out = self.text[self.emitted : safe]
+        self.emitted = safe
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+@dataclass
+class StreamState:
+    """What a finished stream leaves behind for the caller."""
+
+    answer: Answer | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+def stream_answer(
+    model: Any,
+    tokenizer: Any,
+    feed: list[int],
+    options: GenerationOptions,
+    *,
+    cache: list[Any] | None = None,
+    context_ids: Sequence[int] = (),
+    state: StreamState | None = None,
+) -> Iterator[str]:
+    """Yield the answer's text piece by piece; fills `state` when the stream ends.
+
+    `cache` (optional) already holds `context_ids`; `feed` is what to run on top of it. Without
+    a cache a fresh one is used, so `feed` must then be the whole prompt.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not feed:
+        raise ConfigError("nothing to generate from", hint="give a non-empty prompt")
+    state = state if state is not None else StreamState()
+    cache = cache if cache is not None else make_prompt_cache(model)
+    eos = eos_token_ids(tokenizer)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stop_text = _StopText(options.stop)
+    started = time.perf_counter()
+    reason = "length"
+    try:
+        for token in _token_stream(model, feed, cache, options, context_ids):
+            state.generated.append(token)
+            if token in eos:
+                reason = "stop"
+                break
+            detok.add_token(token)
+            piece = stop_text.add(detok.last_segment)
+            if piece:
+                yield piece
+            if stop_text.stopped:
+                reason = "stop"
+                break
+            if len(state.generated) >= options.max_tokens:
+                break
+        if not stop_text.stopped:
+            detok.finalize()
+            tail = stop_text.add(detok.last_segment) + stop_text.flush()
+            if tail:
+                yield tail
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        raise
+    finally:
+        state.answer = Answer(
+            stop_text.text,
+            len(context_ids) + len(feed),
+            len(state.generated),
+            reason,
+            time.perf_counter() - started,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat
+
+
+class ChatSession:
+    """A conversation whose prompt cache survives between turns.
+
+    Each turn renders the whole conversation, keeps the longest prefix the cache already holds,
+    trims what differs (e.g. a re-tokenized answer) and prefills only the rest.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        options: GenerationOptions,
+        *,
+        system: str | None = None,
+        chat_template: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.system = system
+        self.chat_template = chat_template
+        self.messages: list[dict[str, str]] = []
+        self.turns = 0
+        self.last_prefill = 0
+        self._fresh_cache()
+
+    def _fresh_cache(self) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.cache = make_prompt_cache(self.model)
+        self.cached_ids: list[int] = []
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = []
+        self._fresh_cache()
+
+    def set_system(self, text: str | None) -> None:
+        """A new system message; the conversation starts over with it."""
+        self.system = text or None
+        self.reset()
+
+    def _conversation(self, user_text: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, *self.messages, {"role": "user", "content": user_text}]
+
+    def _prompt_ids(self, user_text: str) -> list[int]:
+        if self.chat_template:
+            return render_prompt(self.tokenizer, self._conversation(user_text))
+        # Without a template the history is plain text, one turn after another.
+        return encode_prompt(
+            self.tokenizer, _plain_history(self._conversation(user_text)), chat_template=False
+        )
+
+    def _reuse_prefix(self, full: list[int]) -> int:
+        """Trim the cache to its longest prefix shared with `full`; returns that length."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        common = 0
+        limit = min(len(self.cached_ids), len(full) - 1)  # always feed at least one token
+        while common < limit and self.cached_ids[common] == full[common]:
+            common += 1
+        excess = len(self.cached_ids) - common
+        if excess and not can_trim_prompt_cache(self.cache):
+            self._fresh_cache()
+            return 0
+        if excess:
+            trim_prompt_cache(self.cache, excess)
+        self.cached_ids = self.cached_ids[:common]
+        return common
+
+    def send(self, user_text: str, state: StreamState | None = None) -> Iterator[str]:
+        """Stream the answer to `user_text`; the turn joins the history when the stream ends.
+
+        Interrupted answers (Ctrl-C) join the history as far as they got; the cache, which may
+        have been caught mid-update, is rebuilt on the next turn.
+        """
+        full = self._prompt_ids(user_text)
+        common = self._reuse_prefix(full)
+        feed = full[common:]
+        self.last_prefill = len(feed)
+        state = state if state is not None else StreamState()
+        completed = False
+        try:
+            yield from stream_answer(
+                self.model,
+                self.tokenizer,
+                feed,
+                self.options,
+                cache=self.cache,
+                context_ids=self.cached_ids,
+                state=state,
+            )
+            completed = True
+        finally:
+            answer = state.answer.text if state.answer else ""
+            self.messages += [
+                {"role": "user", "content": user_text},
+                {"role": "assistant", "content": answer},
+            ]
+            self.turns += 1
+            if completed:
+                self.cached_ids = [*self.cached_ids, *feed, *state.generated]
+            else:
+                self._fresh_cache()
+
+
+def _plain_history(messages: list[dict[str, str]]) -> str:
+    from mlxgrpo.models.tokenizer import render_fallback_text
+
+    return render_fallback_text(messages)
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak memory MLX has allocated in this process, when the backend reports it."""
+    import mlx.core as mx
+
+    try:
+        return int(mx.get_peak_memory())
+    except (AttributeError, RuntimeError):
+        return None
