@@ -1,7 +1,7 @@
 """mlxgrpo: GRPO reinforcement fine-tuning for language models on Apple MLX.
 
 Public API (imported lazily, so `import mlxgrpo` stays light): `resolve_config`, `train`,
-`evaluate`.
+`evaluate`, `load_model`, `generate`.
 """
 
 # Load a system OpenBLAS before anything in the package imports mlx (mlx[cpu] on Linux otherwise
@@ -16,6 +16,8 @@ _LAZY = {
     "resolve_config": "mlxgrpo.config",
     "train": "mlxgrpo.engine.trainer",
     "evaluate": "mlxgrpo.evaluation",
+    "load_model": "mlxgrpo.models.loading",
+    "generate": "mlxgrpo.inference",
 }
 __all__ = ["__version__", *_LAZY]
 

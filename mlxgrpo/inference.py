@@ -432,3 +432,33 @@ def peak_memory_bytes() -> int | None:
         return int(mx.get_peak_memory())
     except (AttributeError, RuntimeError):
         return None
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Prompt | Sequence[Prompt],
+    *,
+    system: str | None = None,
+    chat_template: bool = True,
+    **options: Any,
+) -> str | list[str]:
+    """Answer text for one prompt (a string or a chat) or a list of them; options as in
+    `GenerationOptions` (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+    stop, seed)."""
+    if "stop" in options:
+        options["stop"] = tuple(options["stop"])
+    single = isinstance(prompts, str) or (
+        bool(prompts) and isinstance(prompts[0], dict)  # one chat: a list of messages
+    )
+    batch = [prompts] if single else list(prompts)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        batch,
+        GenerationOptions(**options),
+        system=system,
+        chat_template=chat_template,
+    )
+    texts = [a.text for a in answers]
+    return texts[0] if single else texts

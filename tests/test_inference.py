@@ -132,3 +132,16 @@ def test_set_system_starts_over_with_the_new_message(tiny):
     answer = "".join(chat.send("hello"))
     assert len(chat.messages) == 2
     assert answer == reference_text(model, tokenizer, "hello", system="You are terse.")
+
+
+def test_public_generate_takes_one_prompt_or_many(tiny):
+    import mlxgrpo
+
+    model, tokenizer = tiny
+    one = mlxgrpo.generate(model, tokenizer, "hi", max_tokens=12, temperature=0.0)
+    chat = mlxgrpo.generate(
+        model, tokenizer, [{"role": "user", "content": "hi"}], max_tokens=12, temperature=0.0
+    )
+    many = mlxgrpo.generate(model, tokenizer, ["hi", "ho"], max_tokens=12, temperature=0.0)
+    assert one == chat == many[0] == reference_text(model, tokenizer, "hi")
+    assert many[1] == reference_text(model, tokenizer, "ho")
