@@ -464,7 +464,7 @@ def conversion_summary(title: str, summary: dict[str, Any]) -> None:
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = []
     for key, label in _SUMMARY_ROWS:
-        if summary.get(key) is None:
+        if summary.get(key) is None or (key in _ROWS_HIDDEN_WHEN_FALSY and not summary[key]):
             continue
         value = summary[key]
         if key.endswith("_bytes"):
@@ -483,17 +483,24 @@ def conversion_summary(title: str, summary: dict[str, Any]) -> None:
     out.print(table)
 
 
+_ROWS_HIDDEN_WHEN_FALSY = ("skipped_layers", "dequantized")
 _SUMMARY_ROWS = (
     ("source", "source"),
     ("adapters", "adapters"),
     ("step", "step"),
+    ("model_file", "checkpoint"),
+    ("tokenizer_file", "tokenizer"),
     ("output", "output"),
     ("n_parameters", "parameters"),
     ("dtype", "dtype"),
     ("quantization", "quantization"),
+    ("quantized_layers", "quantized layers"),
+    ("skipped_layers", "not quantized (width)"),
     ("fused_layers", "fused layers"),
+    ("dequantized", "dequantized"),
     ("size_before_bytes", "size before"),
     ("size_after_bytes", "size after"),
+    ("size_bytes", "size"),
     ("bits_per_weight", "bits per weight"),
     ("seconds", "seconds"),
 )

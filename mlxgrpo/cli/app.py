@@ -11,7 +11,7 @@ import sys
 import typer
 
 from mlxgrpo import __version__
-from mlxgrpo.cli import chat, config_cmd, doctor, eval_cmd, infer, train
+from mlxgrpo.cli import chat, config_cmd, convert, doctor, eval_cmd, infer, train
 from mlxgrpo.errors import MlxgrpoError
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ def root(
 
 
 app.command("train")(train.train)
+app.add_typer(convert.app, name="convert")
 app.command("infer")(infer.infer)
 app.command("chat")(chat.chat)
 app.command("eval")(eval_cmd.eval_)

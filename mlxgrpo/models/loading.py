@@ -2,7 +2,8 @@
 
 A model spec is one of
 - `builtin:NAME`: a tiny random-init model built into the cache on first use;
-- a local MLX model directory (config.json + *.safetensors + tokenizer files);
+- a local MLX model directory (config.json + *.safetensors + tokenizer files, or a converted
+  nanochat model whose tokenizer is tokenizer.pkl);
 - a Hugging Face hub id (`org/name`), fetched by mlx-lm when it is not a local path.
 """
 
@@ -192,6 +193,11 @@ def _mlx_lm_load(
     spec: str, target: str, trust_remote_code: bool, lazy: bool
 ) -> tuple[Any, Any, dict[str, Any]]:
     """mlx-lm's load, with its failures turned into errors that say what to do."""
+    from mlxgrpo.models.nanochat_tokenizer import is_nanochat_model_dir
+
+    if Path(target).is_dir() and is_nanochat_model_dir(target):
+        return _load_nanochat_dir(Path(target), lazy)
+
     from huggingface_hub.errors import (
         HfHubHTTPError,
         HFValidationError,
@@ -230,6 +236,16 @@ def _mlx_lm_load(
                 hint="upgrade mlx-lm or choose a supported architecture",
             ) from err
         raise
+
+
+def _load_nanochat_dir(path: Path, lazy: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """A converted nanochat model: mlx-lm builds it, the tiktoken wrapper is its tokenizer."""
+    from mlx_lm.utils import load_model as load_mlx_model
+
+    from mlxgrpo.models.nanochat_tokenizer import load_nanochat_tokenizer
+
+    model, config = load_mlx_model(path, lazy)
+    return model, load_nanochat_tokenizer(path), config
 
 
 def _apply_adapters(model: Any, adapter_dir: Path, spec: str) -> Any:
