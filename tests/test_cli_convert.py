@@ -81,7 +81,11 @@ def test_convert_refuses_bad_input_without_touching_anything(cli, hf_dir, tmp_pa
     assert not (tmp_path / "x").exists()
     code, _, err = cli("convert", "hf-model", tmp_path / "missing", "-o", tmp_path / "y")
     assert code == 2 and "missing" in err and "Traceback" not in err
-    code, _, err = cli("convert", "hf-model", hf_dir, "-o", existing, "--force")
+    code, _, err = cli("convert", "hf-model", "-o", tmp_path / "z")
+    assert code == 2 and "no model to convert" in err
+    code, _, err = cli(
+        "convert", "hf-model", "-o", existing, "--force", "--set", f"model.path={hf_dir}"
+    )
     assert code == 0, err
     assert not (existing / "keep.txt").exists() and (existing / "config.json").is_file()
 

@@ -45,8 +45,16 @@ def _run(title: str, first_stage: str, work: Any, json_output: bool) -> int:
 
 @app.command("hf-model")
 def hf_model(
-    source: Annotated[str, typer.Argument(help="Hub id or local Hugging Face model directory.")],
     output: Output,
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Hub id or local Hugging Face model directory; default: model.path.",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigFiles = None,
+    set_: Overrides = None,
     dtype: Dtype = None,
     quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize weights.")] = False,
     bits: Annotated[
@@ -65,7 +73,18 @@ def hf_model(
     json_output: JsonOutput = False,
 ) -> int:
     """Convert a Hugging Face model to MLX, optionally quantized; loads with mlx_lm.load."""
+    from mlxgrpo.errors import ConfigError
     from mlxgrpo.models.convert import convert_hf_model
+
+    resolved = load_config(config, set_, {"model.path": ("SOURCE", source)})
+    if "model.path" not in resolved.changed_keys():
+        raise ConfigError(
+            "no model to convert",
+            hint="give SOURCE (a hub id or a local directory) or set model.path in a config",
+        )
+    cfg = resolved.config
+    source = cfg.model.path
+    trust_remote_code = trust_remote_code or cfg.model.trust_remote_code
 
     wants_quantization = quantize or bits is not None or group_size is not None or mode != "affine"
     quantize_bits = (bits or 4) if wants_quantization else None
