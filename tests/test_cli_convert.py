@@ -142,3 +142,23 @@ def test_nanochat_checkpoint_converts_and_infers_like_nanochat_itself(cli, tmp_p
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     code, stdout, err = cli("chat", "-m", out, "-t", "0", "--max-tokens", "8")
     assert code == 0 and stdout == answer + "\n", err
+
+
+def test_convert_nanochat_refuses_a_malicious_tokenizer(cli, tmp_path):
+    import os
+    import pickle
+
+    from nanochat_fixtures import write_nanochat_checkpoint
+
+    class RunsCommand:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    sentinel = tmp_path / "SENTINEL"
+    checkpoints = write_nanochat_checkpoint(tmp_path / "nanochat", steps=(1,))
+    (tmp_path / "nanochat" / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(RunsCommand()))
+    out = tmp_path / "out"
+    code, _, err = cli("convert", "nanochat", checkpoints, "-o", out)
+    assert code != 0 and "refusing to load" in err and "system" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not sentinel.exists() and not out.exists()
