@@ -7,6 +7,7 @@ samples at the eval temperature and counts a prompt as solved when any sample is
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,19 +61,18 @@ def evaluate(
     `on_batch(n)` is told after each generation batch how many prompts it finished (progress).
     """
     started = time.perf_counter()
-    greedy = _generate(
+    generate = functools.partial(
+        _generate,
         model,
         examples,
         encode_prompt,
         decode,
         eos_ids,
         max_new_tokens,
-        0.0,
-        1,
-        batch_size,
-        seed,
-        on_batch,
+        batch_size=batch_size,
+        on_batch=on_batch,
     )
+    greedy = generate(temperature=0.0, k=1, seed=seed)
     scored = _score(reward_set, examples, greedy, 1)
     acc_name = _first_present(scored.names, ACCURACY_REWARDS)
     fmt_name = _first_present(scored.names, FORMAT_REWARDS)
@@ -89,19 +89,7 @@ def evaluate(
     if fmt_name:
         metrics["format_rate"] = _share_positive(scored.values[fmt_name])
     if pass_k > 1 and acc_name:
-        sampled = _generate(
-            model,
-            examples,
-            encode_prompt,
-            decode,
-            eos_ids,
-            max_new_tokens,
-            temperature,
-            pass_k,
-            batch_size,
-            seed + 1,
-            on_batch,
-        )
+        sampled = generate(temperature=temperature, k=pass_k, seed=seed + 1)
         s = _score(reward_set, examples, sampled, pass_k)
         hits = [v is not None and v > 0 for v in s.values[acc_name]]
         solved = [any(hits[i * pass_k : (i + 1) * pass_k]) for i in range(len(examples))]
@@ -222,20 +210,7 @@ def evaluate_config(
         on_start(len(examples) * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
 
     def run() -> EvalResult:
-        return evaluate(
-            model,
-            examples,
-            reward_set,
-            encode_prompt=codec.encode,
-            decode=codec.decode,
-            eos_ids=codec.eos_ids,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature,
-            pass_k=cfg.eval.pass_k,
-            batch_size=batch_size,
-            seed=cfg.run.seed,
-            on_batch=on_batch,
-        )
+        return evaluate_task(model, examples, reward_set, codec, cfg, batch_size, on_batch)
 
     results = []
     if compare_base:
@@ -243,3 +218,29 @@ def evaluate_config(
             results.append(("base", run()))
     results.append(("adapters" if adapter_dir else "model", run()))
     return results
+
+
+def evaluate_task(
+    model: Any,
+    examples: Sequence[Example],
+    reward_set: RewardSet,
+    codec: Any,
+    cfg: Any,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """`evaluate` with the settings of a config's [eval] section and a task's text codec."""
+    return evaluate(
+        model,
+        examples,
+        reward_set,
+        encode_prompt=codec.encode,
+        decode=codec.decode,
+        eos_ids=codec.eos_ids,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        temperature=cfg.eval.temperature,
+        pass_k=cfg.eval.pass_k,
+        batch_size=batch_size,
+        seed=cfg.run.seed,
+        on_batch=on_batch,
+    )

@@ -41,6 +41,7 @@ class Session:
     ctx: Any
     total_updates: int
     trainable: int
+    codec: Any
     start_update: int = 0
 
 
@@ -171,6 +172,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
         ctx,
         total,
         trainable,
+        codec,
     )
     _maybe_resume(session, cb)
     return session
@@ -274,22 +276,9 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
 
 
 def _evaluate(s: Session) -> dict[str, Any]:
-    from mlxgrpo.evaluation import evaluate
+    from mlxgrpo.evaluation import evaluate_task
 
-    cfg, ctx = s.resolved.config, s.ctx
-    result = evaluate(
-        s.model,
-        s.eval_examples,
-        s.reward_set,
-        encode_prompt=ctx.encode_prompt,
-        decode=ctx.decode,
-        eos_ids=ctx.eos_ids,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=cfg.eval.temperature,
-        pass_k=cfg.eval.pass_k,
-        seed=cfg.run.seed,
-    )
-    return result.metrics
+    return evaluate_task(s.model, s.eval_examples, s.reward_set, s.codec, s.resolved.config).metrics
 
 
 def _adapter_cfg(s: Session) -> dict[str, Any]:
