@@ -52,9 +52,10 @@ def chat(
     while True:
         try:
             line = ui.chat_input(interactive)
-        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, like Ctrl-D
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C only clears the line
             ui.end_of_answer()
-            return 0
+            ui.note("(/exit or Ctrl-D leaves)")
+            continue
         if line is None:
             return 0
         if not line.strip():
