@@ -472,19 +472,44 @@ def resolve_dtype(name: str) -> Any:
 
 
 def set_memory_limits(wired: bool = True) -> dict[str, int]:
-    """Wire the model's memory on Metal (as mlx-lm does); a no-op on CPU and CUDA.
+    """Prepare memory for training: wire the model's memory on Metal (as mlx-lm does), and on
+    Linux keep freed buffers for reuse (:func:`retain_freed_memory`).
 
-    Returns the limits that were applied, e.g. {"wired_limit_bytes": ...}, or {}.
+    Returns what was applied, e.g. {"wired_limit_bytes": ...}, {"retain_freed_memory": 1}.
     """
     import mlx.core as mx
 
+    applied = {"retain_freed_memory": 1} if retain_freed_memory() else {}
     if not (wired and mx.metal.is_available() and hasattr(mx, "set_wired_limit")):
-        return {}
+        return applied
     limit = _device_info(mx).get("max_recommended_working_set_size")
     if not limit:
-        return {}
+        return applied
     mx.set_wired_limit(int(limit))
-    return {"wired_limit_bytes": int(limit)}
+    return {**applied, "wired_limit_bytes": int(limit)}
+
+
+_GLIBC_M_TRIM_THRESHOLD = -1
+_GLIBC_M_MMAP_MAX = -4
+
+
+def retain_freed_memory() -> bool:
+    """On glibc (Linux), serve large buffers from the heap and keep freed memory for reuse.
+
+    glibc maps every buffer over 32 MB afresh and unmaps it on free, so each training step
+    page-faults its activations and logits in again: on Linux CPU that doubled the time of a
+    LoRA update of a 39M-parameter model (bench/run.py). The price is that the process keeps
+    its peak memory instead of returning it to the OS. Returns whether the settings applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_GLIBC_M_MMAP_MAX, 0)) and bool(mallopt(_GLIBC_M_TRIM_THRESHOLD, -1))
 
 
 def seed_everything(seed: int) -> None:

@@ -235,12 +235,18 @@ def test_dtype_policy_is_bfloat16_on_gpu(monkeypatch):
     assert backend.resolve_dtype("auto") == mx.bfloat16
 
 
-def test_set_memory_limits_is_a_no_op_without_metal():
+def _no_allocator_tuning(monkeypatch):
+    monkeypatch.setattr(backend, "retain_freed_memory", lambda: False)
+
+
+def test_set_memory_limits_wires_nothing_without_metal(monkeypatch):
+    _no_allocator_tuning(monkeypatch)
     assert backend.set_memory_limits() == {}
     assert backend.set_memory_limits(wired=False) == {}
 
 
 def test_set_memory_limits_wires_the_recommended_working_set_on_metal(monkeypatch):
+    _no_allocator_tuning(monkeypatch)
     calls: list[int] = []
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 12345})
@@ -248,6 +254,28 @@ def test_set_memory_limits_wires_the_recommended_working_set_on_metal(monkeypatc
     assert backend.set_memory_limits() == {"wired_limit_bytes": 12345}
     assert calls == [12345]
     assert backend.set_memory_limits(wired=False) == {} and calls == [12345]
+
+
+def test_retain_freed_memory_sets_glibcs_mmap_and_trim_options(monkeypatch):
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(option: int, value: int) -> int:
+        calls.append((option, value))
+        return 1
+
+    class FakeLibc:
+        pass
+
+    FakeLibc.mallopt = staticmethod(mallopt)
+
+    monkeypatch.setattr(backend.sys, "platform", "linux")
+    monkeypatch.setattr(backend.ctypes, "CDLL", lambda name: FakeLibc())
+    assert backend.retain_freed_memory() is True
+    # M_MMAP_MAX = -4 → 0 (no fresh mappings), M_TRIM_THRESHOLD = -1 → -1 (never trim).
+    assert sorted(calls) == [(-4, 0), (-1, -1)]
+    assert backend.set_memory_limits() == {"retain_freed_memory": 1}
+    monkeypatch.setattr(backend.sys, "platform", "darwin")
+    assert backend.retain_freed_memory() is False
 
 
 def test_seed_everything_makes_every_generator_repeat():

@@ -183,7 +183,10 @@ def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConf
         scores = apply_top_p(scores, sampling.top_p)
     if sampling.min_p > 0.0:
         scores = apply_min_p(scores, sampling.min_p)
-    return mx.random.categorical(scores, axis=-1, key=key).astype(mx.uint32)
+    # Gumbel-max, as mx.random.categorical does, but written out: about half its cost on CPU.
+    # uniform() is in [0, 1), so the noise is finite or -inf (a token that cannot win).
+    noise = -mx.log(-mx.log(mx.random.uniform(shape=scores.shape, key=key)))
+    return mx.argmax(scores + noise, axis=-1).astype(mx.uint32)
 
 
 def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:

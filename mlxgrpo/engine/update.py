@@ -44,7 +44,10 @@ class UpdateContext:
 
     def _loss(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
         algo = self.cfg.algorithm
-        logp, entropy = grpo.sequence_logprobs(self.model, tokens, start, with_entropy=True)
+        # The entropy is always reported; it is differentiated only when it is in the loss.
+        logp, entropy = grpo.sequence_logprobs(
+            self.model, tokens, start, with_entropy=True, entropy_grad=algo.entropy_coeff != 0
+        )
         loss, metrics = grpo.policy_loss(
             logp,
             old_logp,
