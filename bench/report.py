@@ -1,0 +1,99 @@
+"""The harness's Rich table: figures, ratios and the targets they are checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    if roll := result.get("rollout"):
+        s = roll["settings"]
+        where = f"B={s['prompts']}, G={s['num_generations']}, {s['max_new_tokens']} new tokens"
+        rows += [
+            ("rollout (a) one stream_generate per sample", _tps(roll["single"]), where),
+            ("rollout (b) batch_generate, prompts x G", _tps(roll["batch_generate"]), where),
+            ("rollout (c) mlxgrpo generate_groups", _tps(roll["mlxgrpo"]), where),
+            ("  (c) / (a)", f"{roll['ratio_vs_single']:.2f}x", "target >= 8x"),
+            ("  (c) / (b)", f"{roll['ratio_vs_batch_generate']:.2f}x", "target >= 1.3x"),
+        ]
+    if step := result.get("train_step"):
+        s = step["settings"]
+        where = f"{s['rows']} rows x {s['sequence_length']} tokens"
+        rows += [
+            ("fp32 matmul 1024^2", f"{step['matmul_1024_gflops']:.0f} GFLOP/s", "same run"),
+            (
+                "fp32 matmul at model shapes",
+                f"{step['matmul_mlp_shape_gflops']:.0f} / "
+                f"{step['matmul_head_shape_gflops']:.0f} GFLOP/s",
+                "MLP up / LM head",
+            ),
+        ]
+        for kind, label in (("full", "full fine-tuning, 6PT"), ("lora", "LoRA, 4PT")):
+            f = step[kind]
+            rows.append(
+                (
+                    f"train step ({label})",
+                    f"{f['tokens_per_sec']:.0f} tok/s, {f['gflops']:.0f} GFLOP/s",
+                    f"{where}; {f['share_of_matmul_1024']:.0%} of matmul rate",
+                )
+            )
+    if mem := result.get("memory"):
+        s = mem["settings"]
+        where = f"B={s['batch_size']}, G={s['num_generations']}, {s['max_new_tokens']} tokens"
+        rows += [
+            ("peak memory, LoRA update", f"{mem['lora']['peak_memory_gb']:.3f} GB", where),
+            ("peak memory, LoRA + KL update", f"{mem['lora_kl']['peak_memory_gb']:.3f} GB", where),
+            ("  KL / no KL", f"{mem['kl_memory_ratio']:.3f}x", "target <= 1.15x"),
+            (
+                "seconds per update (bench model)",
+                f"{mem['lora']['seconds_per_update']:.2f} s",
+                f"rollout {mem['lora']['rollout_seconds']:.2f} s, "
+                f"train {mem['lora']['train_seconds']:.2f} s",
+            ),
+        ]
+    if demo := result.get("demo_update"):
+        rows.append(
+            (
+                "seconds per update (configs/demo.toml)",
+                f"{demo['seconds_per_update']:.3f} s",
+                f"rollout {demo['rollout_seconds']:.3f} s, train {demo['train_seconds']:.3f} s",
+            )
+        )
+    return rows
+
+
+def _tps(figure: dict[str, Any]) -> str:
+    return f"{figure['tokens_per_sec']:.0f} tok/s"
+
+
+def print_report(result: dict[str, Any], out: Path | None) -> None:
+    # A pipe gets Rich's default 80 columns, too narrow for the notes.
+    console = Console(width=max(Console().width, 120))
+    model = result["model"]
+    env = result["environment"]
+    title = (
+        f"mlxgrpo bench: {model['name']} ({model['parameters'] / 1e6:.1f}M parameters, "
+        f"vocab {model['vocab']}, {model['dtype']}), {env['backend']} / {env['blas']}, "
+        f"{env['cpu_count']} cores, median of {result['repeats']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for row in _rows(result):
+        table.add_row(*row)
+    console.print(table)
+    if result.get("quick"):
+        console.print(
+            "  [dim]--quick: a smoke run on the tiny model; the targets are set for the full run[/]"
+        )
+    for name, target in result["targets"].items():
+        mark = "[green]met[/]" if target["met"] else "[red]not met[/]"
+        console.print(f"  {name}: {target['value']:.3f} (target {target['target']}) {mark}")
+    if out is not None:
+        console.print(f"results: {out}")
