@@ -34,6 +34,8 @@ def test_help_and_config_commands_import_no_mlx():
     assert _imported_after(["config", "show", "--resolved", "-c", "prod"]) == set()
     assert _imported_after(["config", "validate", str(REPO / "configs" / "prod.toml")]) == set()
     assert _imported_after(["config", "keys"]) == set()
+    for command in (["infer"], ["chat"], ["eval"], ["convert"], ["convert", "hf-model"]):
+        assert _imported_after([*command, "--help"]) == set(), command
 
 
 def test_version(cli):
