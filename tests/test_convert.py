@@ -282,9 +282,9 @@ def test_builtin_source(tmp_path):
 
 
 def test_output_must_not_replace_the_source(source):
-    with pytest.raises(ConfigError, match="would replace the input"):
+    with pytest.raises(ConfigError, match="overlaps the input"):
         convert_hf_model(str(source), source, dtype="float16", force=True)
-    with pytest.raises(ConfigError, match="would replace the input"):
+    with pytest.raises(ConfigError, match="overlaps the input"):
         convert_hf_model(str(source), source.parent, dtype="float16", force=True)
 
 
@@ -377,7 +377,7 @@ def test_fuse_errors(source, tmp_path):
     (tmp_path / "fused").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         fuse_adapters(str(source), tmp_path / "adapters", tmp_path / "fused")
-    with pytest.raises(ConfigError, match="would replace the input"):
+    with pytest.raises(ConfigError, match="overlaps the input"):
         fuse_adapters(str(source), tmp_path / "adapters", tmp_path / "adapters", force=True)
 
 
@@ -445,3 +445,18 @@ def test_side_files_are_copied_weights_are_not(tmp_path):
     assert copied == expected
     assert sorted(p.name for p in dest.iterdir()) == expected
     assert (dest / "tokenizer.pkl").read_bytes() == (src / "tokenizer.pkl").read_bytes()
+
+
+def test_output_inside_an_input_or_holding_the_cwd_is_refused(tmp_path, monkeypatch):
+    from mlxgrpo.models.output_dir import check_output_dir
+
+    source = tmp_path / "src"
+    source.mkdir()
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        check_output_dir(source / "mlx", False, [source])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ConfigError, match="holds the current directory"):
+        check_output_dir(tmp_path, True, [])
+    assert check_output_dir(tmp_path / "fresh", False, [source]) == tmp_path / "fresh"

@@ -14,10 +14,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mlxgrpo.models.loading import (
     classify_model_spec,
     resolve_load_target,
 )
+from mlxgrpo.models.output_dir import check_output_dir, install, staging
 
 StageCallback = Callable[[str], None]
 
@@ -88,49 +88,8 @@ def check_quantization(
     return {"bits": bits, "group_size": group_size, "mode": mode}
 
 
-def check_output_dir(output: str | os.PathLike[str], force: bool, inputs: Sequence[Path]) -> Path:
-    """The output path, refused when it exists (unless `force`) or would swallow an input."""
-    path = Path(output).expanduser()
-    for source in (p.resolve() for p in inputs):
-        if path.resolve() == source or path.resolve() in source.parents:
-            hint = "write the result to another directory"
-            raise ConfigError(f"output '{output}' would replace the input '{source}'", hint=hint)
-    if path.is_file():
-        raise ConfigError(f"output '{output}' is a file", hint="choose a directory path")
-    if (path.exists() or path.is_symlink()) and not force:
-        hint = "pass --force to replace it, or choose another output directory"
-        raise ConfigError(f"output directory '{output}' already exists", hint=hint)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
-# Staging, stdout capture, error translation
-
-
-@contextlib.contextmanager
-def staging(output: Path) -> Iterator[Path]:
-    """A not-yet-existing path in a temporary directory beside `output`, removed afterwards."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        yield holder / "model"
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
-
-
-def install(staged: Path, output: Path) -> None:
-    """Move the finished model into place; an old output is set aside only now, and restored
-    when the move fails (it is deleted with the staging directory otherwise)."""
-    previous = staged.parent / "previous"
-    had_previous = output.exists() or output.is_symlink()
-    if had_previous:
-        os.replace(output, previous)
-    try:
-        os.replace(staged, output)
-    except OSError:
-        if had_previous:
-            os.replace(previous, output)
-        raise
+# stdout capture, error translation
 
 
 class StageWriter(io.TextIOBase):

@@ -18,11 +18,8 @@ from mlxgrpo.models.convert import (
     StageCallback,
     StageWriter,
     check_dtype,
-    check_output_dir,
-    install,
     model_facts,
     record_dtype,
-    staging,
     use_source_side_files,
     weight_bytes,
 )
@@ -32,6 +29,7 @@ from mlxgrpo.models.loading import (
     load_model_with_config,
     resolve_load_target,
 )
+from mlxgrpo.models.output_dir import check_output_dir, install, staging
 
 
 def _check_adapter_config(adapter_dir: Path) -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from mlxgrpo.models.nanochat_tokenizer import (
     NanochatTokenizer,
     load_nanochat_encoding,
 )
+from mlxgrpo.models.output_dir import check_output_dir, install, staging
 
 COMPILED_PREFIX = "_orig_mod."
 CHECKPOINT_FILE = re.compile(r"^model_(\d+)\.pt$")
@@ -244,46 +244,6 @@ def _write_model(
     shutil.copyfile(tokenizer_path, dest / TOKENIZER_FILE)
 
 
-def _replace_directory(built: Path, output: Path) -> bool:
-    """Move `built` to `output`; an old `output` is removed only once the new one is in place."""
-    if not output.exists():
-        os.rename(built, output)
-        return False
-    backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-    backup.rmdir()
-    os.rename(output, backup)
-    try:
-        os.rename(built, output)
-    except OSError:
-        os.rename(backup, output)
-        raise
-    if backup.is_dir():
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        backup.unlink()
-    return True
-
-
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ConfigError(
-            f"output '{output}' already exists",
-            hint="choose another --output or pass --force to replace it",
-        )
-    resolved, here = output.resolve(), Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise ConfigError(f"refusing to replace '{output}', which holds the current directory")
-
-
-def _check_not_inside(output: Path, source: Path) -> None:
-    resolved, checkpoint = output.resolve(), source.resolve()
-    if resolved == checkpoint or resolved in checkpoint.parents or checkpoint in resolved.parents:
-        raise ConfigError(
-            f"output '{output}' overlaps the checkpoint directory '{source}'",
-            hint="write the MLX model to a directory of its own",
-        )
-
-
 def convert_nanochat(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -305,8 +265,7 @@ def convert_nanochat(
         raise ConfigError(f"unsupported dtype {dtype!r}", hint=f"use {', '.join(SUPPORTED_DTYPES)}")
     source, output = Path(source).expanduser(), Path(output).expanduser()
     chosen, model_path, steps = _choose_checkpoint(source, step)
-    _check_output(output, force)
-    _check_not_inside(output, source)
+    check_output_dir(output, force, [source])
     tok_path = Path(tokenizer_path).expanduser() if tokenizer_path else find_tokenizer(source)
     if tok_path is None:
         raise ConfigError(
@@ -322,17 +281,12 @@ def convert_nanochat(
     stage(f"reading {model_path.name}")
     weights = _read_weights(model_path, config, dtype)
     n_parameters = sum(int(v.size) for v in weights.values())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
+    replaced = output.exists()
+    with staging(output) as build:
+        build.mkdir()
         stage(f"writing {dtype} weights")
-        model_config = mlx_config(config, tokenizer)
-        _write_model(build, model_config, weights, tok_path)
-        os.chmod(build, 0o755)
-        replaced = _replace_directory(build, output)
-    finally:
-        if build.exists():
-            shutil.rmtree(build, ignore_errors=True)
+        _write_model(build, mlx_config(config, tokenizer), weights, tok_path)
+        install(build, output)
     stage(f"wrote {output}")
     return {
         "output": str(output),
