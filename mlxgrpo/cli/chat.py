@@ -30,18 +30,7 @@ def chat(
     from mlxgrpo import ui
     from mlxgrpo.inference import ChatSession
 
-    flags = g.generation_flags(
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        no_chat_template=no_chat_template,
-    )
+    flags = g.generation_flags(locals())
     resolved, model_, tokenizer, options = g.load_for_generation(config, set_, flags, adapter)
     gen = resolved.config.generate
     session = ChatSession(

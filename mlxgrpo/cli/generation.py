@@ -37,32 +37,26 @@ NoChatTemplate = Annotated[
 ]
 
 
-def generation_flags(
-    *,
-    model: str | None,
-    system: str | None,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    min_p: float | None,
-    repetition_penalty: float | None,
-    seed: int | None,
-    no_chat_template: bool,
-) -> dict[str, tuple[str, Any]]:
-    """The flag layer of the config for a generation command."""
-    return {
-        "model.path": ("--model", model),
-        "generate.system_prompt": ("--system", system),
-        "generate.max_tokens": ("--max-tokens", max_tokens),
-        "generate.temperature": ("--temperature", temperature),
-        "generate.top_p": ("--top-p", top_p),
-        "generate.top_k": ("--top-k", top_k),
-        "generate.min_p": ("--min-p", min_p),
-        "generate.repetition_penalty": ("--repetition-penalty", repetition_penalty),
-        "generate.seed": ("--seed", seed),
-        "generate.chat_template": ("--no-chat-template", False if no_chat_template else None),
-    }
+# A generation command's parameter → (the config key it sets, the flag as typed).
+_FLAG_KEYS = {
+    "model": ("model.path", "--model"),
+    "system": ("generate.system_prompt", "--system"),
+    "max_tokens": ("generate.max_tokens", "--max-tokens"),
+    "temperature": ("generate.temperature", "--temperature"),
+    "top_p": ("generate.top_p", "--top-p"),
+    "top_k": ("generate.top_k", "--top-k"),
+    "min_p": ("generate.min_p", "--min-p"),
+    "repetition_penalty": ("generate.repetition_penalty", "--repetition-penalty"),
+    "seed": ("generate.seed", "--seed"),
+}
+
+
+def generation_flags(params: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The flag layer of the config, from a generation command's parameters (by name)."""
+    flags = {key: (flag, params[name]) for name, (key, flag) in _FLAG_KEYS.items()}
+    no_template = params["no_chat_template"]
+    flags["generate.chat_template"] = ("--no-chat-template", False if no_template else None)
+    return flags
 
 
 def load_for_generation(

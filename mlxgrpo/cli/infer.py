@@ -58,18 +58,7 @@ def infer(
         raise ConfigError("--stream and --json do not mix", hint="drop one of them")
     prompts = _read_prompts(file) if file is not None else None
     target = _output_path(file, output, force) if file is not None else None
-    flags = g.generation_flags(
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        no_chat_template=no_chat_template,
-    )
+    flags = g.generation_flags(locals())
     resolved, model_, tokenizer, options = g.load_for_generation(config, set_, flags, adapter)
     gen = resolved.config.generate
     common = dict(system=gen.system_prompt, chat_template=gen.chat_template)
