@@ -125,7 +125,9 @@ class AlgorithmConfig:
         choices=("group", "batch", "none"),
     )
     num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
-    mask_truncated_completions: bool = opt(False, "Give truncated completions zero advantage.")
+    mask_truncated_completions: bool = opt(
+        False, "Leave completions that hit max_new_tokens out of the loss (DAPO)."
+    )
     filter_zero_std_groups: bool = opt(
         False, "Drop groups whose rewards are all equal (they carry no signal)."
     )

@@ -160,8 +160,13 @@ def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
     if algo.mask_truncated_completions:
         adv = grpo.mask_truncated_advantages(adv, mx.array(rollout.truncated))
     zero_std = grpo.zero_std_group_mask(r, group).tolist()
+    # Filtered completions leave the update entirely: no policy or KL term, and they do not
+    # count in the loss normalisers (a zero advantage alone would still dilute them).
     keep = [
-        i for i in range(len(rewards)) if not (algo.filter_zero_std_groups and zero_std[i // group])
+        i
+        for i in range(len(rewards))
+        if not (algo.filter_zero_std_groups and zero_std[i // group])
+        and not (algo.mask_truncated_completions and rollout.truncated[i])
     ]
     return adv.tolist(), keep, zero_std
 
