@@ -162,3 +162,22 @@ def test_convert_nanochat_refuses_a_malicious_tokenizer(cli, tmp_path):
     assert code != 0 and "refusing to load" in err and "system" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not sentinel.exists() and not out.exists()
+
+
+def test_a_converted_nanochat_model_trains_and_its_adapters_load(cli, tmp_path):
+    from nanochat_fixtures import write_nanochat_checkpoint
+    from test_inference import reference_text
+
+    checkpoints = write_nanochat_checkpoint(tmp_path / "nanochat", steps=(1,))
+    out = tmp_path / "nanochat-mlx"
+    assert cli("convert", "nanochat", checkpoints, "-o", out)[0] == 0
+    runs = tmp_path / "runs"
+    code, _, err = cli("train", "-c", "demo", "-m", out, "--max-steps", "2", "-o", runs)
+    assert code == 0, err
+    metrics = [json.loads(x) for x in (runs / "demo" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if m.get("kind") == "train"]
+    assert len(train_rows) == 2 and all(m["completion_length_mean"] > 0 for m in train_rows)
+    final = runs / "demo" / "final"
+    model, tokenizer = load_model(str(out), adapter_path=str(final))
+    expected = reference_text(model, tokenizer, "hi", max_tokens=8)
+    assert infer_json(cli, out, "hi", "--adapter", str(runs / "demo")) == expected
