@@ -18,15 +18,20 @@ import os
 import platform
 import random
 import re
-import struct
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo.blas_probe import (
+    UNBOUND,
+    bound_blas_path,
+    owner_of,
+    predicted_blas_path,
+    same_file,
+)
 from mlxgrpo.errors import ConfigError
 
 ENV_VAR = "MLXGRPO_BLAS"
@@ -44,9 +49,6 @@ REPORTED_PACKAGES = ("mlx", "mlx-lm", "transformers", "datasets", "tiktoken", "t
 _OPENBLAS_NAMES = ("libopenblasp.so.0", "libopenblas.so.0", "libopenblas.so", "libopenblaso.so.0")
 _OPENBLAS_IN_CACHE = re.compile(rb"/[\x21-\x7e]*/libopenblas[po]?\.so(?:\.\d+)*(?=\x00)")
 _PARALLEL_MODELS = {0: "sequential", 1: "pthread", 2: "OpenMP"}
-_RTLD_DI_LINKMAP = 2
-_SHT_RELA, _SHT_DYNSYM = 4, 11
-_UNBOUND = "<unbound>"
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _preload() -> BlasInfo:
     if setting.lower() not in ("", "auto"):
         lib, reason = _load_global(setting)
         if lib is not None:  # a bare name was found by dlopen's search: report the file
-            found = _owner_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value) or setting
+            found = owner_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value) or setting
             return replace(_describe(found, lib), loaded_by_us=True)
         warning = f"{ENV_VAR}={setting}: {reason}; looking for a system OpenBLAS instead"
     for path in _candidate_paths():
@@ -115,8 +117,8 @@ def _preload() -> BlasInfo:
 
 def _late_preload_check() -> BlasInfo | None:
     """mlx is already imported: report its binding, or None when a load can still take effect."""
-    bound = _bound_blas_path()
-    if bound is None or bound == _UNBOUND:
+    bound = bound_blas_path()
+    if bound is None or bound == UNBOUND:
         # Unbound: lazy binding and no BLAS call yet, so a global load is still picked up.
         # None (cannot inspect): loading is harmless, so try.
         return None
@@ -190,11 +192,11 @@ def blas_info() -> BlasInfo:
         return preloaded
     import mlx.core  # noqa: F401  (binds libmlx's BLAS symbols if nothing has yet)
 
-    path = _bound_blas_path()
-    if path in (None, _UNBOUND):
-        path = _predicted_blas_path()
+    path = bound_blas_path()
+    if path in (None, UNBOUND):
+        path = predicted_blas_path()
     info = _describe(path) if path else BlasInfo("unknown BLAS", fast=False)
-    ours = bool(preloaded.loaded_by_us and path and _same_file(path, preloaded.path or ""))
+    ours = bool(preloaded.loaded_by_us and path and same_file(path, preloaded.path or ""))
     return replace(
         info,
         loaded_by_us=ours,
@@ -239,167 +241,6 @@ def _openblas_config(lib: ctypes.CDLL) -> str | None:
 
 def _call_int(lib: ctypes.CDLL, function: str) -> int | None:
     return int(getattr(lib, function)()) if hasattr(lib, function) else None
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-class _DlInfo(ctypes.Structure):
-    _fields_ = [
-        ("dli_fname", ctypes.c_char_p),
-        ("dli_fbase", ctypes.c_void_p),
-        ("dli_sname", ctypes.c_char_p),
-        ("dli_saddr", ctypes.c_void_p),
-    ]
-
-
-class _LinkMap(ctypes.Structure):
-    _fields_ = [("l_addr", ctypes.c_size_t), ("l_name", ctypes.c_char_p)]
-
-
-@lru_cache(maxsize=1)
-def _libdl() -> ctypes.CDLL | None:
-    for name in (None, "libdl.so.2"):  # glibc >= 2.34 has dladdr/dlinfo in libc itself
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        if hasattr(lib, "dladdr") and hasattr(lib, "dlinfo"):
-            lib.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-            lib.dlinfo.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-            return lib
-    return None
-
-
-def _owner_of(address: int | None) -> str | None:
-    """The file of the loaded library that contains `address` (dladdr)."""
-    libdl = _libdl()
-    if not address or libdl is None:
-        return None
-    info = _DlInfo()
-    if not libdl.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
-        return None
-    return info.dli_fname.decode()
-
-
-def _bound_blas_path() -> str | None:
-    """Read libmlx's GOT slot for cblas_sgemm: the library its matmuls really call.
-
-    Returns the library's path, `_UNBOUND` when the slot still points into libmlx (lazy binding,
-    no call yet), or None when this cannot be inspected.
-    """
-    mapped = _mapped_library("libmlx")
-    libdl = _libdl()
-    if mapped is None or libdl is None:
-        return None
-    path, ranges = mapped
-    slot_offset = _got_slot_offset(path, b"cblas_sgemm")
-    if slot_offset is None:
-        return None
-    try:
-        handle = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)._handle
-    except OSError:
-        return None
-    link_map = ctypes.POINTER(_LinkMap)()
-    if libdl.dlinfo(ctypes.c_void_p(handle), _RTLD_DI_LINKMAP, ctypes.byref(link_map)) != 0:
-        return None
-    slot = link_map.contents.l_addr + slot_offset
-    if not any(start <= slot and slot + 8 <= end for start, end in ranges):
-        return None  # never dereference an address outside libmlx's mapped memory
-    owner = _owner_of(ctypes.c_void_p.from_address(slot).value)
-    if owner is None:
-        return None
-    return _UNBOUND if _same_file(owner, path) else owner
-
-
-def _predicted_blas_path() -> str | None:
-    """Where the dynamic linker would bind cblas_sgemm for libmlx: global scope, then its deps."""
-    global_owner = _symbol_owner(None, "cblas_sgemm")
-    if global_owner:
-        return global_owner
-    mapped = _mapped_library("libmlx")
-    return _symbol_owner(mapped[0], "cblas_sgemm") if mapped else None
-
-
-def _symbol_owner(library: str | None, symbol: str) -> str | None:
-    try:
-        lib = ctypes.CDLL(library, mode=os.RTLD_NOLOAD) if library else ctypes.CDLL(None)
-        address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
-    return _owner_of(address)
-
-
-def _mapped_library(prefix: str) -> tuple[str, list[tuple[int, int]]] | None:
-    """Path and address ranges of the first mapped file whose name starts with `prefix`."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return None
-    found: str | None = None
-    ranges: list[tuple[int, int]] = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or "r" not in fields[1]:
-            continue
-        path = fields[5]
-        if found is None and os.path.basename(path).startswith(prefix + ".so"):
-            found = path
-        if path == found:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, end))
-    return (found, ranges) if found else None
-
-
-@lru_cache(maxsize=4)
-def _got_slot_offset(path: str, symbol: bytes) -> int | None:
-    """Offset (from the load base) of the relocation slot that `symbol` is bound through.
-
-    Reads the ELF section headers, the dynamic symbol table and its relocations (64-bit
-    little-endian only: x86_64 and aarch64, the platforms the mlx[cpu] wheel exists for).
-    """
-    try:
-        with open(path, "rb") as f:
-            header = f.read(64)
-            if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
-                return None
-            (shoff,) = struct.unpack_from("<Q", header, 0x28)
-            shentsize, shnum = struct.unpack_from("<HH", header, 0x3A)
-            f.seek(shoff)
-            table = f.read(shentsize * shnum)
-            sections = [
-                struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize) for i in range(shnum)
-            ]
-
-            def read(section: tuple) -> bytes:
-                f.seek(section[4])
-                return f.read(section[5])
-
-            for rela in sections:
-                symtab = sections[rela[6]] if rela[1] == _SHT_RELA else None
-                if symtab is None or symtab[1] != _SHT_DYNSYM:
-                    continue
-                index = _symbol_index(read(symtab), read(sections[symtab[6]]), symbol)
-                if index is None:
-                    continue
-                for r_offset, r_info, _ in struct.iter_unpack("<QQq", read(rela)):
-                    if r_info >> 32 == index:
-                        return r_offset
-    except (OSError, struct.error, IndexError):
-        return None
-    return None
-
-
-def _symbol_index(symbols: bytes, strings: bytes, wanted: bytes) -> int | None:
-    for index, (name_offset, *_rest) in enumerate(struct.iter_unpack("<IBBHQQ", symbols)):
-        end = strings.find(b"\x00", name_offset)
-        if strings[name_offset:end] == wanted:
-            return index
-    return None
 
 
 # --------------------------------------------------------------------------- device
