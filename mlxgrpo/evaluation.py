@@ -127,6 +127,7 @@ def _generate(
 ) -> list[tuple[list[int], str, bool]]:
     """(ids, text without EOS, truncated) for k samples of every example, in order."""
     from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+    from mlxgrpo.models.tokenizer import strip_eos
 
     sampling = SamplingConfig(temperature=temperature)
     out: list[tuple[list[int], str, bool]] = []
@@ -143,8 +144,7 @@ def _generate(
             seed=seed + begin,
         )
         for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
-            body = ids[:-1] if ids and ids[-1] in eos_ids else ids
-            out.append((ids, decode(body), truncated))
+            out.append((ids, decode(strip_eos(ids, eos_ids)), truncated))
         if on_batch is not None:
             on_batch(len(chunk))
     return out

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxgrpo.errors import ConfigError
-from mlxgrpo.models.tokenizer import Message, eos_token_ids, normalize_messages, render_prompt
+from mlxgrpo.models.tokenizer import (
+    Message,
+    decode,
+    eos_token_ids,
+    normalize_messages,
+    render_prompt,
+    strip_eos,
+)
 
 Prompt = str | Sequence[Message]
 
@@ -94,14 +101,6 @@ def encode_prompt(
     return ids
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids)
-
-
-def _answer_body(ids: list[int], eos: set[int]) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in eos else ids
-
-
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -136,22 +135,27 @@ def generate_answers(
             sampling=sampling,
             eos_token_ids=eos,
             stop_strings=list(options.stop) or None,
-            decode=lambda ids: _decode(tokenizer, ids),
+            decode=lambda ids: decode(tokenizer, ids),
             seed=options.seed + begin,
         )
         seconds = time.perf_counter() - started
         for prompt_ids, ids, reason in zip(
             chunk, rollout.completion_ids, rollout.finish_reason, strict=True
         ):
-            text = _cut_at_stop(_decode(tokenizer, _answer_body(ids, eos)), options.stop)
+            text = _cut_at_stop(decode(tokenizer, strip_eos(ids, eos)), options.stop)
             answers.append(Answer(text, len(prompt_ids), len(ids), reason, seconds))
         if on_batch is not None:
             on_batch(len(answers), len(encoded))
     return answers
 
 
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    return min((text.find(s) for s in stops if s and s in text), default=-1)
+
+
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    cut = _first_stop(text, stops)
     return text if cut < 0 else text[:cut]
 
 
@@ -221,7 +225,7 @@ class _StopText:
 
     def add(self, piece: str) -> str:
         self.text += piece
-        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        cut = _first_stop(self.text, self.stops)
         if cut >= 0:
             self.stopped = True
             self.text = self.text[:cut]

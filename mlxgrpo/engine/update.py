@@ -21,6 +21,7 @@ from mlxgrpo.data import Example
 from mlxgrpo.engine import grpo
 from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
+from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
 
 
@@ -81,7 +82,7 @@ def run_update(
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
     prompts = [ctx.encode_prompt(ex) for ex in examples]
     rollout = _rollout(ctx, prompts, seed)
-    texts = [ctx.decode(_strip_eos(ids, ctx.eos_ids)) for ids in rollout.completion_ids]
+    texts = [ctx.decode(strip_eos(ids, ctx.eos_ids)) for ids in rollout.completion_ids]
     scored = _score(ctx.reward_set, examples, rollout, texts)
     rewards = _with_overlong_penalty(scored.totals, rollout, cfg)
     advantages, keep, zero_std = _advantages(rewards, rollout, cfg)
@@ -127,10 +128,6 @@ def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout
         decode=ctx.decode if r.stop else None,
         seed=seed,
     )
-
-
-def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
 def _score(reward_set: RewardSet, examples, rollout: Rollout, texts: list[str]) -> RewardResult:

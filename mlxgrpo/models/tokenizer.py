@@ -98,6 +98,11 @@ def eos_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """A completion without its final EOS token (kept in training ids, not in its text)."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
 def decode(tokenizer: Any, ids: Any, *, skip_special_tokens: bool = False) -> str:
     """Text of token ids (a list, an mx.array or a numpy array)."""
     if skip_special_tokens:
