@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from mlxgrpo.cli import generation as g
-from mlxgrpo.cli.common import ConfigFiles, Overrides, load_config
+from mlxgrpo.cli.common import ConfigFiles, Overrides, adapter_dir, load_config
 
 app = typer.Typer(
     help="Convert models to MLX and fuse adapters into a model.",
@@ -154,21 +154,19 @@ def fuse(
     json_output: JsonOutput = False,
 ) -> int:
     """Fuse trained adapters into a standalone model directory (loads with mlx_lm.load)."""
-    from mlxgrpo.engine.checkpoint import resolve_adapter_source
     from mlxgrpo.errors import ConfigError
     from mlxgrpo.models.fuse import fuse_adapters
 
     resolved = load_config(config, set_, {"model.path": ("--model", model)})
     cfg = resolved.config
-    spec = adapter if adapter is not None else cfg.model.adapter_path
-    if spec is None:
+    adapters = adapter_dir(adapter, cfg)
+    if adapters is None:
         raise ConfigError("no adapters to fuse", hint="pass --adapter DIR (or a run dir, or last)")
-    adapter_dir = resolve_adapter_source(spec, cfg.run.output_dir)
 
     def work(on_stage):
         return fuse_adapters(
             cfg.model.path,
-            adapter_dir,
+            adapters,
             output,
             dequantize=dequantize,
             dtype=dtype,
@@ -176,4 +174,4 @@ def fuse(
             on_stage=on_stage,
         )
 
-    return _run("convert fuse", f"fusing {adapter_dir}", work, json_output)
+    return _run("convert fuse", f"fusing {adapters}", work, json_output)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mlxgrpo.cli import generation as g
-from mlxgrpo.cli.common import ConfigFiles, Overrides, load_config
+from mlxgrpo.cli.common import ConfigFiles, Overrides, adapter_dir, load_config
 from mlxgrpo.errors import ConfigError
 
 
@@ -51,7 +51,6 @@ def eval_(
     `mlxgrpo eval -c configs/prod.toml --adapter last` evaluates what `train` trained.
     """
     from mlxgrpo import ui
-    from mlxgrpo.engine.checkpoint import resolve_adapter_source
     from mlxgrpo.evaluation import evaluate_config
 
     if output is not None and output.exists() and not force:
@@ -68,14 +67,11 @@ def eval_(
     }
     resolved = load_config(config, set_, flags)
     cfg = resolved.config
-    adapter_spec = adapter if adapter is not None else cfg.model.adapter_path
-    adapter_dir = (
-        str(resolve_adapter_source(adapter_spec, cfg.run.output_dir)) if adapter_spec else None
-    )
+    adapters = adapter_dir(adapter, cfg)
     with ui.BatchProgress("eval") as progress:
         runs = evaluate_config(
             resolved,
-            adapter_dir=adapter_dir,
+            adapter_dir=adapters,
             compare_base=compare_base,
             batch_size=batch_size,
             on_start=progress.set_total,
@@ -87,7 +83,7 @@ def eval_(
         {
             "label": label,
             "model": cfg.model.path,
-            "adapters": adapter_dir if label == "adapters" else None,
+            "adapters": adapters if label == "adapters" else None,
             **result.metrics,
         }
         for label, result in runs

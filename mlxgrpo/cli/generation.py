@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mlxgrpo.cli.common import load_config
+from mlxgrpo.cli.common import adapter_dir, load_config
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="model.path", show_default=False)]
 Adapter = Annotated[
@@ -66,18 +66,14 @@ def load_for_generation(
     adapter: str | None,
 ) -> tuple[Any, Any, Any, Any]:
     """(resolved config, model, tokenizer, generation options) for infer and chat."""
-    from mlxgrpo.engine.checkpoint import resolve_adapter_source
     from mlxgrpo.inference import GenerationOptions
     from mlxgrpo.models.loading import load_model
 
     resolved = load_config(config, overrides, flags)
     cfg = resolved.config
-    adapter_dir = adapter if adapter is not None else cfg.model.adapter_path
-    if adapter_dir is not None:
-        adapter_dir = str(resolve_adapter_source(adapter_dir, cfg.run.output_dir))
     model, tokenizer = load_model(
         cfg.model.path,
-        adapter_path=adapter_dir,
+        adapter_path=adapter_dir(adapter, cfg),
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
