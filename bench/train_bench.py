@@ -28,6 +28,7 @@ from mlxgrpo.engine.finetune import prepare_trainable
 from mlxgrpo.engine.rollout import build_micro_batch
 from mlxgrpo.engine.update import UpdateContext
 from mlxgrpo.models.loading import load_model
+from mlxgrpo.task import TextCodec
 
 
 def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
@@ -72,10 +73,9 @@ def _context(model_dir: str, overrides: list[str]) -> tuple[UpdateContext, Any]:
         cfg=cfg,
         reward_set=None,
         optimizer=None,
-        encode_prompt=None,
-        decode=None,
-        eos_ids=set(tokenizer.eos_token_ids),
-        pad_id=0,
+        codec=TextCodec(
+            encode=None, decode=None, eos_ids=set(tokenizer.eos_token_ids), pad_id=0
+        ),  # the step only needs token ids
     )
     return ctx, tokenizer
 
@@ -93,7 +93,7 @@ def measure_train_step(
     kinds = {"full": 6, "lora": 4}
     sets = ["finetune.lora_layers=-1"]
     contexts = {kind: _context(model_dir, [f"finetune.type={kind}", *sets]) for kind in kinds}
-    eos = min(contexts["full"][0].eos_ids)
+    eos = min(contexts["full"][0].codec.eos_ids)
     batch = _micro_batch(prompts, rows, completion, shape.vocab, eos)
     advantages = mx.array([(-1.0) ** i for i in range(rows)], dtype=mx.float32)
     norm = grpo.LossNorm.for_update([batch.completion_mask], completion)

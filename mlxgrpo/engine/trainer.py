@@ -41,7 +41,6 @@ class Session:
     ctx: Any
     total_updates: int
     trainable: int
-    codec: Any
     start_update: int = 0
 
 
@@ -148,16 +147,12 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     if cfg.optim.optimizer == "adamw":
         kwargs["weight_decay"] = cfg.optim.weight_decay
     optimizer = opt_cls(**kwargs)
-    codec = text_codec(tokenizer, cfg)
     ctx = UpdateContext(
         model=model,
         cfg=cfg,
         reward_set=reward_set,
         optimizer=optimizer,
-        encode_prompt=codec.encode,
-        decode=codec.decode,
-        eos_ids=codec.eos_ids,
-        pad_id=codec.pad_id,
+        codec=text_codec(tokenizer, cfg),
         ref_model=ref_model,
     )
     session = Session(
@@ -172,7 +167,6 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
         ctx,
         total,
         trainable,
-        codec,
     )
     _maybe_resume(session, cb)
     return session
@@ -278,7 +272,8 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
 def _evaluate(s: Session) -> dict[str, Any]:
     from mlxgrpo.evaluation import evaluate_task
 
-    return evaluate_task(s.model, s.eval_examples, s.reward_set, s.codec, s.resolved.config).metrics
+    cfg = s.resolved.config
+    return evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg).metrics
 
 
 def _adapter_cfg(s: Session) -> dict[str, Any]:

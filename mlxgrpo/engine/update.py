@@ -23,6 +23,7 @@ from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
 from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
+from mlxgrpo.task import TextCodec
 
 
 @dataclass
@@ -33,10 +34,7 @@ class UpdateContext:
     cfg: Any  # mlxgrpo.config.Config
     reward_set: RewardSet
     optimizer: Any
-    encode_prompt: Callable[[Example], list[int]]
-    decode: Callable[[list[int]], str]
-    eos_ids: set[int]
-    pad_id: int
+    codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
     loss_and_grad: Callable[..., Any] = field(init=False)
 
@@ -80,9 +78,9 @@ def run_update(
     """Sample, score and learn from one batch of prompts; returns the update's metrics."""
     cfg, started = ctx.cfg, time.perf_counter()
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
-    prompts = [ctx.encode_prompt(ex) for ex in examples]
+    prompts = [ctx.codec.encode(ex) for ex in examples]
     rollout = _rollout(ctx, prompts, seed)
-    texts = [ctx.decode(strip_eos(ids, ctx.eos_ids)) for ids in rollout.completion_ids]
+    texts = [ctx.codec.decode(strip_eos(ids, ctx.codec.eos_ids)) for ids in rollout.completion_ids]
     scored = _score(ctx.reward_set, examples, rollout, texts)
     rewards = _with_overlong_penalty(scored.totals, rollout, cfg)
     advantages, keep, zero_std = _advantages(rewards, rollout, cfg)
@@ -123,9 +121,9 @@ def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout
         num_generations=r.num_generations,
         max_new_tokens=r.max_new_tokens,
         sampling=sampling,
-        eos_token_ids=ctx.eos_ids,
+        eos_token_ids=ctx.codec.eos_ids,
         stop_strings=r.stop or None,
-        decode=ctx.decode if r.stop else None,
+        decode=ctx.codec.decode if r.stop else None,
         seed=seed,
     )
 
@@ -186,7 +184,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     if not keep:
         return {"skipped": 1.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
     chunks = _split(keep, cfg.optim.gradient_accumulation_steps)
-    batches = [rollout.training_batch(c, pad_id=ctx.pad_id) for c in chunks]
+    batches = [rollout.training_batch(c, pad_id=ctx.codec.pad_id) for c in chunks]
     advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
     norm = grpo.LossNorm.for_update(
         [b.completion_mask for b in batches], cfg.rollout.max_new_tokens
