@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.models.safe_pickle import AllowListUnpickler
 
 if TYPE_CHECKING:
     import tiktoken
@@ -83,20 +84,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _EncodingUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None:
-            raise MlxgrpoError(
-                f"refusing to load '{self._source}': it references '{module}.{name}', "
-                "which a tiktoken Encoding never needs (unpickling it could run arbitrary code)",
-                hint=_PICKLE_HINT,
-            )
-        return target
+class _EncodingUnpickler(AllowListUnpickler):
+    allowed = _ALLOWED_GLOBALS
+    needed_by = "a tiktoken Encoding"
+    hint = _PICKLE_HINT
 
     def persistent_load(self, pid: Any) -> Any:
         raise MlxgrpoError(f"'{self._source}' is not a tokenizer pickle", hint=_PICKLE_HINT)

@@ -12,7 +12,6 @@ can run. torch itself is never imported.
 from __future__ import annotations
 
 import collections
-import pickle
 import tarfile
 import zipfile
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.models.safe_pickle import AllowListUnpickler
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -166,27 +166,20 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _StateDictUnpickler(pickle.Unpickler):
+class _StateDictUnpickler(AllowListUnpickler):
     """Unpickler that knows only the globals a state dict uses; anything else is refused."""
 
-    def __init__(self, file: Any, source: str) -> None:
-        super().__init__(file)
-        self._source = source
+    allowed = _ALLOWED_GLOBALS
+    needed_by = "a PyTorch state dict"
+    hint = _STATE_DICT_HINT
 
     def find_class(self, module: str, name: str) -> Any:
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None and module == "torch" and name.endswith("Storage"):
+        if (module, name) not in self.allowed and module == "torch" and name.endswith("Storage"):
             raise MlxgrpoError(
                 f"'{self._source}' holds tensors of type torch.{name}, which cannot be read",
                 hint=f"supported: {', '.join(sorted(_STORAGE_DTYPES))}",
             )
-        if target is None:
-            raise MlxgrpoError(
-                f"refusing to load '{self._source}': its pickle references '{module}.{name}', "
-                "which a PyTorch state dict never needs (loading it could run arbitrary code)",
-                hint=_STATE_DICT_HINT,
-            )
-        return target
+        return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
