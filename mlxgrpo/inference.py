@@ -114,7 +114,8 @@ def generate_answers(
 ) -> list[Answer]:
     """Answers for many prompts, `batch_size` prompts per decode batch, in prompt order.
 
-    `on_batch(done, total)` is called after each batch (progress for the caller).
+    `on_batch(answers, done, total)` gets each batch's answers as soon as they exist (for
+    progress, or to write them out before the next batch starts).
     """
     from mlxgrpo.engine.rollout import generate_groups
 
@@ -139,13 +140,21 @@ def generate_answers(
             seed=options.seed + begin,
         )
         seconds = time.perf_counter() - started
-        for prompt_ids, ids, reason in zip(
-            chunk, rollout.completion_ids, rollout.finish_reason, strict=True
-        ):
-            text = _cut_at_stop(decode(tokenizer, strip_eos(ids, eos)), options.stop)
-            answers.append(Answer(text, len(prompt_ids), len(ids), reason, seconds))
+        batch = [
+            Answer(
+                _cut_at_stop(decode(tokenizer, strip_eos(ids, eos)), options.stop),
+                len(prompt_ids),
+                len(ids),
+                reason,
+                seconds,
+            )
+            for prompt_ids, ids, reason in zip(
+                chunk, rollout.completion_ids, rollout.finish_reason, strict=True
+            )
+        ]
+        answers += batch
         if on_batch is not None:
-            on_batch(len(answers), len(encoded))
+            on_batch(batch, len(answers), len(encoded))
     return answers
 
 

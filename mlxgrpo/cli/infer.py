@@ -95,33 +95,32 @@ def _answer_one(model, tokenizer, options, prompt, stream, json_output, common) 
 
 def _answer_file(model, tokenizer, options, prompts, target, batch_size, common) -> int:
     """Answers batch by batch into TARGET.partial (kept if stopped), renamed when complete."""
-    from dataclasses import replace
-
     from mlxgrpo import ui
     from mlxgrpo.inference import generate_answers, peak_memory_bytes
 
     started = time.perf_counter()
-    tokens = 0
     partial = target.with_name(target.name + ".partial")
     with ui.BatchProgress("infer", len(prompts)) as progress, open(partial, "w") as fh:
-        for begin in range(0, len(prompts), batch_size):
-            chunk = prompts[begin : begin + batch_size]
-            answers = generate_answers(
-                model,
-                tokenizer,
-                [record.get("messages", record.get("prompt")) for record in chunk],
-                replace(options, seed=options.seed + begin),
-                batch_size=batch_size,
-                **common,
-            )
-            for record, answer in zip(chunk, answers, strict=True):
+
+        def write(batch: list[Any], done: int, total: int) -> None:
+            for record, answer in zip(prompts[done - len(batch) : done], batch, strict=True):
                 fh.write(json.dumps({**record, **_answer_record(answer)}, ensure_ascii=False))
                 fh.write("\n")
-                tokens += answer.completion_tokens
             fh.flush()
-            progress.advance(begin + len(chunk), len(prompts))
+            progress.advance(done, total)
+
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [record.get("messages", record.get("prompt")) for record in prompts],
+            options,
+            batch_size=batch_size,
+            on_batch=write,
+            **common,
+        )
     partial.replace(target)
     seconds = time.perf_counter() - started
+    tokens = sum(answer.completion_tokens for answer in answers)
     ui.batch_stats(len(prompts), tokens, seconds, peak_memory_bytes(), target)
     return 0
 
