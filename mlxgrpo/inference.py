@@ -19,6 +19,7 @@ from mlxgrpo.models.tokenizer import (
     decode,
     eos_token_ids,
     normalize_messages,
+    render_fallback_text,
     render_prompt,
     strip_eos,
 )
@@ -375,7 +376,7 @@ class ChatSession:
             return render_prompt(self.tokenizer, self._conversation(user_text))
         # Without a template the history is plain text, one turn after another.
         return encode_prompt(
-            self.tokenizer, _plain_history(self._conversation(user_text)), chat_template=False
+            self.tokenizer, render_fallback_text(self._conversation(user_text)), chat_template=False
         )
 
     def _reuse_prefix(self, full: list[int]) -> int:
@@ -429,12 +430,6 @@ class ChatSession:
                 self.cached_ids = [*self.cached_ids, *feed, *state.generated]
             else:
                 self._fresh_cache()
-
-
-def _plain_history(messages: list[dict[str, str]]) -> str:
-    from mlxgrpo.models.tokenizer import render_fallback_text
-
-    return render_fallback_text(messages)
 
 
 def peak_memory_bytes() -> int | None:

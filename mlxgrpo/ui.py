@@ -433,11 +433,9 @@ def eval_table(title: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
 def _eval_cell(key: str, value: Any) -> str:
     if value is None:
         return "–"
-    if key == "tokens_per_sec":
+    if key in ("tokens_per_sec", "completion_length_mean"):
         return f"{value:.1f}"
-    if key in ("seconds", "completion_length_mean"):
-        return f"{value:.2f}" if key == "seconds" else f"{value:.1f}"
-    return _fmt(value)
+    return f"{value:.2f}" if key == "seconds" else _fmt(value)
 
 
 # --- conversion -----------------------------------------------------------------------------------
