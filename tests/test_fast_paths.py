@@ -7,44 +7,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import llama, qwen2
+from random_models import random_lm
 
 from mlxgrpo.engine.grpo import sequence_logprobs, split_lm_head, token_logprobs_and_entropy
 from mlxgrpo.engine.rollout import SamplingConfig, sample_tokens
 
 
 def _qwen2(tied: bool) -> nn.Module:
-    mx.random.seed(1)
-    args = qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        vocab_size=48,
-        tie_word_embeddings=tied,
-    )
-    model = qwen2.Model(args)
+    model = random_lm("qwen2", seed=1, tied=tied)
     mx.eval(model.parameters())
     return model
 
 
 def _llama() -> nn.Module:
-    mx.random.seed(2)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=48,
-        tie_word_embeddings=False,
-    )
-    model = llama.Model(args)
+    model = random_lm("llama", seed=2, tied=False, rms_norm_eps=1e-5)
     mx.eval(model.parameters())
     return model
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import qwen2
+from random_models import random_lm
 
 from mlxgrpo.engine.grpo import (
     LossNorm,
@@ -95,19 +96,7 @@ def test_entropy_of_uniform_and_of_bfloat16() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model() -> qwen2.Model:
-    mx.random.seed(0)
-    args = qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        rms_norm_eps=1e-6,
-        vocab_size=50,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = qwen2.Model(args)
+    model = random_lm("qwen2", seed=0, vocab=50)
     mx.eval(model.parameters())
     return model
 

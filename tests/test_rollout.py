@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.models.qwen2 import Model, ModelArgs
+from mlx_lm.models.qwen2 import Model
+from random_models import random_lm
 
 from mlxgrpo.engine.rollout import (
     SamplingConfig,
@@ -40,19 +41,7 @@ def _strengthen(model: nn.Module) -> nn.Module:
 
 
 def _build_model() -> Model:
-    mx.random.seed(0)
-    args = ModelArgs(
-        model_type="qwen2",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        vocab_size=64,
-        tie_word_embeddings=True,
-    )
-    return _strengthen(Model(args))
+    return _strengthen(random_lm("qwen2", seed=0, hidden=64, vocab=64))
 
 
 @pytest.fixture(scope="module")
