@@ -7,9 +7,9 @@ import json
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 from conftest import REPO
+from random_models import add_random_adapters
 from test_inference import greedy_reference, reference_text
 
 from mlxgrpo.models.loading import load_model
@@ -179,21 +179,9 @@ def _greedy_answers(model, tokenizer, questions, max_tokens):
 
 def _make_adapters(tmp_path):
     """LoRA adapters with random (non-zero) B matrices, saved in mlx-lm's format."""
-    from mlxgrpo.config import resolve_config
-    from mlxgrpo.engine.checkpoint import adapter_config, write_weights
-    from mlxgrpo.engine.finetune import num_blocks, prepare_trainable
-
     model, _ = load_model(MODEL)
-    cfg = resolve_config((), ("finetune.lora_rank=4", "finetune.lora_layers=-1"), {}).config
-    prepare_trainable(model, cfg.finetune)
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_b"):
-            module.lora_b = (
-                mx.random.normal(module.lora_b.shape, key=mx.random.key(len(name))) * 0.5
-            )
     out = tmp_path / "adapters"
-    out.mkdir()
-    write_weights(out, model, "lora", adapter_config(cfg.finetune, num_blocks(model)))
+    add_random_adapters(model, out, seed=0, scale=20.0, b_std=0.5)
     return out, model
 
 

@@ -9,10 +9,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_lm_load
+from random_models import add_random_adapters
 
-from mlxgrpo.engine.checkpoint import write_weights
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models.builtin import (
     build_tiny_model,
@@ -298,15 +297,10 @@ def make_adapters(
     """LoRA/DoRA adapters with non-zero lora_b, saved in mlx-lm's format; returns the logits
     of base + adapters (computed before any fusing) and the number of adapter layers."""
     model, _ = mlx_lm_load(str(model_dir))
-    model.freeze()
-    linear_to_lora_layers(model, 2, LORA, use_dora=kind == "dora")
-    mx.random.seed(seed)
-    layers = [m for _, m in model.named_modules() if hasattr(m, "lora_b")]
-    for layer in layers:
-        layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape)
-    config = {"fine_tune_type": kind, "num_layers": 2, "lora_parameters": LORA}
-    write_weights(dest, model, "lora", config)
-    return logits(model), len(layers)
+    count = add_random_adapters(
+        model, dest, seed=seed, rank=LORA["rank"], scale=LORA["scale"], kind=kind
+    )
+    return logits(model), count
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load
+from random_models import add_random_adapters
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models import builtin
@@ -338,20 +339,8 @@ def test_cast_leaves_quantized_layers_alone():
 
 
 def test_load_model_applies_adapters(tmp_path):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
     base, tokenizer = load_model("builtin:tiny-qwen2", dtype="float32")
-    base.freeze()
-    linear_to_lora_layers(base, 2, lora)
-    adapters = {
-        name: mx.random.normal(value.shape, key=mx.random.key(i)) * 0.05
-        for i, (name, value) in enumerate(tree_flatten(base.trainable_parameters()))
-    }
-    base.load_weights(list(adapters.items()), strict=False)
-    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), adapters)
-    adapter_config = {"num_layers": 2, "lora_parameters": lora, "fine_tune_type": "lora"}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config))
+    add_random_adapters(base, tmp_path, seed=0)
 
     tuned, _ = load_model("builtin:tiny-qwen2", adapter_path=str(tmp_path), dtype="float32")
     plain, _ = load_model("builtin:tiny-qwen2", dtype="float32")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import builtins
 import copyreg
-import json
 import os
 import pickle
 import zipfile
@@ -32,6 +31,7 @@ from nanochat_fixtures import (
     write_nanochat_checkpoint,
     write_pt,
 )
+from random_models import add_random_adapters
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models.builtin import tiny_nanochat_encoding, write_nanochat_tokenizer
@@ -422,24 +422,12 @@ def test_greedy_generation_equals_repeated_full_forward(converted):
 
 
 def test_loading_applies_dtype_and_adapters(converted, tmp_path):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     output = str(converted[0])
     half, _ = load_model(output, dtype="bfloat16")
     assert {v.dtype for _, v in tree_flatten(half.parameters())} == {mx.bfloat16}
 
-    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
     base, tokenizer = load_model(output, dtype="float32")
-    base.freeze()
-    linear_to_lora_layers(base, 2, lora)
-    adapters = {
-        name: mx.random.normal(value.shape, key=mx.random.key(i)) * 0.05
-        for i, (name, value) in enumerate(tree_flatten(base.trainable_parameters()))
-    }
-    base.load_weights(list(adapters.items()), strict=False)
-    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), adapters)
-    adapter_config = {"num_layers": 2, "lora_parameters": lora, "fine_tune_type": "lora"}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config))
+    add_random_adapters(base, tmp_path, seed=0)
 
     tuned, _ = load_model(output, adapter_path=str(tmp_path), dtype="float32")
     plain, _ = load_model(output, dtype="float32")
