@@ -216,9 +216,11 @@ class TrainProgress:
             f"{info['batch_size']} prompts per update, {info['total_updates']} updates",
             f"[bold]device[/]     {_escape(str(device.get('backend', '?')))}, "
             f"BLAS: {_escape(info['blas'])}",
+            "[bold]precision[/]  " + _hanging(info.get("precision", "?"), indent=11),
             f"[bold]run[/]        {_escape(info['run_dir'])}",
         ]
-        err.print(Panel("\n".join(lines), title="mlxgrpo train", title_align="left", expand=False))
+        panel = Panel("\n".join(lines), title="mlxgrpo train", title_align="left", expand=False)
+        err.print(panel, soft_wrap=False)  # wrap long lines inside the panel, never crop them
         self.every = int(info.get("logging_steps", 1)) or 1
         self.progress.start()
         self.task = self.progress.add_task(
@@ -255,6 +257,14 @@ class TrainProgress:
             f"{summary['seconds']:.0f}s; reward {_fmt(first)} → {_fmt(last)}; "
             f"run: {_escape(summary['run_dir'])}"
         )
+
+
+def _hanging(text: str, indent: int) -> str:
+    """`text` wrapped to the console, continuation lines indented under the first (escaped)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width=max(30, err.width - indent - 6))
+    return ("\n" + " " * indent).join(_escape(line) for line in lines)
 
 
 _EVAL_KEYS = ("accuracy", "format_rate", "reward_mean", "completion_length_mean", "tokens_per_sec")

@@ -324,7 +324,7 @@ def test_load_model_auto_dtype_follows_the_device():
     assert {v.dtype for _, v in tree_flatten(model.parameters())} == {expected}
 
 
-def test_cast_leaves_quantized_layers_alone():
+def test_cast_keeps_packed_weights_and_casts_quantization_scales():
     model, _ = load_model("builtin:tiny-qwen2", dtype="float32")
     nn.quantize(model, group_size=32, bits=4)
     before = dict(tree_flatten(model.parameters()))
@@ -333,8 +333,9 @@ def test_cast_leaves_quantized_layers_alone():
     q_proj = "model.layers.0.self_attn.q_proj"
     assert after[f"{q_proj}.weight"].dtype == mx.uint32
     assert mx.array_equal(after[f"{q_proj}.weight"], before[f"{q_proj}.weight"])
-    assert after[f"{q_proj}.scales"].dtype == mx.float32
-    assert after[f"{q_proj}.bias"].dtype == mx.float32  # bias of a quantized layer, too
+    # Scales in another dtype than the activations would promote the forward to float32.
+    assert after[f"{q_proj}.scales"].dtype == mx.bfloat16
+    assert after[f"{q_proj}.bias"].dtype == mx.bfloat16  # bias of a quantized layer, too
     assert after["model.norm.weight"].dtype == mx.bfloat16
 
 

@@ -2,6 +2,8 @@
 
 With adapters, the reference is the same model with its adapters taken out for one forward
 pass: no second copy of the weights. With full fine-tuning it is a frozen copy, loaded once.
+Trainable parameters are float32 whatever the compute dtype (bfloat16 master weights round
+small updates away); their gradients and optimizer state follow them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxgrpo.errors import ConfigError
@@ -47,6 +52,7 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
         model.freeze()
         model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)
     elif finetune.type == "full":
+        _refuse_quantized_full(model)
         model.unfreeze()
     else:
         blocks = num_blocks(model)
@@ -60,6 +66,8 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
         linear_to_lora_layers(
             model, layers, lora_parameters(finetune), use_dora=finetune.type == "dora"
         )
+        _check_adapter_widths(model, finetune.type)
+    _trainable_to_float32(model)
     count = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if count == 0:
         raise ConfigError(
@@ -68,6 +76,53 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
             "self_attn.q_proj",
         )
     return count
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized layer keeps `scales` beside its packed integer weight."""
+    return "scales" in module
+
+
+def _refuse_quantized_full(model: nn.Module) -> None:
+    quantized = [name for name, m in model.named_modules() if is_quantized(m)]
+    if quantized:
+        raise ConfigError(
+            f"finetune.type = full cannot train a quantized model ({len(quantized)} quantized "
+            f"layers, e.g. {quantized[-1]})",
+            hint="use finetune.type = lora or dora (QLoRA), or convert the model without -q",
+        )
+
+
+def _input_width(layer: nn.Module) -> int:
+    width = layer.weight.shape[-1]
+    return width * 32 // layer.bits if is_quantized(layer) else width
+
+
+def _check_adapter_widths(model: nn.Module, kind: str) -> None:
+    """mlx-lm's DoRA computes a 3- or 6-bit layer's input width as in · (32 // bits), which is
+    wrong; refuse here rather than fail inside the first forward pass."""
+    for name, adapter, base in _adapter_modules(model):
+        if not isinstance(adapter, (LoRALinear, DoRALinear)):
+            continue  # embeddings and expert layers lay their matrices out differently
+        if adapter.lora_a.shape[0] != _input_width(base):
+            bits = getattr(base, "bits", None)
+            raise ConfigError(
+                f"mlx-lm builds {kind} layers of the wrong width for {name}"
+                + (f" ({bits}-bit quantized)" if bits else ""),
+                hint="use finetune.type = lora, or a model quantized to 2, 4 or 8 bits",
+            )
+
+
+def _trainable_to_float32(model: nn.Module) -> None:
+    """Cast trainable parameters to float32 (adapters loaded from a half-precision file, or
+    full fine-tuning of a model loaded in another dtype)."""
+    updates = [
+        (name, value.astype(mx.float32))
+        for name, value in tree_flatten(model.trainable_parameters())
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != mx.float32
+    ]
+    if updates:
+        model.load_weights(updates, strict=False)
 
 
 def _adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:

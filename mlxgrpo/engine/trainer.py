@@ -113,15 +113,18 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     eval_examples = load_eval_examples(resolved) if wants_eval else []
     reward_set = build_reward_set(resolved)
     source = dict(
-        adapter_path=cfg.model.adapter_path,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
+        adapter_path=cfg.model.adapter_path, trust_remote_code=cfg.model.trust_remote_code
     )
-    model, tokenizer = load_model(cfg.model.path, **source)
+    # Full fine-tuning trains every weight, so all are float32 masters (bfloat16 would round
+    # small updates away); the frozen reference copy stays in the compute dtype.
+    full = cfg.finetune.type == "full"
+    model, tokenizer = load_model(
+        cfg.model.path, dtype="float32" if full else cfg.model.dtype, **source
+    )
     trainable = prepare_trainable(model, cfg.finetune)
     ref_model = None
-    if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
-        ref_model, _ = load_model(cfg.model.path, **source)  # frozen copy: the reference
+    if cfg.algorithm.kl_coeff > 0 and full:
+        ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **source)
         ref_model.freeze()
     per_epoch = num_updates(len(train_examples), cfg.optim.batch_size, 1)
     if per_epoch == 0:
@@ -147,6 +150,8 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     if cfg.optim.optimizer == "adamw":
         kwargs["weight_decay"] = cfg.optim.weight_decay
     optimizer = opt_cls(**kwargs)
+    # State allocated now rather than at the first step, so the header can report its dtype.
+    optimizer.init(model.trainable_parameters())
     ctx = UpdateContext(
         model=model,
         cfg=cfg,
@@ -198,6 +203,7 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
 
 def _start_info(s: Session) -> dict[str, Any]:
     from mlxgrpo.backend import blas_info, device_summary
+    from mlxgrpo.engine.precision import describe, precision_report
 
     cfg = s.resolved.config
     return {
@@ -215,6 +221,9 @@ def _start_info(s: Session) -> dict[str, Any]:
         "logging_steps": cfg.logging.logging_steps,
         "device": device_summary(),
         "blas": blas_info().name,
+        "precision": describe(
+            precision_report(s.model, s.optimizer, cfg.finetune.type, s.ctx.ref_model)
+        ),
     }
 
 

@@ -113,30 +113,24 @@ def resolve_model_dtype(dtype: str | None) -> Any:
 
 
 def cast_floating_parameters(model: Any, dtype: Any) -> int:
-    """Cast floating parameters to `dtype`, leaving quantized layers (weights, scales) alone.
+    """Cast every floating parameter to `dtype`; returns how many tensors were cast.
 
-    Returns how many tensors were cast.
+    Quantization scales and biases are cast too (the packed integer weights are not): a
+    bfloat16 activation meeting float16 scales promotes the layer's output, and from there
+    the whole forward pass, to float32. Rounding float16 scales to bfloat16 changes them by
+    at most 2^-9 relative, far below the quantization error itself.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    # A quantized layer keeps `scales` beside its packed weight; its tensors stay as they are.
-    quantized = {name for name, module in model.named_modules() if "scales" in module}
-    updates = []
-    for name, value in tree_flatten(model.parameters()):
-        if not mx.issubdtype(value.dtype, mx.floating) or value.dtype == dtype:
-            continue
-        if _owned_by(name, quantized):
-            continue
-        updates.append((name, value.astype(dtype)))
+    updates = [
+        (name, value.astype(dtype))
+        for name, value in tree_flatten(model.parameters())
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype
+    ]
     if updates:
         model.load_weights(updates, strict=False)
     return len(updates)
-
-
-def _owned_by(parameter_name: str, module_names: set[str]) -> bool:
-    parts = parameter_name.split(".")
-    return any(".".join(parts[:i]) in module_names for i in range(1, len(parts)))
 
 
 def load_model_with_config(
@@ -175,9 +169,10 @@ def load_model(
     """Load `(model, tokenizer)` for a builtin name, local directory or hub id.
 
     `dtype`: "auto" (the backend's policy: float32 on CPU, bfloat16 on GPU), "float32",
-    "bfloat16", "float16", or None to keep the checkpoint's dtypes. Quantized layers are never
-    cast. `adapter_path`: an mlx-lm adapter directory applied on top. The tokenizer is mlx-lm's
-    TokenizerWrapper.
+    "bfloat16", "float16", or None to keep the checkpoint's dtypes. Quantized layers keep their
+    packed weights; their scales follow the dtype. `adapter_path`: an mlx-lm adapter directory
+    applied on top (kept in the precision it was saved in, float32 for mlxgrpo's). The
+    tokenizer is mlx-lm's TokenizerWrapper.
     """
     model, tokenizer, _ = load_model_with_config(
         path_spec,
