@@ -66,6 +66,18 @@ class FinetuneConfig:
     target_modules: list[str] = opt(
         [], "Module names to adapt (e.g. self_attn.q_proj); empty = mlx-lm's defaults."
     )
+    grad_checkpoint: bool = opt(
+        True,
+        "Keep only each transformer block's input for the backward pass and recompute the "
+        "rest there: a fraction of the memory for about one more forward pass.",
+    )
+    lm_head_chunk: int = opt(
+        0,
+        "Completion positions the LM head and log-probs process at once; when a micro-batch "
+        "needs several chunks, each is recomputed in the backward pass. 0 = automatic "
+        "(about 256 MB of float32 logits per chunk).",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,13 @@ class OptimConfig:
     batch_size: int = opt(4, "Prompts per optimizer update (each sampled G times).", min=1)
     gradient_accumulation_steps: int = opt(
         4, "Micro-batches an update's completions are split into (bounds memory).", min=1
+    )
+    max_tokens_per_microbatch: int = opt(
+        0,
+        "Pack micro-batches by token count instead: completions sorted by length, each "
+        "micro-batch at most this many tokens (rows x longest sequence, padding included); "
+        "gradient_accumulation_steps is then not used. 0 = off.",
+        min=0,
     )
 
 

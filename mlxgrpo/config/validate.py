@@ -30,7 +30,7 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
             f"{len(rewards.functions)}; give one weight per function (or none)"
         )
     completions = optim.batch_size * rollout.num_generations
-    if completions % optim.gradient_accumulation_steps:
+    if not optim.max_tokens_per_microbatch and completions % optim.gradient_accumulation_steps:
         problems.append(
             f"optim.batch_size x rollout.num_generations = {completions} completions per update "
             f"do not split into optim.gradient_accumulation_steps = "

@@ -1,6 +1,8 @@
-"""GRPO math: token log-probs, group advantages, KL estimators and the clipped policy loss.
+"""GRPO math: group advantages, KL estimators and the clipped policy loss.
 
 Pure functions over ``mx.array``; nothing here loads models, prints or touches the filesystem.
+The token log-probs live in :mod:`~mlxgrpo.engine.logprobs` (math) and
+:mod:`~mlxgrpo.engine.lm_head` (applied to a model); their public names are re-exported here.
 
 Batch layout shared by the whole engine: a micro-batch is ``tokens`` [N, T] int32, right-padded;
 each row is prompt ids, then completion ids (the EOS token kept as the last completion token when
@@ -12,14 +14,35 @@ per-token array here is [N, T - start]; slice the mask with :func:`completion_sl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from mlxgrpo.engine.lm_head import sequence_logprobs, split_lm_head
+from mlxgrpo.engine.logprobs import (
+    completion_slice,
+    first_completion_position,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from mlxgrpo.errors import ConfigError
+
+__all__ = [
+    "LossNorm",
+    "completion_slice",
+    "first_completion_position",
+    "group_advantages",
+    "kl_per_token",
+    "mask_truncated_advantages",
+    "policy_loss",
+    "sequence_logprobs",
+    "split_lm_head",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "zero_std_group_mask",
+]
 
 ScaleMode = Literal["group", "batch", "none"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -36,230 +59,6 @@ def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
             f"Unknown {kind} {value!r}.",
             hint=f"Use one of: {', '.join(choices)}.",
         )
-
-
-# --------------------------------------------------------------------------- log-probs
-
-
-_LOG2E = 1.4426950408889634
-
-
-def _exp(x: mx.array) -> mx.array:
-    """exp(x). On CPU as 2**(x*log2 e): MLX's CPU pow is ~3x faster than its exp (bench/),
-    with the same float32 accuracy, and the log-prob code is bound by exps over the vocab."""
-    if mx.default_device() == mx.cpu:
-        return mx.power(2.0, x * _LOG2E)
-    return mx.exp(x)
-
-
-def _logsumexp(z: mx.array) -> mx.array:
-    """logsumexp over the last axis, via :func:`_exp` (``z`` float32)."""
-    peak = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
-    peak = mx.where(mx.isinf(peak), 0.0, peak)  # all -inf rows stay -inf, +inf stays +inf
-    return (peak + mx.log(mx.sum(_exp(z - peak), axis=-1, keepdims=True))).squeeze(-1)
-
-
-def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
-    """Log-probability of ``targets`` under ``logits``: ``z[target] - logsumexp(z)``.
-
-    ``logits`` [..., V] may be any float dtype; the result [...] is always float32. Only the
-    per-position log-normaliser is kept, never a full [..., V] log-softmax.
-    """
-    # The gather is exact in the input dtype; only the logsumexp needs float32.
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    log_norm = _logsumexp(logits.astype(mx.float32))
-    return picked.astype(mx.float32) - log_norm
-
-
-def _logp_entropy_probs(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
-    z = logits.astype(mx.float32)
-    z = z - mx.max(z, axis=-1, keepdims=True)
-    # One exp pass serves the normaliser, the entropy and (kept for the backward pass) the
-    # probabilities: exp is the costly op on CPU.
-    e = _exp(z)
-    total = mx.sum(e, axis=-1, keepdims=True)
-    log_norm = mx.log(total)
-    probs = e / total
-    # 0 * (-inf) would be NaN for masked-out vocabulary entries; they contribute nothing.
-    weighted = mx.where(probs > 0, probs * z, 0.0)
-    entropy = log_norm.squeeze(-1) - mx.sum(weighted, axis=-1)
-    picked = mx.take_along_axis(z, targets[..., None], axis=-1).squeeze(-1)
-    return picked - log_norm.squeeze(-1), entropy, probs
-
-
-def _add_at_targets(grad: mx.array, targets: mx.array, d_logp: mx.array) -> mx.array:
-    index = targets[..., None]
-    at_target = mx.take_along_axis(grad, index, axis=-1) + d_logp[..., None]
-    return mx.put_along_axis(grad, index, at_target, axis=-1)
-
-
-@mx.custom_function
-def _logp_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
-    return _logp_entropy_probs(logits, targets)
-
-
-@_logp_entropy.vjp
-def _logp_entropy_vjp(primals, cotangents, outputs):
-    """d logp/dz = onehot - p; dH/dz = -p (log p + H), with log p = z - logsumexp(z)."""
-    logits, targets = primals
-    d_logp, d_entropy = cotangents[0], cotangents[1]
-    logp, entropy, probs = outputs
-    z = logits.astype(mx.float32)
-    picked = mx.take_along_axis(z, targets[..., None], axis=-1)
-    log_probs = z - (picked - logp[..., None])
-    spread = mx.where(probs > 0, log_probs + entropy[..., None], 0.0)
-    grad = -probs * (d_logp[..., None] + d_entropy[..., None] * spread)
-    grad = _add_at_targets(grad, targets, d_logp)
-    return grad.astype(logits.dtype), mx.zeros_like(targets)
-
-
-@mx.custom_function
-def _logp_entropy_value(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
-    return _logp_entropy_probs(logits, targets)
-
-
-@_logp_entropy_value.vjp
-def _logp_entropy_value_vjp(primals, cotangents, outputs):
-    """Only logp is differentiated: d logp/dz = onehot - p."""
-    logits, targets = primals
-    d_logp = cotangents[0]
-    grad = _add_at_targets(-outputs[2] * d_logp[..., None], targets, d_logp)
-    return grad.astype(logits.dtype), mx.zeros_like(targets)
-
-
-def token_logprobs_and_entropy(
-    logits: mx.array, targets: mx.array, entropy_grad: bool = True
-) -> tuple[mx.array, mx.array]:
-    """Like :func:`token_logprobs`, plus the entropy of each position's distribution.
-
-    ``H = logsumexp(z) - sum(softmax(z) * z)``, computed in float32 on max-shifted logits so
-    large-magnitude logits do not cancel catastrophically. Returns ``(logp, entropy)``, both
-    float32 with shape ``targets.shape``. The gradient is hand-written: one exp pass in all,
-    the probabilities being kept for the backward pass. With ``entropy_grad=False`` the entropy
-    is a stop-gradient value (a metric) and the backward pass skips its term.
-    """
-    if entropy_grad:
-        logp, entropy, _ = _logp_entropy(logits, targets)
-        return logp, entropy
-    logp, entropy, _ = _logp_entropy_value(logits, targets)
-    return logp, mx.stop_gradient(entropy)
-
-
-def first_completion_position(prompt_lengths: Sequence[int]) -> int:
-    """``start`` for a micro-batch: the shortest prompt length (the first completion position)."""
-    if len(prompt_lengths) == 0:
-        raise ValueError("prompt_lengths is empty")
-    start = int(min(prompt_lengths))
-    if start < 1:
-        raise ValueError(f"every prompt needs at least one token (shortest has {start})")
-    return start
-
-
-def completion_slice(x: mx.array, start: int) -> mx.array:
-    """Align a [N, T] array (e.g. ``completion_mask``) with the [N, T - start] log-probs."""
-    return x[:, start:]
-
-
-@overload
-def sequence_logprobs(
-    model: nn.Module,
-    tokens: mx.array,
-    start: int,
-    with_entropy: Literal[False] = False,
-    chunk_size: int | None = None,
-    entropy_grad: bool = True,
-) -> mx.array: ...
-
-
-@overload
-def sequence_logprobs(
-    model: nn.Module,
-    tokens: mx.array,
-    start: int,
-    with_entropy: Literal[True],
-    chunk_size: int | None = None,
-    entropy_grad: bool = True,
-) -> tuple[mx.array, mx.array]: ...
-
-
-def sequence_logprobs(
-    model: nn.Module,
-    tokens: mx.array,
-    start: int,
-    with_entropy: bool = False,
-    chunk_size: int | None = None,
-    entropy_grad: bool = True,
-) -> mx.array | tuple[mx.array, mx.array]:
-    """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
-
-    Runs the model once over ``tokens[:, :-1]`` (mlx-lm call convention) and keeps positions
-    ``start-1 .. T-2`` (those predicting ``tokens[:, start:]``). For mlx-lm architectures whose
-    output is just ``lm_head(model.model(x))`` (see :func:`split_lm_head`) the LM head only runs
-    on those positions; other models run whole and are sliced. ``chunk_size`` projects and
-    normalises that many positions at a time, so the float32 logits stay bounded; the results
-    are identical.
-
-    Returns logp [N, T-start] float32, or ``(logp, entropy)`` when ``with_entropy`` is true
-    (``entropy_grad=False``: the entropy is a metric, not differentiated).
-    """
-    length = tokens.shape[1]
-    if not 1 <= start < length:
-        raise ValueError(f"start must be in [1, {length - 1}] for {length} tokens, got {start}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    split = split_lm_head(model)
-    if split is None:
-        features, head = model(tokens[:, :-1])[:, start - 1 :], None
-    else:
-        trunk, head = split
-        features = trunk(tokens[:, :-1])[:, start - 1 :]
-    targets = tokens[:, start:]
-    step = chunk_size or targets.shape[1]
-    logps: list[mx.array] = []
-    entropies: list[mx.array] = []
-    for lo in range(0, targets.shape[1], step):
-        chunk_logits = features[:, lo : lo + step]
-        if head is not None:
-            chunk_logits = head(chunk_logits)
-        chunk_targets = targets[:, lo : lo + step]
-        if with_entropy:
-            logp, entropy = token_logprobs_and_entropy(
-                chunk_logits, chunk_targets, entropy_grad=entropy_grad
-            )
-            entropies.append(entropy)
-        else:
-            logp = token_logprobs(chunk_logits, chunk_targets)
-        logps.append(logp)
-    logp = logps[0] if len(logps) == 1 else mx.concatenate(logps, axis=1)
-    if not with_entropy:
-        return logp
-    entropy = entropies[0] if len(entropies) == 1 else mx.concatenate(entropies, axis=1)
-    return logp, entropy
-
-
-# mlx-lm model modules whose Model.__call__ is exactly `head(self.model(inputs, cache))`, the
-# head being `model.embed_tokens.as_linear` when embeddings are tied, else `lm_head`.
-_PLAIN_HEAD_MODULES = frozenset(
-    {"llama", "qwen2", "qwen3", "qwen3_moe", "olmo2", "smollm3", "phi3"}
-)
-
-
-def split_lm_head(model: nn.Module) -> tuple[Callable, Callable] | None:
-    """``(trunk, head)`` with ``model(x) == head(trunk(x))``, or None when unknown.
-
-    Lets callers apply the (vocabulary-sized, often dominant) LM head to the positions they
-    need only. Looked up on every call, so swapped adapter modules are honoured.
-    """
-    package, _, name = type(model).__module__.rpartition(".")
-    if package != "mlx_lm.models" or name not in _PLAIN_HEAD_MODULES:
-        return None
-    trunk = getattr(model, "model", None)
-    if trunk is None:
-        return None
-    if getattr(model.args, "tie_word_embeddings", False):
-        return trunk, trunk.embed_tokens.as_linear
-    head = getattr(model, "lm_head", None)
-    return (trunk, head) if head is not None else None
 
 
 # --------------------------------------------------------------------------- advantages

@@ -19,7 +19,9 @@ from mlx.utils import tree_map
 
 from mlxgrpo.data import Example
 from mlxgrpo.engine import grpo
+from mlxgrpo.engine.checkpointing import checkpointed_blocks
 from mlxgrpo.engine.finetune import adapters_disabled
+from mlxgrpo.engine.microbatch import plan_microbatches
 from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
 from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
@@ -45,7 +47,13 @@ class UpdateContext:
         algo = self.cfg.algorithm
         # The entropy is always reported; it is differentiated only when it is in the loss.
         logp, entropy = grpo.sequence_logprobs(
-            self.model, tokens, start, with_entropy=True, entropy_grad=algo.entropy_coeff != 0
+            self.model,
+            tokens,
+            start,
+            with_entropy=True,
+            entropy_grad=algo.entropy_coeff != 0,
+            chunk_size=self.cfg.finetune.lm_head_chunk or None,
+            mask=mask,
         )
         loss, metrics = grpo.policy_loss(
             logp,
@@ -166,24 +174,21 @@ def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
     return adv.tolist(), keep, zero_std
 
 
-def _split(indices: list[int], parts: int) -> list[list[int]]:
-    """`parts` contiguous chunks of near-equal size (fewer when there are fewer indices)."""
-    parts = max(1, min(parts, len(indices)))
-    size, extra = divmod(len(indices), parts)
-    chunks, begin = [], 0
-    for k in range(parts):
-        end = begin + size + (1 if k < extra else 0)
-        chunks.append(indices[begin:end])
-        begin = end
-    return chunks
-
-
 def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
     """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
     cfg = ctx.cfg
     if not keep:
         return {"skipped": 1.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
-    chunks = _split(keep, cfg.optim.gradient_accumulation_steps)
+    lengths = [
+        len(rollout.prompt_ids[p]) + len(c)
+        for p, c in zip(rollout.prompt_index, rollout.completion_ids, strict=True)
+    ]
+    chunks = plan_microbatches(
+        keep,
+        lengths,
+        parts=cfg.optim.gradient_accumulation_steps,
+        max_tokens=cfg.optim.max_tokens_per_microbatch,
+    )
     batches = [rollout.training_batch(c, pad_id=ctx.codec.pad_id) for c in chunks]
     advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
     norm = grpo.LossNorm.for_update(
@@ -196,15 +201,17 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     for _ in range(passes):
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
-            (loss, (metrics, logp)), g = ctx.loss_and_grad(
-                batch.tokens,
-                batch.completion_mask,
-                batch.start,
-                advs[k],
-                olds[k],
-                refs[k] if refs else None,
-                norm,
-            )
+            # The backward pass recomputes inside loss_and_grad: the context spans the call.
+            with checkpointed_blocks(ctx.model, cfg.finetune.grad_checkpoint):
+                (loss, (metrics, logp)), g = ctx.loss_and_grad(
+                    batch.tokens,
+                    batch.completion_mask,
+                    batch.start,
+                    advs[k],
+                    olds[k],
+                    refs[k] if refs else None,
+                    norm,
+                )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:
                 olds[k] = logp
@@ -220,12 +227,13 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
 
 
 def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
+    options = dict(mask=batch.completion_mask, chunk_size=ctx.cfg.finetune.lm_head_chunk or None)
     if ctx.ref_model is not None:
-        ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start)
+        ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
     else:
         # The graph captures the base layers' weights, so it may run after the swap back.
         with adapters_disabled(ctx.model):
-            ref = grpo.sequence_logprobs(ctx.model, batch.tokens, batch.start)
+            ref = grpo.sequence_logprobs(ctx.model, batch.tokens, batch.start, **options)
     ref = mx.stop_gradient(ref)
     mx.eval(ref)
     return ref

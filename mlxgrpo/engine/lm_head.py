@@ -1,0 +1,222 @@
+"""Per-token log-probs of a sequence under a model, with a chunked LM head (DESIGN §4.2, §9b).
+
+The vocabulary-sized LM head dominates memory at real shapes: at Qwen2.5's 151,936 tokens one
+micro-batch of 8 x 128 completion positions has 0.6 GB of float32 logits, and autodiff keeps the
+logits, their probabilities and their gradient. Here the head runs only on the positions whose
+log-prob is used (completion tokens, when a mask is given), in chunks of positions; when the
+logits would exceed a memory budget each chunk is wrapped in ``mx.checkpoint``, so the backward
+pass recomputes that chunk's logits instead of keeping every chunk's. The results are the same
+numbers, only the memory differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, overload
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
+
+# float32 logits kept at once by the head of one chunk; a chunk holds about four [chunk, V]
+# buffers at its peak (logits, exponentials, probabilities, their gradient).
+HEAD_BUDGET_BYTES = 256 * 2**20
+_BUFFERS_PER_CHUNK = 4
+
+# mlx-lm model modules whose Model.__call__ is exactly `head(self.model(inputs, cache))`, the
+# head being `model.embed_tokens.as_linear` when embeddings are tied, else `lm_head`.
+_PLAIN_HEAD_MODULES = frozenset(
+    {"llama", "qwen2", "qwen3", "qwen3_moe", "olmo2", "smollm3", "phi3"}
+)
+
+
+def split_lm_head(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """``(trunk, head)`` with ``model(x) == head(trunk(x))``, or None when unknown.
+
+    Lets callers apply the (vocabulary-sized, often dominant) LM head to the positions they
+    need only. Looked up on every call, so swapped adapter modules are honoured.
+    """
+    package, _, name = type(model).__module__.rpartition(".")
+    if package != "mlx_lm.models" or name not in _PLAIN_HEAD_MODULES:
+        return None
+    trunk = getattr(model, "model", None)
+    if trunk is None:
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return trunk, trunk.embed_tokens.as_linear
+    head = getattr(model, "lm_head", None)
+    return (trunk, head) if head is not None else None
+
+
+def head_chunk_positions(vocab_size: int, budget_bytes: int = HEAD_BUDGET_BYTES) -> int:
+    """Positions per head chunk so that one chunk's float32 buffers stay within the budget."""
+    return max(1, budget_bytes // (_BUFFERS_PER_CHUNK * 4 * max(1, vocab_size)))
+
+
+def _head_owner(head: Callable) -> nn.Module | None:
+    """The module whose weights the head uses (an `as_linear` method's embedding, or itself)."""
+    owner = getattr(head, "__self__", head)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _vocab_size(owner: nn.Module | None, fallback: int) -> int:
+    weight = getattr(owner, "weight", None)
+    return int(weight.shape[0]) if weight is not None else fallback
+
+
+def _chunk_function(
+    head: Callable, owner: nn.Module | None, targets: mx.array, with_entropy: bool, entropy_grad
+):
+    """(params, features [C, H]) -> (logp [C], entropy [C]) for the chunk's ``targets``.
+
+    The targets are captured, not inputs: a checkpointed function differentiates all of its
+    inputs, and integer token ids have no gradient.
+    """
+
+    def run(params: Any, features: mx.array):
+        if owner is not None:
+            owner.update(params)  # trainable head weights enter as inputs (see checkpointing)
+        logits = head(features)
+        if with_entropy:
+            return token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
+        return (token_logprobs(logits, targets),)
+
+    return run
+
+
+def _apply_head(
+    head: Callable,
+    features: mx.array,
+    targets: mx.array,
+    *,
+    chunk_size: int | None,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> list[mx.array]:
+    """Log-probs (and entropies) of flat ``features`` [P, H] -> [P], chunk by chunk."""
+    owner = _head_owner(head)
+    positions = int(targets.shape[0])
+    step = chunk_size or head_chunk_positions(_vocab_size(owner, positions))
+    params = owner.trainable_parameters() if owner is not None else {}
+    pieces: list[tuple[mx.array, ...]] = []
+    try:
+        for lo in range(0, positions, step):
+            run = _chunk_function(head, owner, targets[lo : lo + step], with_entropy, entropy_grad)
+            # One chunk keeps its logits for the backward pass; several recompute theirs there.
+            run = mx.checkpoint(run) if positions > step else run
+            pieces.append(run(params, features[lo : lo + step]))
+    finally:
+        if owner is not None:
+            owner.update(params)
+    outputs = []
+    for k in range(len(pieces[0])):
+        parts = [p[k] for p in pieces]
+        outputs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts))
+    return outputs
+
+
+def _selected_positions(mask: mx.array | None, rows: int, length: int) -> np.ndarray | None:
+    """Flat indices of the [rows, length] positions whose log-prob is wanted (None = all)."""
+    if mask is None:
+        return None
+    selected = np.flatnonzero(np.asarray(mask).reshape(-1) > 0)
+    return None if selected.size == rows * length else selected
+
+
+@overload
+def sequence_logprobs(
+    model: nn.Module,
+    tokens: mx.array,
+    start: int,
+    with_entropy: Literal[False] = False,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+    mask: mx.array | None = None,
+) -> mx.array: ...
+
+
+@overload
+def sequence_logprobs(
+    model: nn.Module,
+    tokens: mx.array,
+    start: int,
+    with_entropy: Literal[True],
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+    mask: mx.array | None = None,
+) -> tuple[mx.array, mx.array]: ...
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    tokens: mx.array,
+    start: int,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+    mask: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
+
+    Runs the model once over ``tokens[:, :-1]`` (mlx-lm call convention) and keeps positions
+    ``start-1 .. T-2`` (those predicting ``tokens[:, start:]``). For mlx-lm architectures whose
+    output is just ``lm_head(model.model(x))`` (see :func:`split_lm_head`) the LM head only runs
+    on those positions, ``chunk_size`` at a time (None = from the vocabulary and
+    :data:`HEAD_BUDGET_BYTES`); other models run whole and are sliced.
+
+    ``mask`` [N, T] (e.g. the completion mask): only positions where it is non-zero are
+    computed; the others are 0 in the results. Returns logp [N, T-start] float32, or
+    ``(logp, entropy)`` when ``with_entropy`` is true (``entropy_grad=False``: the entropy is a
+    metric, not differentiated).
+    """
+    rows, length = tokens.shape
+    if not 1 <= start < length:
+        raise ValueError(f"start must be in [1, {length - 1}] for {length} tokens, got {start}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    width = length - start
+    selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
+    targets = tokens[:, start:].reshape(-1)
+    split = split_lm_head(model)
+    if split is None:
+        logits = model(tokens[:, :-1])[:, start - 1 :]
+        features, head = logits.reshape(rows * width, -1), None
+    else:
+        trunk, head = split
+        hidden = trunk(tokens[:, :-1])[:, start - 1 :]
+        features = hidden.reshape(rows * width, hidden.shape[-1])
+    if selected is not None:
+        index = mx.array(selected, dtype=mx.int32)
+        features, targets = features[index], targets[index]
+    if head is None:
+        outputs = _apply_head(
+            lambda x: x,
+            features,
+            targets,
+            chunk_size=chunk_size or int(targets.shape[0]),
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+    else:
+        outputs = _apply_head(
+            head,
+            features,
+            targets,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+    if selected is not None:
+        outputs = [_scatter(values, selected, rows * width) for values in outputs]
+    logp, *rest = (values.reshape(rows, width) for values in outputs)
+    return (logp, rest[0]) if with_entropy else logp
+
+
+def _scatter(values: mx.array, selected: np.ndarray, size: int) -> mx.array:
+    """[P] ``values`` placed at flat ``selected`` positions of a zero [size] array (a gather)."""
+    inverse = np.full(size, len(selected), dtype=np.int32)  # unselected -> the appended zero
+    inverse[selected] = np.arange(len(selected), dtype=np.int32)
+    padded = mx.concatenate([values, mx.zeros((1,), dtype=values.dtype)])
+    return padded[mx.array(inverse)]
