@@ -63,14 +63,27 @@ def _loss_and_grad(model, tokens, loss_mask, *, blocks: bool, **options):
 
 
 @pytest.mark.parametrize(
-    ("kind", "tied"), [("lora", True), ("dora", True), ("full", True), ("full", False)]
+    ("kind", "tied", "entropy_grad"),
+    [
+        ("lora", True, False),  # frozen head: d logp / d features prepared in the forward pass
+        ("lora", True, True),  # differentiated entropy: chunks recomputed in the backward pass
+        ("dora", True, False),
+        ("full", True, False),  # trainable head (tied embedding): recomputed chunks
+        ("full", False, True),
+    ],
 )
-def test_checkpointing_and_chunked_head_give_the_same_gradient(kind: str, tied: bool) -> None:
+def test_checkpointing_and_chunked_head_give_the_same_gradient(
+    kind: str, tied: bool, entropy_grad: bool
+) -> None:
     model = _model(kind, tied)
     tokens, mask = _batch()
-    plain_value, plain = _loss_and_grad(model, tokens, mask, blocks=False)
-    # Chunks of 3 positions: 16 masked positions -> 6 chunks, each recomputed in the backward.
-    value, grads = _loss_and_grad(model, tokens, mask, blocks=True, chunk_size=3, mask=mask)
+    plain_value, plain = _loss_and_grad(
+        model, tokens, mask, blocks=False, entropy_grad=entropy_grad
+    )
+    # Chunks of 3 positions: 16 masked positions -> 6 chunks, one in memory at a time.
+    value, grads = _loss_and_grad(
+        model, tokens, mask, blocks=True, chunk_size=3, mask=mask, entropy_grad=entropy_grad
+    )
     assert abs(value - plain_value) <= 1e-5 * max(1.0, abs(plain_value))
     assert grads.keys() == plain.keys() and grads
     for name, grad in plain.items():
@@ -167,14 +180,15 @@ def test_chunked_head_needs_less_memory() -> None:
         return mx.get_peak_memory()
 
     whole = peak(chunk_size=8 * 128, mask=mask)  # one chunk: every logit kept for backward
-    chunked = peak(chunk_size=64, mask=mask)
     logits_bytes = 8 * 128 * 8192 * 4
-    assert whole - chunked > 2 * logits_bytes  # several logit-sized buffers fewer
+    for entropy_grad in (True, False):  # recomputing chunks, gradient in the forward pass
+        chunked = peak(chunk_size=64, mask=mask, entropy_grad=entropy_grad)
+        assert whole - chunked > 2 * logits_bytes  # several logit-sized buffers fewer
 
 
 def test_automatic_chunk_size() -> None:
-    assert head_chunk_positions(151_936) == 110  # Qwen2.5's vocabulary: ~256 MB per chunk
-    assert head_chunk_positions(16_384) == 1024
+    assert head_chunk_positions(151_936) == 69  # Qwen2.5's vocabulary: ~320 MB per chunk
+    assert head_chunk_positions(16_384) == 640
     assert head_chunk_positions(151_936, budget_bytes=1) == 1
 
 

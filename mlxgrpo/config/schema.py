@@ -75,7 +75,7 @@ class FinetuneConfig:
         0,
         "Completion positions the LM head and log-probs process at once; when a micro-batch "
         "needs several chunks, each is recomputed in the backward pass. 0 = automatic "
-        "(about 256 MB of float32 logits per chunk).",
+        "(about 320 MB per chunk).",
         min=0,
     )
 

@@ -18,12 +18,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxgrpo.engine import chunked_head
 from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
 
-# float32 logits kept at once by the head of one chunk; a chunk holds about four [chunk, V]
-# buffers at its peak (logits, exponentials, probabilities, their gradient).
-HEAD_BUDGET_BYTES = 256 * 2**20
-_BUFFERS_PER_CHUNK = 4
+# Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
+# at its peak (logits, shifted logits, exponentials, probabilities, the logits' gradient and
+# temporaries), measured; at Qwen2.5's vocabulary that is 69 positions, a size at which the
+# head's matmul still runs near full speed on CPU.
+HEAD_BUDGET_BYTES = 320 * 2**20
+_BUFFERS_PER_CHUNK = 8
 
 # mlx-lm model modules whose Model.__call__ is exactly `head(self.model(inputs, cache))`, the
 # head being `model.embed_tokens.as_linear` when embeddings are tied, else `lm_head`.
@@ -66,18 +69,12 @@ def _vocab_size(owner: nn.Module | None, fallback: int) -> int:
     return int(weight.shape[0]) if weight is not None else fallback
 
 
-def _chunk_function(
-    head: Callable, owner: nn.Module | None, targets: mx.array, with_entropy: bool, entropy_grad
-):
-    """(params, features [C, H]) -> (logp [C], entropy [C]) for the chunk's ``targets``.
+def _chunk_function(head: Callable, owner: nn.Module | None, with_entropy: bool, entropy_grad):
+    """(params, features [C, H], targets [C]) -> (logp [C], entropy [C]) or (logp [C],)."""
 
-    The targets are captured, not inputs: a checkpointed function differentiates all of its
-    inputs, and integer token ids have no gradient.
-    """
-
-    def run(params: Any, features: mx.array):
+    def run(params: Any, features: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
         if owner is not None:
-            owner.update(params)  # trainable head weights enter as inputs (see checkpointing)
+            owner.update(params)  # trainable head weights are explicit inputs
         logits = head(features)
         if with_entropy:
             return token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
@@ -94,27 +91,24 @@ def _apply_head(
     chunk_size: int | None,
     with_entropy: bool,
     entropy_grad: bool,
-) -> list[mx.array]:
+    differentiable: bool,
+) -> tuple[mx.array, ...]:
     """Log-probs (and entropies) of flat ``features`` [P, H] -> [P], chunk by chunk."""
     owner = _head_owner(head)
     positions = int(targets.shape[0])
     step = chunk_size or head_chunk_positions(_vocab_size(owner, positions))
+    run = _chunk_function(head, owner, with_entropy, entropy_grad)
     params = owner.trainable_parameters() if owner is not None else {}
-    pieces: list[tuple[mx.array, ...]] = []
     try:
-        for lo in range(0, positions, step):
-            run = _chunk_function(head, owner, targets[lo : lo + step], with_entropy, entropy_grad)
-            # One chunk keeps its logits for the backward pass; several recompute theirs there.
-            run = mx.checkpoint(run) if positions > step else run
-            pieces.append(run(params, features[lo : lo + step]))
+        if positions <= step:  # one chunk: keep its logits for the backward pass
+            return run(params, features, targets)
+        if differentiable and not params and not (with_entropy and entropy_grad):
+            outputs = 2 if with_entropy else 1
+            return chunked_head.gradient_in_forward(run, targets, step, outputs)(params, features)
+        return chunked_head.recomputing(run, targets, step)(params, features)
     finally:
         if owner is not None:
-            owner.update(params)
-    outputs = []
-    for k in range(len(pieces[0])):
-        parts = [p[k] for p in pieces]
-        outputs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts))
-    return outputs
+            owner.update(params)  # leave the module holding its own arrays, not traced copies
 
 
 def _selected_positions(mask: mx.array | None, rows: int, length: int) -> np.ndarray | None:
@@ -134,6 +128,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     entropy_grad: bool = True,
     mask: mx.array | None = None,
+    differentiable: bool = True,
 ) -> mx.array: ...
 
 
@@ -146,6 +141,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     entropy_grad: bool = True,
     mask: mx.array | None = None,
+    differentiable: bool = True,
 ) -> tuple[mx.array, mx.array]: ...
 
 
@@ -157,6 +153,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     entropy_grad: bool = True,
     mask: mx.array | None = None,
+    differentiable: bool = True,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
@@ -167,9 +164,11 @@ def sequence_logprobs(
     :data:`HEAD_BUDGET_BYTES`); other models run whole and are sliced.
 
     ``mask`` [N, T] (e.g. the completion mask): only positions where it is non-zero are
-    computed; the others are 0 in the results. Returns logp [N, T-start] float32, or
-    ``(logp, entropy)`` when ``with_entropy`` is true (``entropy_grad=False``: the entropy is a
-    metric, not differentiated).
+    computed; the others are 0 in the results. ``differentiable=False`` says no gradient will be
+    taken (a reference pass), so a frozen head's chunks skip preparing one (a gradient taken
+    anyway is still right, only slower). Returns logp [N, T-start] float32, or ``(logp,
+    entropy)`` when ``with_entropy`` is true (``entropy_grad=False``: the entropy is a metric,
+    not differentiated).
     """
     rows, length = tokens.shape
     if not 1 <= start < length:
@@ -198,6 +197,7 @@ def sequence_logprobs(
             chunk_size=chunk_size or int(targets.shape[0]),
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
+            differentiable=differentiable,
         )
     else:
         outputs = _apply_head(
@@ -207,6 +207,7 @@ def sequence_logprobs(
             chunk_size=chunk_size,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
+            differentiable=differentiable,
         )
     if selected is not None:
         outputs = [_scatter(values, selected, rows * width) for values in outputs]

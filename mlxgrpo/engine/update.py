@@ -227,7 +227,11 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
 
 
 def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
-    options = dict(mask=batch.completion_mask, chunk_size=ctx.cfg.finetune.lm_head_chunk or None)
+    options = dict(
+        mask=batch.completion_mask,
+        chunk_size=ctx.cfg.finetune.lm_head_chunk or None,
+        differentiable=False,
+    )
     if ctx.ref_model is not None:
         ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
     else:

@@ -1,0 +1,108 @@
+"""An LM head + log-prob function applied in chunks of positions, one chunk in memory at a time.
+
+Both functions here wrap ``run(params, features [C, H], targets [C]) -> (logp [C], ...)`` (see
+:mod:`mlxgrpo.engine.lm_head`) in a custom function whose chunks are chained in the graph
+(``mx.depends``: a chunk starts after the previous one's results exist), so at most one chunk's
+[C, V] logits, probabilities and gradients exist at a time. Unchained, MLX would schedule every
+chunk's buffers at once and chunking would save nothing. (Evaluating chunk by chunk inside the
+gradient transform is no alternative: MLX keeps the whole graph of arrays evaluated during a
+trace, which would keep every transformer block's activations too.)
+
+- :func:`recomputing`: the backward pass recomputes each chunk's logits (any head, trainable
+  or not: its weight gradients are accumulated chunk by chunk).
+- :func:`gradient_in_forward`: for a frozen head, each position's log-prob depends on its own
+  features only, so the forward pass also computes ``d logp_t / d features_t`` [C, H] and keeps
+  that instead of the logits; the backward pass is a scaling. Same FLOPs as plain autodiff,
+  a fraction of its memory, and no recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+def _bounds(size: int, step: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+
+def _after(x: mx.array, previous: list[mx.array]) -> mx.array:
+    """``x``, but computed only once ``previous`` (the last chunk's results) exist."""
+    return mx.depends(x, previous) if previous else x
+
+
+def _forward(run: Callable, params: Any, features: mx.array, targets: mx.array, step: int):
+    pieces: list[tuple[mx.array, ...]] = []
+    for lo, hi in _bounds(int(targets.shape[0]), step):
+        chunk = _after(features[lo:hi], list(pieces[-1]) if pieces else [])
+        pieces.append(tuple(run(params, chunk, targets[lo:hi])))
+    return tuple(mx.concatenate(parts) for parts in zip(*pieces, strict=True))
+
+
+def recomputing(run: Callable, targets: mx.array, step: int) -> Callable:
+    """``(params, features) -> outputs of run``; the backward pass recomputes every chunk."""
+
+    @mx.custom_function
+    def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
+        return _forward(run, params, features, targets, step)
+
+    @chunked.vjp
+    def chunked_vjp(primals, cotangents, outputs):
+        params, features = primals
+        names, values = zip(*tree_flatten(params), strict=True) if params else ((), ())
+        d_values: list[mx.array] | None = None
+        d_features = []
+        for lo, hi in _bounds(int(targets.shape[0]), step):
+
+            def chunk(f: mx.array, *values: mx.array, lo: int = lo, hi: int = hi):
+                rebuilt = tree_unflatten(list(zip(names, values, strict=True)))
+                return run(rebuilt if values else params, f, targets[lo:hi])
+
+            previous = d_features[-1:] + (d_values or [])
+            primals = [_after(features[lo:hi], previous), *values]
+            _, grads = mx.vjp(chunk, primals, [c[lo:hi] for c in cotangents])
+            if d_values is not None:
+                grads = [grads[0], *(a + b for a, b in zip(d_values, grads[1:], strict=True))]
+            g_features, *d_values = grads
+            d_features.append(g_features)
+        d_params = tree_unflatten(list(zip(names, d_values or [], strict=True))) if names else {}
+        return d_params, mx.concatenate(d_features)
+
+    return chunked
+
+
+def gradient_in_forward(run: Callable, targets: mx.array, step: int, run_outputs: int) -> Callable:
+    """``(params, features) -> outputs of run`` (``run_outputs`` of them) for a frozen head
+    whose only differentiated output is the first (logp): the others are returned as values."""
+
+    def with_jacobian(params: Any, features: mx.array, chunk_targets: mx.array):
+        def chunk(f: mx.array) -> tuple[mx.array, ...]:
+            return run(params, f, chunk_targets)
+
+        # Position t's log-prob depends on features row t alone, so the gradient of their sum
+        # holds every row's own d logp_t / d f_t. The other outputs get zero cotangents.
+        shape = chunk_targets.shape
+        cotangents = [mx.ones(shape, mx.float32)] + [mx.zeros(shape, mx.float32)] * (
+            run_outputs - 1
+        )
+        outputs, (jacobian,) = mx.vjp(chunk, [features], cotangents)
+        return (*outputs, jacobian)
+
+    @mx.custom_function
+    def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
+        return _forward(with_jacobian, params, features, targets, step)
+
+    @chunked.vjp
+    def chunked_vjp(primals, cotangents, outputs):
+        params, _ = primals
+        jacobian = outputs[-1]
+        return {}, cotangents[0][:, None] * jacobian
+
+    def apply(params: Any, features: mx.array) -> tuple[mx.array, ...]:
+        *values, _ = chunked(params, features)
+        return (values[0], *(mx.stop_gradient(v) for v in values[1:]))
+
+    return apply
