@@ -51,8 +51,8 @@ class RunConfig:
     )
     compile: bool = opt(
         True,
-        "Accepted for configs of the original (use_compile); the training step is not "
-        "compiled yet.",
+        "Accepted for configs of the original (use_compile) and ignored: every GRPO "
+        "micro-batch has a new shape, so mx.compile would recompile the step at every call.",
     )
 
 

@@ -3,25 +3,38 @@
 Autodiff keeps every intermediate of every transformer block for the backward pass: rows x
 tokens x blocks x (~10 hidden + 3 MLP) floats, gigabytes at Qwen2.5-0.5B's shape. Inside
 :func:`checkpointed_blocks` each block keeps only its input and recomputes its activations when
-the backward pass reaches it (``mx.checkpoint``), one block at a time.
+the backward pass reaches it, one block at a time (:func:`recompute_in_backward`).
 
 Only the blocks of the given model instance change, and only inside the context: their class is
 swapped for a subclass whose ``__call__`` checkpoints, so rollouts, evaluation and the reference
-pass outside the context run the plain forward. Dropout inside a block draws its mask from a key
-that is an input of the checkpointed call, so the recomputation sees the same mask as the
-forward pass (a fresh draw would make the gradient belong to another mask).
+pass outside the context run the plain forward.
+
+A block's MLP is position-wise, and its [tokens, intermediate] buffers dominate what one block
+needs during its backward pass. When they would exceed :data:`MLP_BUDGET_BYTES`, the MLP runs in
+chunks of tokens, one in memory at a time, each recomputed in the backward pass. In a pre-norm
+block the MLP's output is only added to the residual, so the block's recomputation never needs
+its value, only its gradient: the chunks cost no extra compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 _CHECKPOINTING_CLASSES: dict[type, type] = {}
+_CHUNKED_MLP_CLASSES: dict[type, type] = {}
+
+# Memory the MLP of one block may take during its backward pass: about eight float32
+# [tokens, intermediate] buffers (gate, up, activation, product and their gradients). 431
+# tokens at Qwen2.5-0.5B's width, 234 at 1.5B's: chunks still large enough for full-speed
+# matmuls (measured: no slower than one piece at the 0.5B shape).
+MLP_BUDGET_BYTES = 64 * 2**20
+_MLP_BUFFERS = 8
 
 
 class _KeyStream:
@@ -55,8 +68,37 @@ def _has_active_dropout(block: nn.Module) -> bool:
     )
 
 
+def recompute_in_backward(fn: Callable[[Any, mx.array], mx.array]) -> Callable:
+    """``fn(params, x)`` that keeps nothing for the backward pass but its inputs.
+
+    Like ``mx.checkpoint``, except that the recomputation waits for the output's gradient:
+    ``mx.checkpoint`` only orders it after the forward pass, so MLX may recompute many blocks
+    at once and keep all their activations. Here block k is recomputed only once the backward
+    pass has reached it, one block at a time.
+    """
+
+    @mx.custom_function
+    def checkpointed(params: Any, x: mx.array) -> mx.array:
+        return fn(params, x)
+
+    @checkpointed.vjp
+    def checkpointed_vjp(primals, cotangent, output):
+        params, x = primals
+        names, values = zip(*tree_flatten(params), strict=True) if params else ((), ())
+        inputs = mx.depends([x, *values], [cotangent])
+
+        def again(x: mx.array, *values: mx.array) -> mx.array:
+            return fn(tree_unflatten(list(zip(names, values, strict=True))) if names else params, x)
+
+        _, grads = mx.vjp(again, inputs, [cotangent])
+        d_params = tree_unflatten(list(zip(names, grads[1:], strict=True))) if names else {}
+        return d_params, grads[0]
+
+    return checkpointed
+
+
 def _checkpointing_class(cls: type) -> type:
-    """A subclass of the block class ``cls`` whose forward is wrapped in ``mx.checkpoint``."""
+    """A subclass of the block class ``cls`` whose forward keeps only the block's input."""
     if cls in _CHECKPOINTING_CLASSES:
         return _CHECKPOINTING_CLASSES[cls]
     plain_call = cls.__call__
@@ -70,21 +112,68 @@ def _checkpointing_class(cls: type) -> type:
         if _has_active_dropout(self):  # drawn only then: the global random stream stays as is
             key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
 
-        def run(params: Any, *args: Any, **kwargs: Any) -> Any:
+        def run(params: Any, x: mx.array) -> Any:
             self.update(params)
             outer, _KeyStream.key = _KeyStream.key, key
             try:
-                return plain_call(self, *args, **kwargs)
+                return plain_call(self, x, *args[1:], **kwargs)
             finally:
                 _KeyStream.key = outer
 
         try:
-            return mx.checkpoint(run)(params, *args, **kwargs)
+            return recompute_in_backward(run)(params, args[0])
         finally:
             self.update(params)  # leave the module holding its own arrays, not traced copies
 
     sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
     _CHECKPOINTING_CLASSES[cls] = sub
+    return sub
+
+
+def _mlp_width(mlp: nn.Module) -> int:
+    """The widest output of the MLP's matrices (its intermediate size)."""
+    widths = [
+        int(m.weight.shape[0])
+        for _, m in mlp.named_modules()
+        if isinstance(getattr(m, "weight", None), mx.array) and m.weight.ndim == 2
+    ]
+    return max(widths, default=1)
+
+
+def mlp_chunk_tokens(mlp: nn.Module, budget_bytes: int | None = None) -> int:
+    """Tokens per MLP chunk so that one chunk's buffers stay within the budget."""
+    budget = MLP_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // (_MLP_BUFFERS * 4 * _mlp_width(mlp)))
+
+
+def _chunked_mlp_class(cls: type) -> type:
+    """A subclass of the MLP class ``cls`` that runs large inputs in chunks of tokens."""
+    if cls in _CHUNKED_MLP_CLASSES:
+        return _CHUNKED_MLP_CLASSES[cls]
+    plain_call = cls.__call__
+
+    def __call__(self: nn.Module, x: mx.array) -> mx.array:
+        from mlxgrpo.engine.chunked_head import recomputing
+
+        tokens, step = x.size // x.shape[-1], mlp_chunk_tokens(self)
+        if tokens <= step:
+            return plain_call(self, x)
+        params = self.trainable_parameters()
+
+        def run(params: Any, chunk: mx.array, _unused: mx.array) -> tuple[mx.array]:
+            self.update(params)
+            return (plain_call(self, chunk),)
+
+        try:
+            # The chunker walks [positions] targets; the MLP has none, so they are dummies.
+            dummy = mx.zeros((tokens,), dtype=mx.int32)
+            (out,) = recomputing(run, dummy, step)(params, x.reshape(tokens, x.shape[-1]))
+        finally:
+            self.update(params)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    sub = type(f"Chunked{cls.__name__}", (cls,), {"__call__": __call__})
+    _CHUNKED_MLP_CLASSES[cls] = sub
     return sub
 
 
@@ -106,6 +195,10 @@ def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]
         for block in blocks:
             swapped.append((block, type(block)))
             block.__class__ = _checkpointing_class(type(block))
+            mlp = getattr(block, "mlp", None)
+            if isinstance(mlp, nn.Module):
+                swapped.append((mlp, type(mlp)))
+                mlp.__class__ = _chunked_mlp_class(type(mlp))
             for _, module in block.named_modules():
                 if type(module) is nn.Dropout:
                     swapped.append((module, nn.Dropout))

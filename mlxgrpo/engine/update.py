@@ -38,10 +38,19 @@ class UpdateContext:
     optimizer: Any
     codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
-    loss_and_grad: Callable[..., Any] = field(init=False)
+    _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        self._value_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    def loss_and_grad(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
+        """``((loss, (metrics, logp)), grads)`` of one micro-batch (see :meth:`_loss`).
+
+        With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
+        backward pass, which runs inside this call: the context spans all of it.
+        """
+        with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
+            return self._value_and_grad(tokens, mask, start, advantages, old_logp, ref_logp, norm)
 
     def _loss(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
         algo = self.cfg.algorithm
@@ -201,17 +210,15 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     for _ in range(passes):
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
-            # The backward pass recomputes inside loss_and_grad: the context spans the call.
-            with checkpointed_blocks(ctx.model, cfg.finetune.grad_checkpoint):
-                (loss, (metrics, logp)), g = ctx.loss_and_grad(
-                    batch.tokens,
-                    batch.completion_mask,
-                    batch.start,
-                    advs[k],
-                    olds[k],
-                    refs[k] if refs else None,
-                    norm,
-                )
+            (loss, (metrics, logp)), g = ctx.loss_and_grad(
+                batch.tokens,
+                batch.completion_mask,
+                batch.start,
+                advs[k],
+                olds[k],
+                refs[k] if refs else None,
+                norm,
+            )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:
                 olds[k] = logp
