@@ -4,11 +4,20 @@ Two sizes: `bench` (~37M parameters, vocab 16,384, the one the figures are quote
 `quick` (the built-in tiny-qwen2 shape, for the smoke test). The tokenizer is the built-in
 character tokenizer extended with byte-level BPE merges up to the model's vocab size, so every
 id the model can sample decodes (mlx-lm's streaming detokenizer indexes its vocab by id).
+Shapes with `tokenizer="words"` (the scale section's real Qwen2.5 shapes) get merges that make
+each generated lowercase word (with its leading space) one token instead, so prompt text made
+of those words has a known token count.
+
+Weights are written tensor by tensor, so a 1.5B float32 model never sits in memory whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import string
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,9 @@ class ModelShape:
     kv_heads: int
     intermediate: int
     vocab: int
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    tokenizer: str = "bpe"  # "bpe" (ASCII pairs/triples) or "words" (see module)
 
     def config(self) -> dict[str, Any]:
         cfg = builtin._qwen2_config(
@@ -32,7 +44,8 @@ class ModelShape:
         )
         return {
             **cfg,
-            "max_position_embeddings": 2048,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_positions,
             "vocab_size": self.vocab,
             "eos_token_id": builtin.EOS_TOKEN_ID,
             "pad_token_id": builtin.PAD_TOKEN_ID,
@@ -58,11 +71,16 @@ SHAPES = {
 }
 
 
-def _merged_vocab(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Char vocab + specials, then 2- and 3-symbol merges of printable ASCII up to `size`."""
+def _base_vocab() -> dict[str, int]:
     vocab = {builtin.byte_level_symbol(c): i for i, c in enumerate(builtin.TOKENIZER_CHARS)}
     for token in builtin.SPECIAL_TOKENS:
         vocab[token] = len(vocab)
+    return vocab
+
+
+def _merged_vocab(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Char vocab + specials, then 2- and 3-symbol merges of printable ASCII up to `size`."""
+    vocab = _base_vocab()
     letters = [chr(c) for c in range(0x21, 0x7F)]
     merges: list[tuple[str, str]] = []
     pairs = [(a, b) for a in letters for b in letters]
@@ -75,14 +93,41 @@ def _merged_vocab(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _save_tokenizer(dest: Path, vocab_size: int) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def vocab_words(size: int) -> list[str]:
+    """The words of a `words` tokenizer of `size` ids: " a" .. " z", " aa" .., " aaa" .., ...
 
-    if vocab_size == builtin.VOCAB_SIZE:
-        builtin.save_char_tokenizer(dest)
-        return
-    vocab, merges = _merged_vocab(vocab_size)
+    Each is one token (with its leading space) because every prefix is a token too.
+    """
+    words: list[str] = []
+    room = size - len(_base_vocab())
+    for length in itertools.count(1):
+        for letters in itertools.product(string.ascii_lowercase, repeat=length):
+            if len(words) >= room:
+                return words
+            words.append(" " + "".join(letters))
+    raise AssertionError("unreachable")
+
+
+def _word_vocab(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Char vocab + specials, then one merge per word: (" abc" minus its last letter, letter).
+
+    Word-level in effect, yet a byte-level BPE: transformers 5 rebuilds any qwen2 tokenizer as
+    one from tokenizer.json's vocab and merges, so a WordLevel model would not survive loading.
+    """
+    vocab = _base_vocab()
+    merges: list[tuple[str, str]] = []
+    space = builtin.byte_level_symbol(" ")
+    for word in vocab_words(size):
+        symbol = space + word[1:]
+        vocab[symbol] = len(vocab)
+        merges.append((symbol[:-1], symbol[-1]))
+    return vocab, merges
+
+
+def _bpe_backend(vocab_size: int, kind: str) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab, merges = (_word_vocab if kind == "words" else _merged_vocab)(vocab_size)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None))
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -92,6 +137,16 @@ def _save_tokenizer(dest: Path, vocab_size: int) -> None:
         ]
     )
     backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _save_tokenizer(dest: Path, vocab_size: int, kind: str = "bpe") -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size == builtin.VOCAB_SIZE and kind == "bpe":
+        builtin.save_char_tokenizer(dest)
+        return
+    backend = _bpe_backend(vocab_size, kind)
     backend.add_special_tokens(list(builtin.SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -108,29 +163,49 @@ def _save_tokenizer(dest: Path, vocab_size: int) -> None:
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make: Any) -> None:
+    """A float32 safetensors file written one tensor at a time (`make(name, dims)` -> array)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for name, dims in shapes.items():
+        size = 4 * math.prod(dims)
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(dims),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format wants the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dims in shapes.items():
+            make(name, dims).astype("<f4", copy=False).tofile(f)  # no bytes copy
+
+
 def build_model_dir(shape: ModelShape, dest: Path, seed: int = 0) -> Path:
     """Write config.json, random fan-in-scaled float32 weights and the tokenizer into `dest`."""
-    import mlx.core as mx
     import numpy as np
 
     dest.mkdir(parents=True, exist_ok=True)
     config = shape.config()
     rng = np.random.default_rng(seed)
-    arrays = {}
-    for name, dims in sorted(builtin._parameter_shapes(config).items()):
+
+    def make(name: str, dims: tuple[int, ...]) -> Any:
         if name.endswith(".bias"):
-            value = np.zeros(dims, dtype=np.float32)
-        elif len(dims) == 1:
-            value = np.ones(dims, dtype=np.float32)
-        else:
-            std = builtin.EMBED_STD if "embed" in name else dims[-1] ** -0.5
-            value = (rng.standard_normal(dims, dtype=np.float32) * std).astype(np.float32)
-        arrays[name] = mx.array(value)
-    mx.save_safetensors(str(dest / "model.safetensors"), arrays, metadata={"format": "mlx"})
+            return np.zeros(dims, dtype=np.float32)
+        if len(dims) == 1:
+            return np.ones(dims, dtype=np.float32)
+        value = rng.standard_normal(dims, dtype=np.float32)
+        value *= builtin.EMBED_STD if "embed" in name else dims[-1] ** -0.5  # in place: one copy
+        return value
+
+    shapes = dict(sorted(builtin._parameter_shapes(config).items()))
+    _write_safetensors(dest / "model.safetensors", shapes, make)
     (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     generation = {"eos_token_id": builtin.EOS_TOKEN_ID, "pad_token_id": builtin.PAD_TOKEN_ID}
     (dest / "generation_config.json").write_text(json.dumps(generation), encoding="utf-8")
-    _save_tokenizer(dest, shape.vocab)
+    _save_tokenizer(dest, shape.vocab, shape.tokenizer)
     return dest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -95,5 +96,101 @@ def print_report(result: dict[str, Any], out: Path | None) -> None:
     for name, target in result["targets"].items():
         mark = "[green]met[/]" if target["met"] else "[red]not met[/]"
         console.print(f"  {name}: {target['value']:.3f} (target {target['target']}) {mark}")
+    if out is not None:
+        console.print(f"results: {out}")
+
+
+def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for key, entry in result["shapes"].items():
+        m, ours = entry["model"], entry["mlxgrpo"]
+        rows.append(
+            (
+                f"[bold]{key}[/]: {m['parameters']:,} parameters",
+                _gb(m["weights_bytes"] / 1e9),
+                f"weights (float32); prompts of {entry['prompt_tokens']} tokens",
+            )
+        )
+        for name, run in (("mlxgrpo", ours), ("mlx-lm-lora", entry.get("peer"))):
+            if run is None:
+                continue
+            lengths = [u.get("completion_length_mean") for u in run["updates"]]
+            made = (
+                f"; {statistics.median(lengths):.0f} tokens/completion"
+                if None not in lengths
+                else ""
+            )
+            rows.append(
+                (
+                    f"  {name} peak memory / update",
+                    _gb(run["peak_memory_gb"]),
+                    f"{run['peak_over_weights']:.2f}x weights"
+                    + (" (it holds 2 copies of them)" if run is not ours else ""),
+                )
+            )
+            split = (
+                f"rollout {run['rollout_seconds']:.1f} s, train {run['train_seconds']:.1f} s"
+                if "rollout_seconds" in run
+                else "its own per-iteration timer"
+            )
+            rows.append(
+                (f"  {name} seconds / update", f"{run['seconds_per_update']:.1f} s", split + made)
+            )
+        if vs := entry.get("vs_peer"):
+            rows.append(
+                ("  mlxgrpo / peer peak", f"{vs['peak_mlxgrpo_over_peer']:.2f}x", "target <= 0.5x")
+            )
+            rows.append(
+                (
+                    "  peer / mlxgrpo seconds",
+                    f"{vs['seconds_peer_over_mlxgrpo']:.2f}x",
+                    "target >= 4x",
+                )
+            )
+        if error := entry.get("peer_error"):
+            rows.append(("  mlx-lm-lora", "failed", error))
+    if prod := result.get("prod_micro_batch"):
+        rows.append(
+            (
+                f"prod micro-batch peak ({prod['shape']})",
+                _gb(prod["peak_memory_gb"]),
+                f"{prod['peak_over_weights']:.2f}x weights; {prod['rows']} rows x "
+                f"({prod['prompt_tokens']} + {prod['completion_tokens']}) tokens, "
+                f"{prod['seconds']:.1f} s",
+            )
+        )
+    return rows
+
+
+def _gb(value: float) -> str:
+    return f"{value:.2f} GB" if value >= 0.1 else f"{value * 1e3:.1f} MB"  # --quick's tiny shapes
+
+
+def print_scale_report(result: dict[str, Any], out: Path | None) -> None:
+    console = Console(width=max(Console().width, 120))
+    s, env = result["settings"], result["environment"]
+    title = (
+        f"mlxgrpo scale bench: LoRA r{s['lora_rank']} on all blocks, G={s['generations']}, "
+        f"{s['prompts_per_update']} prompts/update, {s['max_new_tokens']} new tokens, "
+        f"{s['micro_batches']} micro-batches, KL {s['kl_coeff']}; {env['backend']} / "
+        f"{env['blas']}, {env['cpu_count']} cores, median of {result['repeats']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for row in _scale_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for key, entry in result["shapes"].items():
+        if settings := entry.get("engine_settings"):
+            console.print(f"  [dim]{key} engine settings: {settings}[/]")
+    if result.get("quick"):
+        console.print("  [dim]--quick: tiny shapes; the targets are set for the full run[/]")
+    for name, target in result["targets"].items():
+        mark = "[green]met[/]" if target["met"] else "[red]not met[/]"
+        console.print(
+            f"  {name}: {target['value']:.3f} (target {target['target']}; {target['what']}) {mark}"
+        )
     if out is not None:
         console.print(f"results: {out}")

@@ -1,13 +1,15 @@
 """mlxgrpo performance harness (DESIGN §11): one run, same model and inputs for every design.
 
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
+    python bench/run.py --scale [--peer] [--quick] [--out scale.json] [--repeats 2]
 
 Builds a random-weight Qwen2-shaped benchmark model (~39M parameters; `--quick`: the tiny
 built-in shape) and measures rollout tokens/s of three designs, train-step throughput and its
 share of the measured fp32 matmul rate, peak memory of a LoRA update with and without KL, and
 seconds per full GRPO update (the demo config, and demo-like settings on the benchmark model).
 Every figure is the median of `--repeats` runs; the designs alternate within each round.
-Prints a Rich table and writes JSON for later comparison.
+Prints a Rich table and writes JSON for later comparison. `--scale` runs only the scale
+section instead (real Qwen2.5 shapes, optionally against mlx-lm-lora: see scale_bench.py).
 """
 
 from __future__ import annotations
@@ -69,9 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
     )
     parser.add_argument("--quiet", action="store_true", help="no table, only the JSON file")
+    parser.add_argument(
+        "--scale", action="store_true", help="only the scale section (Qwen2.5 0.5B/1.5B shapes)"
+    )
+    parser.add_argument(
+        "--peer", action="store_true", help="--scale: also run mlx-lm-lora (installed on demand)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    args.repeats = args.repeats or 3
+    if args.peer and not args.scale:
+        parser.error("--peer belongs to --scale")
+    args.repeats = args.repeats or (2 if args.scale else 3)
     args.max_new_tokens = args.max_new_tokens or (24 if quick else 128)
     args.single_calls = args.single_calls or (2 if quick else 8)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -116,6 +126,39 @@ def describe_model(shape: Any, model_dir: Path) -> dict[str, Any]:
     }
 
 
+def environment() -> dict[str, Any]:
+    return {
+        **device_summary(),
+        "blas": blas_info().name,
+        "dtype": default_dtype(),
+        # glibc allocator settings change train-step speed (fresh pages for big buffers).
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+
+
+def run_scale(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The scale section alone; None (after a one-line message) when the peer cannot be set up."""
+    import peer_lora
+    import scale_bench
+    import scale_setup
+
+    seed_everything(0)
+    peer_python = None
+    if args.peer:  # install first: a failure should not come after an hour of measuring
+        try:
+            peer_python = peer_lora.ensure_venv(scale_setup.cache_root())
+        except peer_lora.PeerError as exc:
+            print(exc, file=sys.stderr)
+            return None
+    return scale_bench.run_scale(args, environment(), peer_python, lambda r: write(r, args.out))
+
+
+def write(result: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import bench_model
     import rollout_bench
@@ -132,13 +175,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "repeats": args.repeats,
         "sections": args.sections,
-        "environment": {
-            **device_summary(),
-            "blas": blas_info().name,
-            "dtype": default_dtype(),
-            # glibc allocator settings change train-step speed (fresh pages for big buffers).
-            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        },
+        "environment": environment(),
     }
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-bench-model-") as tmp:
         model_dir = bench_model.build_model_dir(shape, Path(tmp) / shape.name)
@@ -209,14 +246,14 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_benchmark(args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    result = run_scale(args) if args.scale else run_benchmark(args)
+    if result is None:
+        return 2
+    write(result, args.out)
     if not args.quiet:
-        from report import print_report
+        from report import print_report, print_scale_report
 
-        print_report(result, args.out)
+        (print_scale_report if args.scale else print_report)(result, args.out)
     return 0
 
 
