@@ -54,6 +54,28 @@ def test_grpo_raises_reward(tmp_path):
     assert summary["last_reward_mean"] == rewards[-1]
 
 
+def test_memory_paths_learn_as_well(tmp_path, monkeypatch):
+    """Token-packed micro-batches, a head in chunks of 5 positions and MLPs in chunks of 7
+    tokens (all the memory paths at once) still learn, and the packing is what was asked."""
+    from mlxgrpo.engine import checkpointing
+
+    mlp_width = 2 * 64  # tiny-qwen2's intermediate size
+    monkeypatch.setattr(checkpointing, "MLP_BUDGET_BYTES", 7 * 8 * 4 * mlp_width)
+    run(
+        tmp_path,
+        "run.max_steps=20",
+        "optim.max_tokens_per_microbatch=120",
+        "optim.gradient_accumulation_steps=3",  # not a divisor of 32: unused with a budget
+        "finetune.lm_head_chunk=5",
+    )
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if '"train"' in line]
+    rewards = [r["reward_mean"] for r in records]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.4, rewards
+    # Every prompt alone is longer than 12 tokens, so at most 9 of the 32 rows fit 120 tokens.
+    assert all(r["micro_batches"] >= 4 for r in records)
+
+
 def test_flipped_advantage_sign_does_not_learn(tmp_path, monkeypatch):
     """The learning test's margin is meaningful: with the advantage negated it fails."""
     original = grpo.group_advantages

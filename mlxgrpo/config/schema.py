@@ -172,8 +172,9 @@ class OptimConfig:
     max_tokens_per_microbatch: int = opt(
         0,
         "Pack micro-batches by token count instead: completions sorted by length, each "
-        "micro-batch at most this many tokens (rows x longest sequence, padding included); "
-        "gradient_accumulation_steps is then not used. 0 = off.",
+        "micro-batch at most this many tokens (rows x longest sequence, padding included; a "
+        "longer sequence gets a micro-batch of its own); gradient_accumulation_steps is then "
+        "not used. 0 = off.",
         min=0,
     )
 

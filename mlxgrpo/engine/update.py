@@ -230,7 +230,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
         for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
             totals[name] = totals.get(name, 0.0) + value / passes
     tokens = sum(int(b.tokens.size) for b in batches) * passes
-    return {"skipped": 0.0, **totals}, tokens
+    return {"skipped": 0.0, "micro_batches": float(len(batches)), **totals}, tokens
 
 
 def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
