@@ -43,7 +43,11 @@ def _forward(run: Callable, params: Any, features: mx.array, targets: mx.array, 
 
 
 def recomputing(run: Callable, targets: mx.array, step: int) -> Callable:
-    """``(params, features) -> outputs of run``; the backward pass recomputes every chunk."""
+    """``(params, features) -> outputs of run``; the backward pass recomputes every chunk.
+
+    Any position-wise ``run`` fits: the MLP chunking of :mod:`~mlxgrpo.engine.checkpointing`
+    uses it too, with dummy targets.
+    """
 
     @mx.custom_function
     def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
