@@ -104,6 +104,8 @@ def _checkpointing_class(cls: type) -> type:
     plain_call = cls.__call__
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not args or not isinstance(args[0], mx.array):  # no hidden state to checkpoint on
+            return plain_call(self, *args, **kwargs)
         # Trainable weights must be explicit inputs of the checkpointed function, or their
         # gradients would not flow through its recomputation.
         params = self.trainable_parameters()
@@ -152,12 +154,12 @@ def _chunked_mlp_class(cls: type) -> type:
         return _CHUNKED_MLP_CLASSES[cls]
     plain_call = cls.__call__
 
-    def __call__(self: nn.Module, x: mx.array) -> mx.array:
+    def __call__(self: nn.Module, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         from mlxgrpo.engine.chunked_head import recomputing
 
         tokens, step = x.size // x.shape[-1], mlp_chunk_tokens(self)
-        if tokens <= step:
-            return plain_call(self, x)
+        if tokens <= step or args or kwargs:  # small, or not a plain position-wise call
+            return plain_call(self, x, *args, **kwargs)
         params = self.trainable_parameters()
 
         def run(params: Any, chunk: mx.array, _unused: mx.array) -> tuple[mx.array]:
