@@ -73,9 +73,10 @@ class FinetuneConfig:
     )
     lm_head_chunk: int = opt(
         0,
-        "Completion positions the LM head and log-probs process at once; when a micro-batch "
-        "needs several chunks, each is recomputed in the backward pass. 0 = automatic "
-        "(about 320 MB per chunk).",
+        "Completion positions the LM head and log-probs process at once, one chunk in memory "
+        "at a time (a frozen head prepares each chunk's gradient in the forward pass, a "
+        "trained one recomputes its chunks in the backward pass). 0 = automatic (about "
+        "320 MB per chunk).",
         min=0,
     )
 

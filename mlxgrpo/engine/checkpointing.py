@@ -24,10 +24,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-_CHECKPOINTING_CLASSES: dict[type, type] = {}
-_CHUNKED_MLP_CLASSES: dict[type, type] = {}
+from mlxgrpo.engine.chunked_head import flat_params, rebuilt_params, recomputing
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
 
 # Memory the MLP of one block may take during its backward pass: about eight float32
 # [tokens, intermediate] buffers (gate, up, activation, product and their gradients). 431
@@ -85,24 +85,28 @@ def recompute_in_backward(fn: Callable[[Any, mx.array], mx.array]) -> Callable:
     @checkpointed.vjp
     def checkpointed_vjp(primals, cotangent, output):
         params, x = primals
-        names, values = zip(*tree_flatten(params), strict=True) if params else ((), ())
+        names, values = flat_params(params)
         inputs = mx.depends([x, *values], [cotangent])
 
         def again(x: mx.array, *values: mx.array) -> mx.array:
-            return fn(tree_unflatten(list(zip(names, values, strict=True))) if names else params, x)
+            return fn(rebuilt_params(names, values, params), x)
 
         _, grads = mx.vjp(again, inputs, [cotangent])
-        d_params = tree_unflatten(list(zip(names, grads[1:], strict=True))) if names else {}
-        return d_params, grads[0]
+        return rebuilt_params(names, grads[1:], {}), grads[0]
 
     return checkpointed
 
 
-def _checkpointing_class(cls: type) -> type:
-    """A subclass of the block class ``cls`` whose forward keeps only the block's input."""
-    if cls in _CHECKPOINTING_CLASSES:
-        return _CHECKPOINTING_CLASSES[cls]
-    plain_call = cls.__call__
+def _subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> type:
+    """``cls`` with ``__call__`` replaced by ``wrap(cls.__call__)``, made once per class."""
+    key = (cls, prefix)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"{prefix}{cls.__name__}", (cls,), {"__call__": wrap(cls.__call__)})
+    return _SUBCLASSES[key]
+
+
+def _checkpointing_call(plain_call: Callable) -> Callable:
+    """A block's ``__call__`` that keeps only the block's input for the backward pass."""
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not args or not isinstance(args[0], mx.array):  # no hidden state to checkpoint on
@@ -128,9 +132,7 @@ def _checkpointing_class(cls: type) -> type:
         finally:
             self.update(params)  # leave the module holding its own arrays, not traced copies
 
-    sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
-    _CHECKPOINTING_CLASSES[cls] = sub
-    return sub
+    return __call__
 
 
 def _mlp_width(mlp: nn.Module) -> int:
@@ -149,35 +151,26 @@ def mlp_chunk_tokens(mlp: nn.Module, budget_bytes: int | None = None) -> int:
     return max(1, budget // (_MLP_BUFFERS * 4 * _mlp_width(mlp)))
 
 
-def _chunked_mlp_class(cls: type) -> type:
-    """A subclass of the MLP class ``cls`` that runs large inputs in chunks of tokens."""
-    if cls in _CHUNKED_MLP_CLASSES:
-        return _CHUNKED_MLP_CLASSES[cls]
-    plain_call = cls.__call__
+def _chunked_mlp_call(plain_call: Callable) -> Callable:
+    """An MLP's ``__call__`` that runs large inputs in chunks of tokens."""
 
     def __call__(self: nn.Module, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        from mlxgrpo.engine.chunked_head import recomputing
-
         tokens, step = x.size // x.shape[-1], mlp_chunk_tokens(self)
         if tokens <= step or args or kwargs:  # small, or not a plain position-wise call
             return plain_call(self, x, *args, **kwargs)
         params = self.trainable_parameters()
 
-        def run(params: Any, chunk: mx.array, _unused: mx.array) -> tuple[mx.array]:
+        def run(params: Any, chunk: mx.array, lo: int, hi: int) -> tuple[mx.array]:
             self.update(params)
             return (plain_call(self, chunk),)
 
         try:
-            # The chunker walks [positions] targets; the MLP has none, so they are dummies.
-            dummy = mx.zeros((tokens,), dtype=mx.int32)
-            (out,) = recomputing(run, dummy, step)(params, x.reshape(tokens, x.shape[-1]))
+            (out,) = recomputing(run, tokens, step)(params, x.reshape(tokens, x.shape[-1]))
         finally:
             self.update(params)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    sub = type(f"Chunked{cls.__name__}", (cls,), {"__call__": __call__})
-    _CHUNKED_MLP_CLASSES[cls] = sub
-    return sub
+    return __call__
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -197,11 +190,11 @@ def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]
     try:
         for block in blocks:
             swapped.append((block, type(block)))
-            block.__class__ = _checkpointing_class(type(block))
+            block.__class__ = _subclass(type(block), "Checkpointed", _checkpointing_call)
             mlp = getattr(block, "mlp", None)
             if isinstance(mlp, nn.Module):
                 swapped.append((mlp, type(mlp)))
-                mlp.__class__ = _chunked_mlp_class(type(mlp))
+                mlp.__class__ = _subclass(type(mlp), "Chunked", _chunked_mlp_call)
             for _, module in block.named_modules():
                 if type(module) is nn.Dropout:
                     swapped.append((module, nn.Dropout))

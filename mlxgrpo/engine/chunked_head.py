@@ -1,8 +1,9 @@
 """An LM head + log-prob function applied in chunks of positions, one chunk in memory at a time.
 
-Both functions here wrap ``run(params, features [C, H], targets [C]) -> (logp [C], ...)`` (see
-:mod:`mlxgrpo.engine.lm_head`) in a custom function whose chunks are chained in the graph
-(``mx.depends``: a chunk starts after the previous one's results exist), so at most one chunk's
+Both functions here wrap ``run(params, features [C, H], lo, hi) -> (logp [C], ...)``, the chunk
+being positions ``lo:hi`` (see :mod:`mlxgrpo.engine.lm_head`), in a custom function whose chunks
+are chained in the graph (``mx.depends``: a chunk starts after the previous one's results
+exist), so at most one chunk's
 [C, V] logits, probabilities and gradients exist at a time. Unchained, MLX would schedule every
 chunk's buffers at once and chunking would save nothing. (Evaluating chunk by chunk inside the
 gradient transform is no alternative: MLX keeps the whole graph of arrays evaluated during a
@@ -25,6 +26,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 
+def flat_params(params: Any) -> tuple[tuple[str, ...], tuple[mx.array, ...]]:
+    """(names, arrays) of a parameter tree, for functions that take arrays only (mx.vjp)."""
+    return tuple(zip(*tree_flatten(params), strict=True)) or ((), ())
+
+
+def rebuilt_params(names: tuple[str, ...], values: Any, params: Any) -> Any:
+    """The tree ``params`` with ``values`` in place of its arrays (itself when it has none)."""
+    return tree_unflatten(list(zip(names, values, strict=True))) if names else params
+
+
 def _bounds(size: int, step: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
 
@@ -34,36 +45,35 @@ def _after(x: mx.array, previous: list[mx.array]) -> mx.array:
     return mx.depends(x, previous) if previous else x
 
 
-def _forward(run: Callable, params: Any, features: mx.array, targets: mx.array, step: int):
+def _forward(run: Callable, params: Any, features: mx.array, positions: int, step: int):
     pieces: list[tuple[mx.array, ...]] = []
-    for lo, hi in _bounds(int(targets.shape[0]), step):
+    for lo, hi in _bounds(positions, step):
         chunk = _after(features[lo:hi], list(pieces[-1]) if pieces else [])
-        pieces.append(tuple(run(params, chunk, targets[lo:hi])))
+        pieces.append(tuple(run(params, chunk, lo, hi)))
     return tuple(mx.concatenate(parts) for parts in zip(*pieces, strict=True))
 
 
-def recomputing(run: Callable, targets: mx.array, step: int) -> Callable:
+def recomputing(run: Callable, positions: int, step: int) -> Callable:
     """``(params, features) -> outputs of run``; the backward pass recomputes every chunk.
 
     Any position-wise ``run`` fits: the MLP chunking of :mod:`~mlxgrpo.engine.checkpointing`
-    uses it too, with dummy targets.
+    uses it too.
     """
 
     @mx.custom_function
     def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
-        return _forward(run, params, features, targets, step)
+        return _forward(run, params, features, positions, step)
 
     @chunked.vjp
     def chunked_vjp(primals, cotangents, outputs):
         params, features = primals
-        names, values = zip(*tree_flatten(params), strict=True) if params else ((), ())
+        names, values = flat_params(params)
         d_values: list[mx.array] | None = None
         d_features = []
-        for lo, hi in _bounds(int(targets.shape[0]), step):
+        for lo, hi in _bounds(positions, step):
 
             def chunk(f: mx.array, *values: mx.array, lo: int = lo, hi: int = hi):
-                rebuilt = tree_unflatten(list(zip(names, values, strict=True)))
-                return run(rebuilt if values else params, f, targets[lo:hi])
+                return run(rebuilt_params(names, values, params), f, lo, hi)
 
             previous = d_features[-1:] + (d_values or [])
             primals = [_after(features[lo:hi], previous), *values]
@@ -72,23 +82,22 @@ def recomputing(run: Callable, targets: mx.array, step: int) -> Callable:
                 grads = [grads[0], *(a + b for a, b in zip(d_values, grads[1:], strict=True))]
             g_features, *d_values = grads
             d_features.append(g_features)
-        d_params = tree_unflatten(list(zip(names, d_values or [], strict=True))) if names else {}
-        return d_params, mx.concatenate(d_features)
+        return rebuilt_params(names, d_values or [], {}), mx.concatenate(d_features)
 
     return chunked
 
 
-def gradient_in_forward(run: Callable, targets: mx.array, step: int, run_outputs: int) -> Callable:
+def gradient_in_forward(run: Callable, positions: int, step: int, run_outputs: int) -> Callable:
     """``(params, features) -> outputs of run`` (``run_outputs`` of them) for a frozen head
     whose only differentiated output is the first (logp): the others are returned as values."""
 
-    def with_jacobian(params: Any, features: mx.array, chunk_targets: mx.array):
+    def with_jacobian(params: Any, features: mx.array, lo: int, hi: int):
         def chunk(f: mx.array) -> tuple[mx.array, ...]:
-            return run(params, f, chunk_targets)
+            return run(params, f, lo, hi)
 
         # Position t's log-prob depends on features row t alone, so the gradient of their sum
         # holds every row's own d logp_t / d f_t. The other outputs get zero cotangents.
-        shape = chunk_targets.shape
+        shape = (hi - lo,)
         cotangents = [mx.ones(shape, mx.float32)] + [mx.zeros(shape, mx.float32)] * (
             run_outputs - 1
         )
@@ -97,7 +106,7 @@ def gradient_in_forward(run: Callable, targets: mx.array, step: int, run_outputs
 
     @mx.custom_function
     def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
-        return _forward(with_jacobian, params, features, targets, step)
+        return _forward(with_jacobian, params, features, positions, step)
 
     @chunked.vjp
     def chunked_vjp(primals, cotangents, outputs):

@@ -58,6 +58,10 @@ def head_chunk_positions(vocab_size: int, budget_bytes: int = HEAD_BUDGET_BYTES)
     return max(1, budget_bytes // (_BUFFERS_PER_CHUNK * 4 * max(1, vocab_size)))
 
 
+def _identity(x: mx.array) -> mx.array:
+    return x
+
+
 def _head_owner(head: Callable) -> nn.Module | None:
     """The module whose weights the head uses (an `as_linear` method's embedding, or itself)."""
     owner = getattr(head, "__self__", head)
@@ -102,10 +106,15 @@ def _apply_head(
     try:
         if positions <= step:  # one chunk: keep its logits for the backward pass
             return run(params, features, targets)
+
+        def chunk(params: Any, features: mx.array, lo: int, hi: int) -> tuple[mx.array, ...]:
+            return run(params, features, targets[lo:hi])
+
         if differentiable and not params and not (with_entropy and entropy_grad):
             outputs = 2 if with_entropy else 1
-            return chunked_head.gradient_in_forward(run, targets, step, outputs)(params, features)
-        return chunked_head.recomputing(run, targets, step)(params, features)
+            prepared = chunked_head.gradient_in_forward(chunk, positions, step, outputs)
+            return prepared(params, features)
+        return chunked_head.recomputing(chunk, positions, step)(params, features)
     finally:
         if owner is not None:
             owner.update(params)  # leave the module holding its own arrays, not traced copies
@@ -189,26 +198,16 @@ def sequence_logprobs(
     if selected is not None:
         index = mx.array(selected, dtype=mx.int32)
         features, targets = features[index], targets[index]
-    if head is None:
-        outputs = _apply_head(
-            lambda x: x,
-            features,
-            targets,
-            chunk_size=chunk_size or int(targets.shape[0]),
-            with_entropy=with_entropy,
-            entropy_grad=entropy_grad,
-            differentiable=differentiable,
-        )
-    else:
-        outputs = _apply_head(
-            head,
-            features,
-            targets,
-            chunk_size=chunk_size,
-            with_entropy=with_entropy,
-            entropy_grad=entropy_grad,
-            differentiable=differentiable,
-        )
+    outputs = _apply_head(
+        head or _identity,
+        features,
+        targets,
+        # Without a split head the features are the logits: nothing to chunk.
+        chunk_size=chunk_size or (None if head else int(targets.shape[0])),
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+        differentiable=differentiable,
+    )
     if selected is not None:
         outputs = [_scatter(values, selected, rows * width) for values in outputs]
     logp, *rest = (values.reshape(rows, width) for values in outputs)
