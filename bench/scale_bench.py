@@ -93,9 +93,7 @@ def measure_prod_micro_batch(model: Path, shape: ModelShape, s: Settings) -> dic
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     started = time.perf_counter()
-    (loss, _), grads = ctx.loss_and_grad(
-        batch.tokens, batch.completion_mask, batch.start, advantages, None, ref, norm
-    )
+    (loss, _), grads = ctx.loss_and_grad(batch, advantages, None, ref, norm)
     mx.eval(loss, grads)
     seconds = time.perf_counter() - started
     peak = mx.get_peak_memory()

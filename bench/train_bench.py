@@ -105,9 +105,7 @@ def measure_train_step(
 
     def step(ctx: UpdateContext) -> float:
         started = time.perf_counter()
-        (loss, _), grads = ctx.loss_and_grad(
-            batch.tokens, batch.completion_mask, batch.start, advantages, None, None, norm
-        )
+        (loss, _), grads = ctx.loss_and_grad(batch, advantages, None, None, norm)
         mx.eval(loss, grads)
         return time.perf_counter() - started
 

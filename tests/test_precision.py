@@ -57,9 +57,7 @@ def test_adapters_on_a_bfloat16_model_train_in_float32(kind, tmp_path):
         ref = grpo.sequence_logprobs(model, batch.tokens, batch.start)
     norm = grpo.LossNorm.for_update([batch.completion_mask], 2)
     advantages = mx.array([1.0, -1.0])
-    (loss, (_, logp)), grads = ctx.loss_and_grad(
-        batch.tokens, batch.completion_mask, batch.start, advantages, None, ref, norm
-    )
+    (loss, (_, logp)), grads = ctx.loss_and_grad(batch, advantages, None, ref, norm)
     assert ref.dtype == logp.dtype == loss.dtype == mx.float32
     assert _dtypes(g for _, g in tree_flatten(grads)) == {mx.float32}
     optimizer.update(model, grads)

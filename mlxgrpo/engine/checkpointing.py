@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,33 +68,63 @@ def _has_active_dropout(block: nn.Module) -> bool:
     )
 
 
-def recompute_in_backward(fn: Callable[[Any, mx.array], mx.array]) -> Callable:
-    """``fn(params, x)`` that keeps nothing for the backward pass but its inputs.
+def recompute_in_backward(fn: Callable[..., tuple[mx.array, ...]]) -> Callable:
+    """``fn(params, x, extra) -> outputs`` that keeps nothing for the backward pass but its inputs.
 
-    Like ``mx.checkpoint``, except that the recomputation waits for the output's gradient:
-    ``mx.checkpoint`` only orders it after the forward pass, so MLX is free to recompute many
-    blocks at once and keep all their activations. Here block k is recomputed only once the
-    backward pass has reached it: one block at a time by construction, not by scheduling luck
-    (at the 0.5B shape both peaked the same).
+    ``extra`` is a list of further array inputs and ``outputs`` a tuple of arrays (a block's
+    hidden state, plus what a :class:`CarriedState` records). Like ``mx.checkpoint``, except
+    that the recomputation waits for the outputs' gradients: ``mx.checkpoint`` only orders it
+    after the forward pass, so MLX is free to recompute many blocks at once and keep all their
+    activations. Here block k is recomputed only once the backward pass has reached it: one
+    block at a time by construction, not by scheduling luck (at the 0.5B shape both peaked the
+    same).
     """
 
     @mx.custom_function
-    def checkpointed(params: Any, x: mx.array) -> mx.array:
-        return fn(params, x)
+    def checkpointed(params: Any, x: mx.array, extra: list[mx.array]) -> tuple[mx.array, ...]:
+        return tuple(fn(params, x, extra))
 
     @checkpointed.vjp
-    def checkpointed_vjp(primals, cotangent, output):
-        params, x = primals
+    def checkpointed_vjp(primals, cotangents, outputs):
+        params, x, extra = primals
+        cotangents = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
         names, values = flat_params(params)
-        inputs = mx.depends([x, *values], [cotangent])
+        count = len(values)
+        inputs = mx.depends([x, *values, *extra], cotangents)
 
-        def again(x: mx.array, *values: mx.array) -> mx.array:
-            return fn(rebuilt_params(names, values, params), x)
+        def again(x: mx.array, *rest: mx.array) -> list[mx.array]:
+            return list(fn(rebuilt_params(names, rest[:count], params), x, list(rest[count:])))
 
-        _, grads = mx.vjp(again, inputs, [cotangent])
-        return rebuilt_params(names, grads[1:], {}), grads[0]
+        _, grads = mx.vjp(again, inputs, cotangents)
+        return rebuilt_params(names, grads[1 : 1 + count], {}), grads[0], list(grads[1 + count :])
 
     return checkpointed
+
+
+@runtime_checkable
+class CarriedState(Protocol):
+    """A block argument (e.g. a cache) that feeds arrays into the block or records some.
+
+    Arrays a checkpointed block reads from it must be explicit inputs of the checkpointed
+    function, and arrays it records there must be outputs, or gradients would not flow through
+    the recomputation. See :mod:`mlxgrpo.engine.shared_prefix` for the one user.
+    """
+
+    def checkpoint_inputs(self) -> list[mx.array]:
+        """The arrays the block reads from this state."""
+        ...
+
+    def replica(self, inputs: list[mx.array]) -> CarriedState:
+        """A fresh state like this one that reads ``inputs`` instead."""
+        ...
+
+    def recorded(self) -> list[mx.array]:
+        """The arrays the block recorded into this (replica) state during its call."""
+        ...
+
+    def adopt(self, recorded: list[mx.array]) -> None:
+        """Take the recorded arrays, as the checkpointed function returned them."""
+        ...
 
 
 def _subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> type:
@@ -105,8 +135,16 @@ def _subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> t
     return _SUBCLASSES[key]
 
 
+def _carried_position(args: tuple, kwargs: dict) -> int | str | None:
+    """Where among a block's arguments a :class:`CarriedState` is (index or keyword)."""
+    for i, value in enumerate(args):
+        if isinstance(value, CarriedState):
+            return i
+    return next((k for k, v in kwargs.items() if isinstance(v, CarriedState)), None)
+
+
 def _checkpointing_call(plain_call: Callable) -> Callable:
-    """A block's ``__call__`` that keeps only the block's input for the backward pass."""
+    """A block's ``__call__`` that keeps only the block's inputs for the backward pass."""
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not args or not isinstance(args[0], mx.array):  # no hidden state to checkpoint on
@@ -118,19 +156,35 @@ def _checkpointing_call(plain_call: Callable) -> Callable:
         key = None
         if _has_active_dropout(self):  # drawn only then: the global random stream stays as is
             key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        where = _carried_position(args, kwargs)
+        carried = None
+        if where is not None:
+            carried = args[where] if isinstance(where, int) else kwargs[where]
 
-        def run(params: Any, x: mx.array) -> Any:
+        def run(params: Any, x: mx.array, extra: list[mx.array]) -> tuple[mx.array, ...]:
             self.update(params)
+            call_args, call_kwargs, local = list(args), dict(kwargs), None
+            if carried is not None:
+                local = carried.replica(extra)
+                if isinstance(where, int):
+                    call_args[where] = local
+                else:
+                    call_kwargs[where] = local
             outer, _KeyStream.key = _KeyStream.key, key
             try:
-                return plain_call(self, x, *args[1:], **kwargs)
+                out = plain_call(self, x, *call_args[1:], **call_kwargs)
             finally:
                 _KeyStream.key = outer
+            return (out, *(local.recorded() if local is not None else []))
 
+        inputs = carried.checkpoint_inputs() if carried is not None else []
         try:
-            return recompute_in_backward(run)(params, args[0])
+            out, *recorded = recompute_in_backward(run)(params, args[0], inputs)
         finally:
             self.update(params)  # leave the module holding its own arrays, not traced copies
+        if carried is not None:
+            carried.adopt(recorded)
+        return out
 
     return __call__
 

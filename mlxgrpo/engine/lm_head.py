@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.engine import chunked_head
+from mlxgrpo.engine import chunked_head, shared_prefix
 from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
@@ -138,6 +138,7 @@ def sequence_logprobs(
     entropy_grad: bool = True,
     mask: mx.array | None = None,
     differentiable: bool = True,
+    prompt_lengths: Any = None,
 ) -> mx.array: ...
 
 
@@ -151,6 +152,7 @@ def sequence_logprobs(
     entropy_grad: bool = True,
     mask: mx.array | None = None,
     differentiable: bool = True,
+    prompt_lengths: Any = None,
 ) -> tuple[mx.array, mx.array]: ...
 
 
@@ -163,6 +165,7 @@ def sequence_logprobs(
     entropy_grad: bool = True,
     mask: mx.array | None = None,
     differentiable: bool = True,
+    prompt_lengths: Any = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
@@ -173,11 +176,12 @@ def sequence_logprobs(
     :data:`HEAD_BUDGET_BYTES`); other models run whole and are sliced.
 
     ``mask`` [N, T] (e.g. the completion mask): only positions where it is non-zero are
-    computed; the others are 0 in the results. ``differentiable=False`` says no gradient will be
-    taken (a reference pass), so a frozen head's chunks skip preparing one (a gradient taken
-    anyway is still right, only slower). Returns logp [N, T-start] float32, or ``(logp,
-    entropy)`` when ``with_entropy`` is true (``entropy_grad=False``: the entropy is a metric,
-    not differentiated).
+    computed; the others are 0 in the results. With ``prompt_lengths`` [N] too, rows that share
+    a prompt run it through the trunk once (:mod:`~mlxgrpo.engine.shared_prefix`).
+    ``differentiable=False`` says no gradient will be taken (a reference pass), so a frozen
+    head's chunks skip preparing one (a gradient taken anyway is still right, only slower).
+    Returns logp [N, T-start] float32, or ``(logp, entropy)`` when ``with_entropy`` is true
+    (``entropy_grad=False``: the entropy is a metric, not differentiated).
     """
     rows, length = tokens.shape
     if not 1 <= start < length:
@@ -185,19 +189,34 @@ def sequence_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     width = length - start
-    selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
-    targets = tokens[:, start:].reshape(-1)
     split = split_lm_head(model)
-    if split is None:
-        logits = model(tokens[:, :-1])[:, start - 1 :]
-        features, head = logits.reshape(rows * width, -1), None
+    layout = None
+    if split is not None and mask is not None and prompt_lengths is not None:
+        if shared_prefix.supports(split[0]):
+            layout = shared_prefix.plan(
+                np.asarray(tokens), np.asarray(prompt_lengths), np.asarray(mask) > 0
+            )
+    if layout is not None:
+        trunk, head = split  # type: ignore[misc]
+        hidden = shared_prefix.suffix_hidden(trunk, layout)
+        features = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
+        selected = _selected_positions(mask[:, start:], rows, width)
+        if selected is None:
+            selected = np.arange(rows * width)
     else:
-        trunk, head = split
-        hidden = trunk(tokens[:, :-1])[:, start - 1 :]
-        features = hidden.reshape(rows * width, hidden.shape[-1])
+        selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
+        if split is None:
+            logits = model(tokens[:, :-1])[:, start - 1 :]
+            features, head = logits.reshape(rows * width, -1), None
+        else:
+            trunk, head = split
+            hidden = trunk(tokens[:, :-1])[:, start - 1 :]
+            features = hidden.reshape(rows * width, hidden.shape[-1])
+        if selected is not None:
+            features = features[mx.array(selected, dtype=mx.int32)]
+    targets = tokens[:, start:].reshape(-1)
     if selected is not None:
-        index = mx.array(selected, dtype=mx.int32)
-        features, targets = features[index], targets[index]
+        targets = targets[mx.array(selected, dtype=mx.int32)]
     outputs = _apply_head(
         head or _identity,
         features,

@@ -43,32 +43,33 @@ class UpdateContext:
     def __post_init__(self) -> None:
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
-    def loss_and_grad(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
+    def loss_and_grad(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm):
         """``((loss, (metrics, logp)), grads)`` of one micro-batch (see :meth:`_loss`).
 
         With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
         backward pass, which runs inside this call: the context spans all of it.
         """
         with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
-            return self._value_and_grad(tokens, mask, start, advantages, old_logp, ref_logp, norm)
+            return self._value_and_grad(batch, advantages, old_logp, ref_logp, norm)
 
-    def _loss(self, tokens, mask, start, advantages, old_logp, ref_logp, norm):
-        algo = self.cfg.algorithm
+    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm):
+        algo, mask = self.cfg.algorithm, batch.completion_mask
         # The entropy is always reported; it is differentiated only when it is in the loss.
         logp, entropy = grpo.sequence_logprobs(
             self.model,
-            tokens,
-            start,
+            batch.tokens,
+            batch.start,
             with_entropy=True,
             entropy_grad=algo.entropy_coeff != 0,
             chunk_size=self.cfg.finetune.lm_head_chunk or None,
             mask=mask,
+            prompt_lengths=batch.prompt_lengths,
         )
         loss, metrics = grpo.policy_loss(
             logp,
             old_logp,
             advantages,
-            grpo.completion_slice(mask, start),
+            grpo.completion_slice(mask, batch.start),
             norm=norm,
             loss_type=algo.loss_type,
             clip_eps=algo.clip_eps,
@@ -211,13 +212,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
             (loss, (metrics, logp)), g = ctx.loss_and_grad(
-                batch.tokens,
-                batch.completion_mask,
-                batch.start,
-                advs[k],
-                olds[k],
-                refs[k] if refs else None,
-                norm,
+                batch, advs[k], olds[k], refs[k] if refs else None, norm
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:
@@ -238,6 +233,7 @@ def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
         mask=batch.completion_mask,
         chunk_size=ctx.cfg.finetune.lm_head_chunk or None,
         differentiable=False,
+        prompt_lengths=batch.prompt_lengths,
     )
     if ctx.ref_model is not None:
         ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)

@@ -1,0 +1,134 @@
+"""Rows that share a prompt run it through the trunk once: same log-probs, entropies and
+gradients as the plain pass, with and without activation checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from random_models import random_lm
+
+from mlxgrpo.engine import shared_prefix
+from mlxgrpo.engine.checkpointing import checkpointed_blocks
+from mlxgrpo.engine.lm_head import sequence_logprobs
+from mlxgrpo.engine.rollout import build_micro_batch
+
+VOCAB = 48
+
+
+def _model(kind: str) -> nn.Module:
+    model = random_lm("qwen2", seed=7, vocab=VOCAB)
+    if kind == "full":
+        model.unfreeze()
+    else:
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        mx.random.seed(9)
+        for _, layer in model.named_modules():
+            if hasattr(layer, "lora_b"):  # non-zero B, so the adapters change the model
+                layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    mx.eval(model.parameters())
+    return model
+
+
+def _batch():
+    """Two groups of 3 completions (prompts of 9 and 6 tokens) and a lone prompt of 4."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (9, 6, 4)]
+    rows = [0, 0, 0, 1, 1, 1, 2]
+    completions = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 5, 8, 1, 6, 2)]
+    return build_micro_batch([prompts[r] for r in rows], completions)
+
+
+def _loss_and_grad(model, batch, *, shared: bool, blocks: bool):
+    width = batch.tokens.shape[1] - batch.start
+    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
+    kept = batch.completion_mask[:, batch.start :] * weights
+
+    def loss():
+        logp, entropy = sequence_logprobs(
+            model,
+            batch.tokens,
+            batch.start,
+            with_entropy=True,
+            mask=batch.completion_mask,
+            prompt_lengths=batch.prompt_lengths if shared else None,
+        )
+        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept), (logp, entropy)
+
+    with checkpointed_blocks(model) if blocks else contextlib.nullcontext():
+        (value, (logp, entropy)), grads = nn.value_and_grad(model, loss)()
+    mx.eval(value, logp, entropy, grads)
+    return value.item(), logp, entropy, dict(tree_flatten(grads))
+
+
+def test_the_plan_runs_each_prompt_once_and_maps_every_wanted_position() -> None:
+    batch = _batch()
+    tokens = np.asarray(batch.tokens)
+    lengths = np.asarray(batch.prompt_lengths)
+    wanted = np.asarray(batch.completion_mask) > 0
+    layout = shared_prefix.plan(tokens, lengths, wanted)
+    assert layout is not None
+    assert layout.prefix_tokens.shape == (3, 8)  # three distinct prompts minus the last token
+    assert layout.prompt_of_row.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert layout.suffix_tokens.shape == (7, 8)  # the longest completion
+    assert layout.tokens_run == 3 * 8 + 7 * 8 < 7 * (tokens.shape[1] - 1)
+    suffix = np.asarray(layout.suffix_tokens).reshape(-1)
+    # Suffix input s predicts the token after it: the target of each wanted position is the
+    # next suffix token (or the row's last completion token).
+    r_idx, t_idx = np.nonzero(wanted)
+    assert len(layout.source) == len(r_idx) == int(wanted.sum())
+    for src, r, t in zip(layout.source, r_idx, t_idx, strict=True):
+        assert suffix[src] == tokens[r, t - 1]
+
+
+def test_no_plan_when_a_wanted_position_is_inside_a_prompt_or_nothing_is_shared() -> None:
+    batch = _batch()
+    tokens, lengths = np.asarray(batch.tokens), np.asarray(batch.prompt_lengths)
+    wanted = np.asarray(batch.completion_mask) > 0
+    inside = wanted.copy()
+    inside[0, 3] = True
+    assert shared_prefix.plan(tokens, lengths, inside) is None
+    # One row per prompt: two passes would run as many tokens as one.
+    assert shared_prefix.plan(tokens[[0, 3, 6]], lengths[[0, 3, 6]], wanted[[0, 3, 6]]) is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_shared_prompts_give_the_same_results_and_gradients(
+    kind: str, blocks: bool, monkeypatch
+) -> None:
+    runs = []
+    two_passes = shared_prefix.suffix_hidden
+    monkeypatch.setattr(shared_prefix, "suffix_hidden", lambda *a: runs.append(1) or two_passes(*a))
+    model = _model(kind)
+    batch = _batch()
+    value, logp, entropy, plain = _loss_and_grad(model, batch, shared=False, blocks=False)
+    shared_value, shared_logp, shared_entropy, grads = _loss_and_grad(
+        model, batch, shared=True, blocks=blocks
+    )
+    assert runs == [1]  # only the shared call took the two passes
+    mask = batch.completion_mask[:, batch.start :]
+    assert float(mx.abs((shared_logp - logp) * mask).max()) <= 1e-5
+    assert float(mx.abs((shared_entropy - entropy) * mask).max()) <= 1e-5
+    assert float(mx.abs(shared_logp * (1 - mask)).max()) == 0.0  # zero outside completions
+    assert abs(shared_value - value) <= 1e-5 * max(1.0, abs(value))
+    assert grads.keys() == plain.keys() and grads
+    for name, grad in plain.items():
+        scale = max(1.0, float(mx.abs(grad).max()))
+        assert float(mx.abs(grads[name] - grad).max()) <= 2e-5 * scale, name
+    # (Dropping the gradient through the prompt's keys and values fails the check above.)
+
+
+def test_a_model_with_a_position_dependent_rope_takes_the_plain_pass() -> None:
+    model = _model("lora")
+    assert shared_prefix.supports(model.model)
+    from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
+
+    model.model.layers[1].self_attn.rope = DynamicNTKScalingRoPE(8, 64, False, 10000.0, 2.0)
+    assert not shared_prefix.supports(model.model)
