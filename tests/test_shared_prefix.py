@@ -132,3 +132,15 @@ def test_a_model_with_a_position_dependent_rope_takes_the_plain_pass() -> None:
 
     model.model.layers[1].self_attn.rope = DynamicNTKScalingRoPE(8, 64, False, 10000.0, 2.0)
     assert not shared_prefix.supports(model.model)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "olmo2", "phi3"])
+def test_other_architectures_give_the_same_log_probs(model_type: str) -> None:
+    model = random_lm(model_type, seed=1, vocab=VOCAB)
+    batch = _batch()
+    options = dict(mask=batch.completion_mask)
+    plain = sequence_logprobs(model, batch.tokens, batch.start, **options)
+    shared = sequence_logprobs(
+        model, batch.tokens, batch.start, prompt_lengths=batch.prompt_lengths, **options
+    )
+    assert float(mx.abs(shared - plain).max()) <= 1e-5
