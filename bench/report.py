@@ -194,3 +194,27 @@ def print_scale_report(result: dict[str, Any], out: Path | None) -> None:
         )
     if out is not None:
         console.print(f"results: {out}")
+
+
+def print_learning_report(result: dict[str, Any], out: Path | None) -> None:
+    console = Console(width=max(Console().width, 100))
+    learning = result["learning"]
+    title = (
+        f"mlxgrpo learning table: {learning['updates']} updates, medians over "
+        f"{learning['seeds']} seeds; threshold {learning['threshold']} (mean of "
+        f"{learning['window']} consecutive updates)"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("loss type", "updates to threshold", "first reward", "final reward"):
+        table.add_column(column, justify="left" if column == "loss type" else "right")
+    for name, row in learning["losses"].items():
+        reached = row["median_updates_to_threshold"]
+        table.add_row(
+            name,
+            "not reached" if reached is None else f"{reached:g}",
+            f"{row['median_first_reward']:.3f}",
+            f"{row['median_final_reward']:.3f}",
+        )
+    console.print(table)
+    if out is not None:
+        console.print(f"results: {out}")

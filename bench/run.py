@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
     python bench/run.py --scale [--peer] [--quick] [--out scale.json] [--repeats 2]
+    python bench/run.py --learning [--quick] [--out learning.json]
 
 Builds a random-weight Qwen2-shaped benchmark model (~39M parameters; `--quick`: the tiny
 built-in shape) and measures rollout tokens/s of three designs, train-step throughput and its
@@ -10,6 +11,7 @@ seconds per full GRPO update (the demo config, and demo-like settings on the ben
 Every figure is the median of `--repeats` runs; the designs alternate within each round.
 Prints a Rich table and writes JSON for later comparison. `--scale` runs only the scale
 section instead (real Qwen2.5 shapes, optionally against mlx-lm-lora: see scale_bench.py).
+`--learning` runs only the learning table (every loss type on one task: learning_bench.py).
 """
 
 from __future__ import annotations
@@ -77,10 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peer", action="store_true", help="--scale: also run mlx-lm-lora (installed on demand)"
     )
+    parser.add_argument(
+        "--learning", action="store_true", help="only the learning table (every loss type)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.peer and not args.scale:
         parser.error("--peer belongs to --scale")
+    if args.learning and args.scale:
+        parser.error("--learning and --scale are separate runs")
     args.repeats = args.repeats or (2 if args.scale else 3)
     args.max_new_tokens = args.max_new_tokens or (24 if quick else 128)
     args.single_calls = args.single_calls or (2 if quick else 8)
@@ -151,6 +158,24 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any] | None:
             print(exc, file=sys.stderr)
             return None
     return scale_bench.run_scale(args, environment(), peer_python, lambda r: write(r, args.out))
+
+
+def run_learning(args: argparse.Namespace) -> dict[str, Any]:
+    import learning_bench
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "section": "learning",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "environment": environment(),
+        "learning": learning_bench.measure_learning(
+            seeds=1 if args.quick else 3, updates=6 if args.quick else 40
+        ),
+    }
+    result["seconds"] = time.perf_counter() - started
+    return result
 
 
 def write(result: dict[str, Any], out: Path | None) -> None:
@@ -246,14 +271,20 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_scale(args) if args.scale else run_benchmark(args)
+    if args.learning:
+        result = run_learning(args)
+    else:
+        result = run_scale(args) if args.scale else run_benchmark(args)
     if result is None:
         return 2
     write(result, args.out)
     if not args.quiet:
-        from report import print_report, print_scale_report
+        from report import print_learning_report, print_report, print_scale_report
 
-        (print_scale_report if args.scale else print_report)(result, args.out)
+        if args.learning:
+            print_learning_report(result, args.out)
+        else:
+            (print_scale_report if args.scale else print_report)(result, args.out)
     return 0
 
 

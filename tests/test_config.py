@@ -252,7 +252,7 @@ def test_unknown_set_key_suggests_dotted_key():
         ("optim.learning_rate=fast", "expected a number, got 'fast'"),
         ("rollout.num_generations=2.5", "expected an integer"),
         ("logging.jsonl=maybe", "expected a boolean (true/false, 1/0, yes/no, on/off)"),
-        ("algorithm.loss_type=ppo", "must be one of grpo, bnpo, dr_grpo, dapo, gspo"),
+        ("algorithm.loss_type=ppo", "must be one of grpo, bnpo, dr_grpo, dapo, gspo, cispo, sapo"),
         ("rollout.top_p=1.5", "must be at most 1"),
         ("rollout.temperature=0", "must be greater than 0"),
         ("rollout.num_generations=1", "must be at least 2"),

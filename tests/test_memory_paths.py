@@ -86,10 +86,13 @@ def test_checkpointing_and_chunked_head_give_the_same_gradient(
     )
     assert abs(value - plain_value) <= 1e-5 * max(1.0, abs(plain_value))
     assert grads.keys() == plain.keys() and grads
+    # The plain path runs the head's matmul over every position, the chunked one over 3 at a
+    # time, so logits differ in their last bit; a LoRA A gradient sums thousands of such terms
+    # (measured up to 1.7e-6 of its largest entry).
     for name, grad in plain.items():
         scale = max(1.0, float(mx.abs(grad).max().item()))
         diff = float(mx.abs(grads[name] - grad).max().item())
-        assert diff <= 1e-6 * scale, (name, diff)
+        assert diff <= 3e-6 * scale, (name, diff)
     if kind == "full":  # the head (tied embedding or lm_head) gets its gradient through chunks
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
         assert float(mx.abs(grads[head]).max().item()) > 0

@@ -121,11 +121,57 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     loss_type: str = opt(
-        "grpo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+        "grpo",
+        "Policy loss. Clipped ratio, normalised per sequence (grpo), per micro-batch's tokens "
+        "(bnpo), by sequences x max_new_tokens (dr_grpo) or by the update's tokens (dapo); "
+        "gspo = grpo with importance_sampling_level = sequence (GSPO); cispo = clipped "
+        "stop-gradient ratio times log-prob, upper bound 1 + clip_eps_high only, token-"
+        "normalised (MiniMax-M1); sapo = soft gate sigmoid(tau (r - 1)) 4 / tau instead of a "
+        "clip, per sequence (SAPO, tau from sapo_tau_pos / sapo_tau_neg).",
+        choices=("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"),
+    )
+    importance_sampling_level: str = opt(
+        "token",
+        "Importance ratio per token, or per sequence (exp of the mean token log-ratio, as in "
+        "GSPO) for any loss type; gspo is always sequence.",
+        choices=("token", "sequence"),
     )
     clip_eps: float = opt(0.2, "Lower clip range: ratios below 1 - clip_eps are clipped.", min=0)
     clip_eps_high: float | None = opt(
-        None, "Upper clip range (1 + clip_eps_high); unset = clip_eps. DAPO uses 0.28.", min=0
+        None,
+        "Upper clip range (1 + clip_eps_high); unset = clip_eps. DAPO uses 0.28; for cispo it "
+        "is the weight's only bound.",
+        min=0,
+    )
+    sapo_tau_pos: float = opt(
+        1.0, "SAPO gate temperature for positive advantages (the paper's 1.0).", gt=0
+    )
+    sapo_tau_neg: float = opt(
+        1.05,
+        "SAPO gate temperature for negative advantages (the paper's 1.05; larger fades faster).",
+        gt=0,
+    )
+    rollout_correction: str = opt(
+        "none",
+        "Correct for a sampler that differs from the trainer, with w = pi_old / pi_sampler from "
+        "the rollout's recorded log-probs: tis multiplies the policy term by min(w, cap), mis "
+        "drops tokens (or sequences) with w > cap.",
+        choices=("none", "tis", "mis"),
+    )
+    rollout_correction_cap: float = opt(2.0, "The cap on w for rollout_correction.", gt=0)
+    rollout_correction_level: str = opt(
+        "token",
+        "w per token, or per sequence (the product over the completion's tokens).",
+        choices=("token", "sequence"),
+    )
+    top_entropy_quantile: float = opt(
+        1.0,
+        "Share of completion tokens, highest entropy first, that drive the policy gradient "
+        "(Wang et al. 2025 use 0.2). The threshold is the quantile over all trained completion "
+        "tokens of the update, from the entropies the rollout recorded; KL and entropy terms "
+        "still cover every token. 1.0 = off.",
+        gt=0,
+        max=1,
     )
     kl_coeff: float = opt(
         0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0
@@ -134,7 +180,9 @@ class AlgorithmConfig:
     entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
     scale_rewards: str = opt(
         "group",
-        "Advantage scaling: group = divide by the group's std, batch = the batch's std, none.",
+        "Advantage scaling: group = divide by the group's std, batch = the batch's std, none. "
+        "Population std (divides by G): TRL uses the sample std (G - 1), so its advantages are "
+        "sqrt(G / (G - 1)) times smaller.",
         choices=("group", "batch", "none"),
     )
     num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
@@ -143,6 +191,17 @@ class AlgorithmConfig:
     )
     filter_zero_std_groups: bool = opt(
         False, "Drop groups whose rewards are all equal (they carry no signal)."
+    )
+    dynamic_sampling: bool = opt(
+        False,
+        "DAPO's dynamic sampling: keep drawing prompts until the update holds batch_size "
+        "groups whose rewards differ (extra prompts come from the data stream).",
+    )
+    max_resample_batches: int = opt(
+        4,
+        "Most extra rollouts of batch_size prompts one update may draw with dynamic_sampling; "
+        "then it trains on the informative groups it has.",
+        min=0,
     )
     overlong_penalty: float = opt(
         0.0, "Largest reward penalty for completions running into the token budget; 0 = off.", min=0

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import mlx.core as mx
+import numpy as np
 
 from mlxgrpo.engine.lm_head import sequence_logprobs, split_lm_head
 from mlxgrpo.engine.logprobs import (
@@ -32,11 +33,14 @@ from mlxgrpo.errors import ConfigError
 __all__ = [
     "LossNorm",
     "completion_slice",
+    "entropy_threshold",
     "first_completion_position",
     "group_advantages",
     "kl_per_token",
     "mask_truncated_advantages",
     "policy_loss",
+    "rollout_correction_factor",
+    "sapo_gate",
     "sequence_logprobs",
     "split_lm_head",
     "token_logprobs",
@@ -46,11 +50,15 @@ __all__ = [
 
 ScaleMode = Literal["group", "batch", "none"]
 KLEstimator = Literal["k1", "k2", "k3"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"]
+ImportanceLevel = Literal["token", "sequence"]
+RolloutCorrection = Literal["none", "tis", "mis"]
 
 SCALE_MODES: tuple[str, ...] = ("group", "batch", "none")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo")
+IMPORTANCE_LEVELS: tuple[str, ...] = ("token", "sequence")
+ROLLOUT_CORRECTIONS: tuple[str, ...] = ("none", "tis", "mis")
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -144,9 +152,9 @@ class LossNorm:
     micro-batch losses (and gradients) simply add up to the loss of the update computed in one
     go:
 
-    - ``grpo``/``gspo``: sum_i (sum_t l_t / |o_i|) / ``num_sequences``
+    - ``grpo``/``gspo``/``sapo``: sum_i (sum_t l_t / |o_i|) / ``num_sequences``
     - ``dr_grpo``: sum l / (``num_sequences`` * ``max_new_tokens``)
-    - ``dapo``: sum l / ``num_tokens``
+    - ``dapo``/``cispo``: sum l / ``num_tokens``
     - ``bnpo``: (sum l / sum m of this micro-batch) / ``num_microbatches`` (bnpo is defined per
       micro-batch; with equal micro-batches this is the mean of the micro-batch losses)
     """
@@ -187,7 +195,7 @@ def _log_ratios(
 def _aggregate(token_loss: mx.array, mask: mx.array, loss_type: str, norm: LossNorm) -> mx.array:
     """This micro-batch's contribution to the update's loss (see :class:`LossNorm`)."""
     masked = token_loss * mask
-    if loss_type in ("grpo", "gspo"):
+    if loss_type in ("grpo", "gspo", "sapo"):
         lengths = mx.maximum(mx.sum(mask, axis=1), 1.0)
         return mx.sum(mx.sum(masked, axis=1) / lengths) / norm.num_sequences
     if loss_type == "bnpo":
@@ -214,6 +222,71 @@ def _validate_loss_inputs(
         raise ValueError(f"advantages must be [N]={logp.shape[0]}, got {advantages.shape}")
 
 
+def _sequence_sums(values: mx.array, mask: mx.array) -> mx.array:
+    """Per-row masked sums, broadcast back over the row's tokens."""
+    return mx.sum(values * mask, axis=1, keepdims=True) * mx.ones_like(values)
+
+
+def rollout_correction_factor(
+    old_logp: mx.array,
+    sampler_logp: mx.array,
+    mask: mx.array,
+    *,
+    kind: RolloutCorrection,
+    cap: float,
+    level: ImportanceLevel = "token",
+) -> tuple[mx.array, mx.array]:
+    """``(factor, corrected)`` [N, L] for a sampler that differs from the trainer.
+
+    The weight is ``w = pi_old / pi_sampler`` per token (``level="token"``) or the product
+    over the sequence (``"sequence"``, the same value on every token of a row). ``tis``
+    (truncated importance sampling) multiplies the policy term by ``min(w, cap)``; ``mis``
+    (masked importance sampling) drops tokens (or sequences) with ``w > cap``. ``corrected``
+    marks where the cap acted. Both are constants for autodiff.
+    """
+    _check_choice("rollout correction", kind, ROLLOUT_CORRECTIONS)
+    _check_choice("importance-sampling level", level, IMPORTANCE_LEVELS)
+    log_w = mx.stop_gradient(old_logp) - sampler_logp
+    if level == "sequence":
+        log_w = _sequence_sums(log_w, mask)
+    w = mx.exp(log_w)  # overflow to inf is fine: both rules only compare it with the cap
+    corrected = w > cap
+    if kind == "tis":
+        factor = mx.minimum(w, cap)
+    elif kind == "mis":
+        factor = (~corrected).astype(mx.float32)
+    else:
+        factor, corrected = mx.ones_like(w), mx.zeros(w.shape, dtype=mx.bool_)
+    return mx.stop_gradient(factor), corrected
+
+
+def entropy_threshold(entropies: Any, quantile: float) -> float:
+    """The entropy at or above which a token is in the top ``quantile`` share of ``entropies``.
+
+    ``quantile`` 0.2 keeps the highest-entropy 20% ("Beyond the 80/20 rule", Wang et al.
+    2025); 1.0 keeps every token. Linear interpolation between order statistics (numpy's
+    default), so exactly the tokens with ``entropy >= threshold`` are kept.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    values = np.asarray(entropies, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        return 0.0
+    if quantile >= 1.0:
+        return float(values.min())
+    return float(np.quantile(values, 1.0 - quantile))
+
+
+def sapo_gate(ratio: mx.array, advantages: mx.array, tau_pos: float, tau_neg: float) -> mx.array:
+    """SAPO's soft gate ``sigmoid(tau (r - 1)) * 4 / tau``, tau by the advantage's sign.
+
+    Its slope at r = 1 is 1, so on-policy it gives the plain policy gradient; away from 1 it
+    fades smoothly instead of stopping at a clip boundary.
+    """
+    tau = mx.where(advantages > 0, tau_pos, tau_neg)
+    return mx.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+
+
 def policy_loss(
     logp: mx.array,
     old_logp: mx.array | None,
@@ -229,27 +302,48 @@ def policy_loss(
     kl_estimator: KLEstimator = "k3",
     entropy: mx.array | None = None,
     entropy_coeff: float = 0.0,
+    importance_sampling_level: ImportanceLevel = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    sampler_logp: mx.array | None = None,
+    rollout_correction: RolloutCorrection = "none",
+    rollout_correction_cap: float = 2.0,
+    rollout_correction_level: ImportanceLevel = "token",
+    policy_mask: mx.array | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """Clipped GRPO-family policy loss for one micro-batch.
+    """GRPO-family policy loss for one micro-batch.
 
-    Per token: ``r = exp(logp - old_logp)``, ``surrogate = min(r*A, clip(r, 1-eps_low,
-    1+eps_high)*A)``, ``l = -(surrogate - kl_coeff*KL) - entropy_coeff*H``. ``gspo`` replaces
-    ``r`` by the sequence ratio ``exp(mean_t(logp - old_logp))`` (clipped per sequence).
+    Per token, with ``r`` the importance ratio ``exp(logp - old_logp)`` and ``A`` the
+    advantage, the policy term ``pg`` is
 
-    Shapes: ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``entropy`` [N, L] (the mask sliced
-    with :func:`completion_slice`); ``advantages`` [N]. ``old_logp=None`` means on-policy
-    (``num_iterations = 1``): the stop-gradient of ``logp``, so the ratio is exactly 1.
+    - clipped (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``): ``-min(r*A, clip(r,
+      1-eps_low, 1+eps_high)*A)``;
+    - ``cispo`` (MiniMax-M1): ``-sg(min(r, 1+eps_high)) * A * logp``, a clipped,
+      stop-gradient weight on the log-prob (no lower bound, so no token loses its gradient);
+    - ``sapo``: ``-sapo_gate(r) * A`` (soft gate, :func:`sapo_gate`).
+
+    ``importance_sampling_level="sequence"`` (always for ``gspo``) replaces ``r`` by the
+    sequence ratio ``exp(mean_t(logp - old_logp))``, with the GSPO-token gradient. Then
+    ``l = pg * rollout_factor * policy_mask + kl_coeff*KL - entropy_coeff*H``: the rollout
+    correction (:func:`rollout_correction_factor`, needs ``sampler_logp``) and ``policy_mask``
+    (e.g. the top-entropy tokens) touch the policy term only; KL and entropy cover every token.
+
+    Shapes: ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``entropy``, ``sampler_logp``,
+    ``policy_mask`` [N, L] (the mask sliced with :func:`completion_slice`); ``advantages`` [N].
+    ``old_logp=None`` means on-policy (``num_iterations = 1``): the stop-gradient of ``logp``,
+    so the ratio is exactly 1.
 
     Returns ``(loss, metrics)``. ``loss`` is this micro-batch's contribution to the update's
     loss as normalised by ``norm``: summing it over the update's micro-batches gives the loss of
     the whole update. ``metrics`` (stop-gradient scalars) follow the same rule, each being this
     micro-batch's share of a mean over all completion tokens of the update, so they too are
     summed over micro-batches: ``clip_low`` (ratio < 1-eps_low with A < 0), ``clip_high``
-    (ratio > 1+eps_high with A > 0), ``ratio``, plus ``kl`` when ``ref_logp`` is given and
-    ``entropy`` when ``entropy`` is given.
+    (ratio > 1+eps_high with A > 0; for ``cispo`` any ratio above its cap), ``ratio``, plus
+    ``kl``, ``entropy``, ``rollout_corrected`` and ``policy_tokens`` when those apply.
     """
     _check_choice("loss type", loss_type, LOSS_TYPES)
     _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
+    _check_choice("importance-sampling level", importance_sampling_level, IMPORTANCE_LEVELS)
     if old_logp is None:
         old_logp = logp
     _validate_loss_inputs(logp, old_logp, advantages, mask)
@@ -257,21 +351,49 @@ def policy_loss(
         raise ValueError("kl_coeff != 0 needs ref_logp")
     if entropy_coeff != 0.0 and entropy is None:
         raise ValueError("entropy_coeff != 0 needs entropy")
+    if rollout_correction != "none" and sampler_logp is None:
+        raise ValueError("a rollout correction needs sampler_logp")
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.astype(mx.float32)
     old_logp = mx.stop_gradient(old_logp)
 
-    ratio = mx.exp(_log_ratios(logp, old_logp, mask, sequence_level=loss_type == "gspo"))
+    sequence_level = importance_sampling_level == "sequence" or loss_type == "gspo"
+    ratio = mx.exp(_log_ratios(logp, old_logp, mask, sequence_level=sequence_level))
     adv = advantages.astype(mx.float32)[:, None]
-    surrogate = mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-    token_loss = -surrogate
+    if loss_type == "cispo":
+        pg = -mx.stop_gradient(mx.minimum(ratio, 1.0 + eps_high)) * adv * logp
+        clipped_high = ratio > 1.0 + eps_high
+        clipped_low = mx.zeros(ratio.shape, dtype=mx.bool_)
+    elif loss_type == "sapo":
+        pg = -sapo_gate(ratio, adv, sapo_tau_pos, sapo_tau_neg) * adv
+        clipped_high = clipped_low = mx.zeros(ratio.shape, dtype=mx.bool_)
+    else:
+        pg = -mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
+        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
 
     metrics: dict[str, mx.array] = {
-        "clip_low": _token_share((ratio < 1.0 - eps_low) & (adv < 0), mask, norm),
-        "clip_high": _token_share((ratio > 1.0 + eps_high) & (adv > 0), mask, norm),
+        "clip_low": _token_share(clipped_low, mask, norm),
+        "clip_high": _token_share(clipped_high, mask, norm),
         "ratio": _token_share(ratio, mask, norm),
     }
+    if rollout_correction != "none":
+        assert sampler_logp is not None
+        factor, corrected = rollout_correction_factor(
+            old_logp,
+            sampler_logp,
+            mask,
+            kind=rollout_correction,
+            cap=rollout_correction_cap,
+            level=rollout_correction_level,
+        )
+        pg = pg * factor
+        metrics["rollout_corrected"] = _token_share(corrected, mask, norm)
+    if policy_mask is not None:
+        pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
+        metrics["policy_tokens"] = _token_share(policy_mask, mask, norm)
+    token_loss = pg
     if ref_logp is not None:
         kl = kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator)
         token_loss = token_loss + kl_coeff * kl

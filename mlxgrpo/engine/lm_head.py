@@ -73,13 +73,17 @@ def _vocab_size(owner: nn.Module | None, fallback: int) -> int:
     return int(weight.shape[0]) if weight is not None else fallback
 
 
-def _chunk_function(head: Callable, owner: nn.Module | None, with_entropy: bool, entropy_grad):
+def _chunk_function(
+    head: Callable, owner: nn.Module | None, with_entropy: bool, entropy_grad, temperature: float
+):
     """(params, features [C, H], targets [C]) -> (logp [C], entropy [C]) or (logp [C],)."""
 
     def run(params: Any, features: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
         if owner is not None:
             owner.update(params)  # trainable head weights are explicit inputs
         logits = head(features)
+        if temperature != 1.0:  # as the sampler tempers them (rollout.tempered_scores)
+            logits = logits.astype(mx.float32) * (1.0 / temperature)
         if with_entropy:
             return token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
         return (token_logprobs(logits, targets),)
@@ -96,12 +100,13 @@ def _apply_head(
     with_entropy: bool,
     entropy_grad: bool,
     differentiable: bool,
+    temperature: float,
 ) -> tuple[mx.array, ...]:
     """Log-probs (and entropies) of flat ``features`` [P, H] -> [P], chunk by chunk."""
     owner = _head_owner(head)
     positions = int(targets.shape[0])
     step = chunk_size or head_chunk_positions(_vocab_size(owner, positions))
-    run = _chunk_function(head, owner, with_entropy, entropy_grad)
+    run = _chunk_function(head, owner, with_entropy, entropy_grad, temperature)
     params = owner.trainable_parameters() if owner is not None else {}
     try:
         if positions <= step:  # one chunk: keep its logits for the backward pass
@@ -139,6 +144,7 @@ def sequence_logprobs(
     mask: mx.array | None = None,
     differentiable: bool = True,
     prompt_lengths: Any = None,
+    temperature: float = 1.0,
 ) -> mx.array: ...
 
 
@@ -153,6 +159,7 @@ def sequence_logprobs(
     mask: mx.array | None = None,
     differentiable: bool = True,
     prompt_lengths: Any = None,
+    temperature: float = 1.0,
 ) -> tuple[mx.array, mx.array]: ...
 
 
@@ -166,6 +173,7 @@ def sequence_logprobs(
     mask: mx.array | None = None,
     differentiable: bool = True,
     prompt_lengths: Any = None,
+    temperature: float = 1.0,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
@@ -181,8 +189,12 @@ def sequence_logprobs(
     ``differentiable=False`` says no gradient will be taken (a reference pass), so a frozen
     head's chunks skip preparing one (a gradient taken anyway is still right, only slower).
     Returns logp [N, T-start] float32, or ``(logp, entropy)`` when ``with_entropy`` is true
-    (``entropy_grad=False``: the entropy is a metric, not differentiated).
+    (``entropy_grad=False``: the entropy is a metric, not differentiated). With ``temperature``
+    T the log-probs and entropies are those of ``softmax(logits / T)``, the distribution the
+    rollout samples from.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     rows, length = tokens.shape
     if not 1 <= start < length:
         raise ValueError(f"start must be in [1, {length - 1}] for {length} tokens, got {start}")
@@ -226,6 +238,7 @@ def sequence_logprobs(
         with_entropy=with_entropy,
         entropy_grad=entropy_grad,
         differentiable=differentiable,
+        temperature=temperature,
     )
     if selected is not None:
         outputs = [_scatter(values, selected, rows * width) for values in outputs]

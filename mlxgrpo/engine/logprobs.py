@@ -41,8 +41,10 @@ def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
 
 
 def _logp_entropy_probs(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
+    """(logp, entropy, probs, peak, log_norm): the last three are kept for the backward pass."""
     z = logits.astype(mx.float32)
-    z = z - mx.max(z, axis=-1, keepdims=True)
+    peak = mx.max(z, axis=-1, keepdims=True)
+    z = z - peak
     # One exp pass serves the normaliser, the entropy and (kept for the backward pass) the
     # probabilities: exp is the costly op on CPU.
     e = _exp(z)
@@ -53,7 +55,7 @@ def _logp_entropy_probs(logits: mx.array, targets: mx.array) -> tuple[mx.array, 
     weighted = mx.where(probs > 0, probs * z, 0.0)
     entropy = log_norm.squeeze(-1) - mx.sum(weighted, axis=-1)
     picked = mx.take_along_axis(z, targets[..., None], axis=-1).squeeze(-1)
-    return picked - log_norm.squeeze(-1), entropy, probs
+    return picked - log_norm.squeeze(-1), entropy, probs, peak, log_norm
 
 
 def _add_at_targets(grad: mx.array, targets: mx.array, d_logp: mx.array) -> mx.array:
@@ -69,13 +71,16 @@ def _logp_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
 
 @_logp_entropy.vjp
 def _logp_entropy_vjp(primals, cotangents, outputs):
-    """d logp/dz = onehot - p; dH/dz = -p (log p + H), with log p = z - logsumexp(z)."""
+    """d logp/dz = onehot - p; dH/dz = -p (log p + H).
+
+    log p is rebuilt as the forward pass had it, ``(z - peak) - log_norm``: rebuilding it from
+    the unshifted logits (``z - logsumexp(z)``) cancels two large numbers and loses digits when
+    logits are large.
+    """
     logits, targets = primals
     d_logp, d_entropy = cotangents[0], cotangents[1]
-    logp, entropy, probs = outputs
-    z = logits.astype(mx.float32)
-    picked = mx.take_along_axis(z, targets[..., None], axis=-1)
-    log_probs = z - (picked - logp[..., None])
+    _, entropy, probs, peak, log_norm = outputs
+    log_probs = (logits.astype(mx.float32) - peak) - log_norm
     spread = mx.where(probs > 0, log_probs + entropy[..., None], 0.0)
     grad = -probs * (d_logp[..., None] + d_entropy[..., None] * spread)
     grad = _add_at_targets(grad, targets, d_logp)
@@ -108,9 +113,9 @@ def token_logprobs_and_entropy(
     is a stop-gradient value (a metric) and the backward pass skips its term.
     """
     if entropy_grad:
-        logp, entropy, _ = _logp_entropy(logits, targets)
+        logp, entropy, *_ = _logp_entropy(logits, targets)
         return logp, entropy
-    logp, entropy, _ = _logp_entropy_value(logits, targets)
+    logp, entropy, *_ = _logp_entropy_value(logits, targets)
     return logp, mx.stop_gradient(entropy)
 
 

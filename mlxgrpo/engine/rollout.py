@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 
 FINISH_STOP = "stop"
@@ -80,20 +81,31 @@ class MicroBatch:
     tokens: [N, T] int32, prompt + completion, right-padded with pad_id.
     completion_mask: [N, T] float32, 1.0 exactly at completion positions (EOS included).
     prompt_lengths: [N] int32. start: min(prompt_lengths), the first completion position.
+    sampler_logp, sampler_entropy: [N, T - start] float32, the rollout's log-prob of each
+    completion token and the entropy of the distribution it came from (aligned with the
+    trainer's log-probs; 0 elsewhere), or None when not recorded.
     """
 
     tokens: mx.array
     completion_mask: mx.array
     prompt_lengths: mx.array
     start: int
+    sampler_logp: mx.array | None = None
+    sampler_entropy: mx.array | None = None
 
 
 def build_micro_batch(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     pad_id: int = 0,
+    sampler_logprobs: Sequence[Sequence[float]] | None = None,
+    sampler_entropies: Sequence[Sequence[float]] | None = None,
 ) -> MicroBatch:
-    """Concatenate each prompt with its completion (one prompt per completion, same order)."""
+    """Concatenate each prompt with its completion (one prompt per completion, same order).
+
+    ``sampler_logprobs`` / ``sampler_entropies``: one value per completion token, as the
+    rollout recorded them.
+    """
     if len(prompt_ids) != len(completion_ids) or not prompt_ids:
         raise MlxgrpoError(
             f"need one prompt per completion, got {len(prompt_ids)} prompts "
@@ -107,12 +119,31 @@ def build_micro_batch(
         rows.append([*prompt, *completion] + [pad_id] * pad)
         masks.append([0.0] * len(prompt) + [1.0] * len(completion) + [0.0] * pad)
     lengths = [len(p) for p in prompt_ids]
+    start = min(lengths)
     return MicroBatch(
         tokens=mx.array(rows, dtype=mx.int32),
         completion_mask=mx.array(masks, dtype=mx.float32),
         prompt_lengths=mx.array(lengths, dtype=mx.int32),
-        start=min(lengths),
+        start=start,
+        sampler_logp=_aligned(prompt_ids, completion_ids, sampler_logprobs, start, width),
+        sampler_entropy=_aligned(prompt_ids, completion_ids, sampler_entropies, start, width),
     )
+
+
+def _aligned(prompt_ids, completion_ids, values, start: int, width: int) -> mx.array | None:
+    """Per-completion-token ``values`` laid out like the trainer's [N, width - start] log-probs."""
+    if values is None:
+        return None
+    out = [[0.0] * (width - start) for _ in prompt_ids]
+    for row, (prompt, row_values) in enumerate(zip(prompt_ids, values, strict=True)):
+        if len(row_values) != len(completion_ids[row]):
+            raise ValueError(
+                f"row {row}: {len(row_values)} values for a completion of "
+                f"{len(completion_ids[row])} tokens"
+            )
+        offset = len(prompt) - start
+        out[row][offset : offset + len(row_values)] = list(row_values)
+    return mx.array(out, dtype=mx.float32)
 
 
 @dataclass
@@ -134,6 +165,10 @@ class Rollout:
     decode_steps: int = 0  # tokens drawn per row, including those past a stop
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # Per completion token, when recorded (see generate_groups): its log-prob and the entropy
+    # of the distribution it was drawn from.
+    completion_logprobs: list[list[float]] | None = None
+    completion_entropies: list[list[float]] | None = None
 
     @property
     def num_completions(self) -> int:
@@ -151,10 +186,13 @@ class Rollout:
     def training_batch(self, indices: Sequence[int] | None = None, pad_id: int = 0) -> MicroBatch:
         """The MicroBatch of the completions at `indices` (all when None)."""
         chosen = list(range(self.num_completions)) if indices is None else list(indices)
+        logprobs, entropies = self.completion_logprobs, self.completion_entropies
         return build_micro_batch(
             [self.prompt_ids[self.prompt_index[i]] for i in chosen],
             [self.completion_ids[i] for i in chosen],
             pad_id=pad_id,
+            sampler_logprobs=None if logprobs is None else [logprobs[i] for i in chosen],
+            sampler_entropies=None if entropies is None else [entropies[i] for i in chosen],
         )
 
 
@@ -172,9 +210,37 @@ def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConf
     """Draw one token per row of logits [N, V] with an mx.random key; returns [N] uint32."""
     if sampling.greedy:
         return mx.argmax(logits, axis=-1).astype(mx.uint32)
+    return _draw(tempered_scores(logits, sampling), key, sampling)
+
+
+def tempered_scores(logits: mx.array, sampling: SamplingConfig) -> mx.array:
+    """float32 ``logits / temperature`` (temperature 1 when greedy): the distribution sampled
+    from before any top-k/top-p/min-p truncation, and the one the trainer's log-probs use."""
+    scores = logits.astype(mx.float32)
+    return scores if sampling.greedy else scores * (1.0 / sampling.temperature)
+
+
+def sample_recorded(
+    logits: mx.array, key: mx.array | None, sampling: SamplingConfig, with_entropy: bool
+) -> tuple[mx.array, mx.array]:
+    """``(tokens [N], stats [N, k])``: a token per row as :func:`sample_tokens` draws it, with
+    its log-prob (and, when ``with_entropy``, the entropy) under :func:`tempered_scores`."""
+    scores = tempered_scores(logits, sampling)
+    if sampling.greedy:
+        tokens = mx.argmax(scores, axis=-1).astype(mx.uint32)
+    else:
+        tokens = _draw(scores, key, sampling)
+    targets = tokens.astype(mx.int32)
+    if with_entropy:
+        logp, entropy = token_logprobs_and_entropy(scores, targets, entropy_grad=False)
+        return tokens, mx.stack([logp, entropy], axis=-1)
+    return tokens, token_logprobs(scores, targets)[:, None]
+
+
+def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
+    """Truncate the tempered ``scores`` as configured and draw one token per row."""
     # Categorical sampling needs no normalisation; top-p exponentiates, so shift by the max
     # (much cheaper than logsumexp on CPU) to keep exp() from overflowing.
-    scores = logits.astype(mx.float32) * (1.0 / sampling.temperature)
     if 0.0 < sampling.top_p < 1.0:
         scores = scores - mx.max(scores, axis=-1, keepdims=True)
     if 0 < sampling.top_k < scores.shape[-1]:
@@ -277,6 +343,7 @@ class _StopTracker:
         decode: Callable[[list[int]], str] | None,
     ) -> None:
         self.ids: list[list[int]] = [[] for _ in range(count)]
+        self.stats: list[list[list[float]]] = [[] for _ in range(count)]  # per token, if recorded
         self.reason: list[str | None] = [None] * count
         self.max_new_tokens = max_new_tokens
         self.eos = eos_token_ids
@@ -290,26 +357,35 @@ class _StopTracker:
     def finished(self, row: int) -> bool:
         return self.reason[row] is not None
 
-    def add(self, rows: Sequence[int], new_tokens: list[list[int]]) -> None:
-        """new_tokens[i] are the tokens sampled for completion rows[i] since the last call."""
-        for row, tokens in zip(rows, new_tokens, strict=True):
+    def add(
+        self,
+        rows: Sequence[int],
+        new_tokens: list[list[int]],
+        new_stats: list[list[list[float]]] | None = None,
+    ) -> None:
+        """new_tokens[i] are the tokens sampled for completion rows[i] since the last call
+        (new_stats[i] their recorded statistics, one list per token)."""
+        for i, (row, tokens) in enumerate(zip(rows, new_tokens, strict=True)):
             if not self.finished(row):
-                self._extend(row, tokens)
+                self._extend(row, tokens, None if new_stats is None else new_stats[i])
 
     def close(self) -> None:
         for row, reason in enumerate(self.reason):
             if reason is None:
                 self.reason[row] = FINISH_LENGTH
 
-    def _extend(self, row: int, tokens: list[int]) -> None:
+    def _extend(self, row: int, tokens: list[int], stats: list[list[float]] | None) -> None:
         ids = self.ids[row]
         checked = len(ids)
         ids.extend(tokens[: self.max_new_tokens - checked])
+        if stats is not None:
+            self.stats[row].extend(stats[: self.max_new_tokens - checked])
         cut = self._token_stop(ids, checked)
         if self.stop_strings:
             cut = self._string_stop(ids, checked, len(ids) if cut is None else cut) or cut
         if cut is not None:
             del ids[cut:]
+            del self.stats[row][cut:]
             self.reason[row] = FINISH_STOP
         elif len(ids) >= self.max_new_tokens:
             self.reason[row] = FINISH_LENGTH
@@ -387,12 +463,35 @@ class _DecodeBatch:
     cache: list[Any]
     seen: mx.array | None = None
     pending: list[mx.array] = field(default_factory=list)
+    # Record each sampled token's log-prob (and entropy) with it: None = record nothing.
+    record_entropy: bool | None = None
+    pending_stats: list[mx.array] = field(default_factory=list)
+
+    def sample(self, logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> None:
+        """Draw the next token of every row (and its statistics, when recording)."""
+        if self.record_entropy is None:
+            self.tokens = sample_tokens(logits, key, sampling)
+            mx.async_eval(self.tokens)
+            return
+        self.tokens, stats = sample_recorded(logits, key, sampling, self.record_entropy)
+        self.pending_stats.append(stats)
+        mx.async_eval(self.tokens, stats)
+
+    def take_window(self) -> tuple[mx.array, mx.array | None]:
+        """The pending steps' tokens [rows, steps] and stats [rows, steps, k] (queued)."""
+        tokens = mx.stack(self.pending, axis=1)
+        stats = mx.stack(self.pending_stats, axis=1) if self.pending_stats else None
+        mx.async_eval(tokens, *([] if stats is None else [stats]))
+        self.pending, self.pending_stats = [], []
+        return tokens, stats
 
     def keep(self, positions: list[int]) -> None:
         index = mx.array(positions, dtype=mx.int32)
         _select_rows(self.cache, index)
         self.rows = [self.rows[p] for p in positions]
         self.tokens = self.tokens[index]
+        self.pending = [t[index] for t in self.pending]
+        self.pending_stats = [t[index] for t in self.pending_stats]
         if self.seen is not None:
             self.seen = self.seen[index]
 
@@ -412,6 +511,8 @@ def generate_groups(
     key: mx.array | None = None,
     sync_every: int = 8,
     prefill_step_size: int = 512,
+    record_logprobs: bool = False,
+    record_entropies: bool = False,
 ) -> Rollout:
     """Sample `num_generations` completions for every prompt (token ids in, token ids out).
 
@@ -420,6 +521,12 @@ def generate_groups(
     `decode(ids)` text), or after `max_new_tokens` tokens (truncated). `seed` or an explicit
     mx.random `key` makes sampling reproducible; without either the global generator is used.
     The model is run in eval mode and its training flags are restored afterwards.
+
+    ``record_logprobs`` keeps each sampled token's log-prob under the distribution it was
+    drawn from: the tempered logits (``logits / temperature``, after any repetition penalty),
+    before top-k/top-p/min-p truncation (:func:`tempered_scores`); ``record_entropies`` also
+    keeps that distribution's entropy. They are ``Rollout.completion_logprobs`` and
+    ``completion_entropies``.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
     prompts = [list(p) for p in prompts]
@@ -440,10 +547,12 @@ def generate_groups(
         cache, logits = prefill_prompts(model, prompts, prefill_step_size)
         mx.eval(logits)
         prefilled = time.perf_counter()
-        batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys)
+        record = record_entropies if (record_logprobs or record_entropies) else None
+        batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys, record)
         steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
         finished = time.perf_counter()
     tracker.close()
+    stats = tracker.stats if record is not None else None
     return Rollout(
         prompt_ids=prompts,
         num_generations=num_generations,
@@ -456,6 +565,10 @@ def generate_groups(
         decode_steps=steps,
         prefill_seconds=prefilled - started,
         decode_seconds=finished - prefilled,
+        completion_logprobs=None if stats is None else [[t[0] for t in row] for row in stats],
+        completion_entropies=(
+            [[t[1] for t in row] for row in stats] if stats is not None and record else None
+        ),
     )
 
 
@@ -466,6 +579,7 @@ def _first_step(
     logits: mx.array,
     sampling: SamplingConfig,
     step_keys: mx.array | None,
+    record_entropy: bool | None,
 ) -> _DecodeBatch:
     """Repeat each prompt's cache and logits G times and sample every completion's first token."""
     group_rows = mx.repeat(mx.arange(len(prompts), dtype=mx.int32), num_generations)
@@ -476,10 +590,14 @@ def _first_step(
         seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     key = None if step_keys is None else step_keys[0]
-    tokens = sample_tokens(logits, key, sampling)
-    mx.async_eval(tokens)
     rows = list(range(len(prompts) * num_generations))
-    return _DecodeBatch(rows=rows, tokens=tokens, cache=cache, seen=seen, pending=[tokens])
+    placeholder = mx.zeros((len(rows),), dtype=mx.uint32)  # sample() sets the first tokens
+    batch = _DecodeBatch(
+        rows=rows, tokens=placeholder, cache=cache, seen=seen, record_entropy=record_entropy
+    )
+    batch.sample(logits, key, sampling)
+    batch.pending = [batch.tokens]
+    return batch
 
 
 def _decode(
@@ -497,17 +615,16 @@ def _decode(
         sync = step % sync_every == 0
         if sync:
             # Queued before the next step, so reading it back does not wait for that step.
-            window = mx.stack(batch.pending, axis=1)
-            mx.async_eval(window)
+            window, stats = batch.take_window()
         _queue_next_token(model, batch, sampling, None if step_keys is None else step_keys[step])
         step += 1
         if sync:
-            tracker.add(batch.rows, window.tolist())
-            batch.pending = []
+            tracker.add(batch.rows, window.tolist(), None if stats is None else stats.tolist())
             if not _drop_finished_rows(batch, tracker):
                 return step
         batch.pending.append(batch.tokens)
-    tracker.add(batch.rows, mx.stack(batch.pending, axis=1).tolist())
+    window, stats = batch.take_window()
+    tracker.add(batch.rows, window.tolist(), None if stats is None else stats.tolist())
     return step
 
 
@@ -519,8 +636,7 @@ def _queue_next_token(
     if batch.seen is not None:
         batch.seen = _mark_seen(batch.seen, inputs)
         logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
-    batch.tokens = sample_tokens(logits, key, sampling)
-    mx.async_eval(batch.tokens)
+    batch.sample(logits, key, sampling)
 
 
 def _drop_finished_rows(batch: _DecodeBatch, tracker: _StopTracker) -> bool:

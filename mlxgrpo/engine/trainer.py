@@ -135,6 +135,8 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
         )
     total = cfg.run.max_steps or per_epoch * cfg.run.num_epochs
     epochs = max(cfg.run.num_epochs, math.ceil(total / per_epoch))
+    if cfg.algorithm.dynamic_sampling:  # extra draws read on into later epochs
+        epochs *= 1 + cfg.algorithm.max_resample_batches
     stream = PromptStream(
         train_examples,
         cfg.optim.batch_size,
@@ -247,7 +249,8 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
             warmup_ratio=cfg.optim.warmup_ratio,
             kind=cfg.optim.lr_scheduler_type,
         )
-        result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr)
+        more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
+        result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr, more)
         update += 1
         for name, message in result.reward_errors.items():
             cb.on_message(f"reward function {name} raised: {message} (its values count as None)")

@@ -15,10 +15,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map
 
 from mlxgrpo.data import Example
-from mlxgrpo.engine import grpo
+from mlxgrpo.engine import dynamic_sampling, grpo
 from mlxgrpo.engine.checkpointing import checkpointed_blocks
 from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.microbatch import plan_microbatches
@@ -43,16 +44,18 @@ class UpdateContext:
     def __post_init__(self) -> None:
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
-    def loss_and_grad(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm):
+    def loss_and_grad(
+        self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask=None
+    ):
         """``((loss, (metrics, logp)), grads)`` of one micro-batch (see :meth:`_loss`).
 
         With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
         backward pass, which runs inside this call: the context spans all of it.
         """
         with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
-            return self._value_and_grad(batch, advantages, old_logp, ref_logp, norm)
+            return self._value_and_grad(batch, advantages, old_logp, ref_logp, norm, policy_mask)
 
-    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm):
+    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask):
         algo, mask = self.cfg.algorithm, batch.completion_mask
         # The entropy is always reported; it is differentiated only when it is in the loss.
         logp, entropy = grpo.sequence_logprobs(
@@ -64,6 +67,7 @@ class UpdateContext:
             chunk_size=self.cfg.finetune.lm_head_chunk or None,
             mask=mask,
             prompt_lengths=batch.prompt_lengths,
+            temperature=trainer_temperature(self.cfg),
         )
         loss, metrics = grpo.policy_loss(
             logp,
@@ -79,8 +83,21 @@ class UpdateContext:
             kl_estimator=algo.kl_estimator,
             entropy=entropy,
             entropy_coeff=algo.entropy_coeff,
+            importance_sampling_level=algo.importance_sampling_level,
+            sapo_tau_pos=algo.sapo_tau_pos,
+            sapo_tau_neg=algo.sapo_tau_neg,
+            sampler_logp=batch.sampler_logp,
+            rollout_correction=algo.rollout_correction,
+            rollout_correction_cap=algo.rollout_correction_cap,
+            rollout_correction_level=algo.rollout_correction_level,
+            policy_mask=policy_mask,
         )
         return loss, (metrics, mx.stop_gradient(logp))
+
+
+def trainer_temperature(cfg: Any) -> float:
+    """The temperature of the trainer's log-probs: the rollout's (1 for greedy rollouts)."""
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
 
 @dataclass
@@ -91,26 +108,56 @@ class UpdateResult:
 
 
 def run_update(
-    ctx: UpdateContext, examples: Sequence[Example], seed: int, lr: float
+    ctx: UpdateContext,
+    examples: Sequence[Example],
+    seed: int,
+    lr: float,
+    more_examples: Callable[[], Sequence[Example] | None] | None = None,
 ) -> UpdateResult:
-    """Sample, score and learn from one batch of prompts; returns the update's metrics."""
+    """Sample, score and learn from one batch of prompts; returns the update's metrics.
+
+    With ``algorithm.dynamic_sampling``, ``more_examples()`` supplies further batches of
+    prompts (None when the data ran out) until the update holds enough informative groups.
+    """
     cfg, started = ctx.cfg, time.perf_counter()
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
-    prompts = [ctx.codec.encode(ex) for ex in examples]
-    rollout = _rollout(ctx, prompts, seed)
-    texts = [ctx.codec.decode(strip_eos(ids, ctx.codec.eos_ids)) for ids in rollout.completion_ids]
-    scored = _score(ctx.reward_set, examples, rollout, texts)
-    rewards = _with_overlong_penalty(scored.totals, rollout, cfg)
-    advantages, keep, zero_std = _advantages(rewards, rollout, cfg)
+    sample = _sample(ctx, examples, seed)
+    extra: dict[str, float] = {}
+    trained_groups = list(range(sample.num_groups))
+    if cfg.algorithm.dynamic_sampling and more_examples is not None:
+
+        def draw(k: int) -> dynamic_sampling.ScoredRollout | None:
+            batch = more_examples()
+            return (
+                None if batch is None else _sample(ctx, batch, dynamic_sampling.draw_seed(seed, k))
+            )
+
+        filled = dynamic_sampling.fill(
+            sample,
+            draw,
+            batch_size=cfg.optim.batch_size,
+            max_extra_draws=cfg.algorithm.max_resample_batches,
+        )
+        sample, trained, trained_groups = filled.sampled, filled.trained, filled.trained_groups
+        extra = {
+            "sampling_draws": float(filled.draws),
+            "trained_groups": float(len(trained_groups)),
+        }
+    else:
+        trained = sample
+    advantages, keep = _advantages(trained.rewards, trained.rollout, cfg)
+    mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
     ctx.optimizer.learning_rate = lr
     train_started = time.perf_counter()
-    train_metrics, trained_tokens = _learn(ctx, rollout, advantages, keep)
+    train_metrics, trained_tokens = _learn(ctx, trained.rollout, advantages, keep)
     train_seconds = time.perf_counter() - train_started
+    rollout, group = sample.rollout, cfg.rollout.num_generations
     metrics = {
-        **_reward_metrics(scored, rewards, zero_std, cfg.rollout.num_generations),
+        **_reward_metrics(sample.scored, sample.rewards, group),
         **_advantage_metrics(advantages, keep),
         **_completion_metrics(rollout),
         **train_metrics,
+        **extra,
         "learning_rate": lr,
         "rollout_tokens_per_sec": rollout.tokens_per_second,
         "rollout_seconds": rollout.seconds,
@@ -119,9 +166,25 @@ def run_update(
         "step_seconds": time.perf_counter() - started,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
-    records = _completion_records(examples, rollout, texts, scored, rewards, advantages)
-    errors = {name: f.first_message for name, f in scored.errors.items() if f.count == 1}
+    # Every sampled completion is logged; those of groups the update did not train on carry
+    # advantage 0.
+    per_row = [0.0] * len(sample.rewards)
+    for position, g in enumerate(trained_groups):
+        for j in range(group):
+            per_row[g * group + j] = advantages[position * group + j]
+    records = _completion_records(sample, per_row)
+    errors = {name: f.first_message for name, f in sample.scored.errors.items() if f.count == 1}
     return UpdateResult(metrics, records, errors)
+
+
+def _sample(ctx: UpdateContext, examples: Sequence[Example], seed: int):
+    """Roll out and score one batch of prompts."""
+    prompts = [ctx.codec.encode(ex) for ex in examples]
+    rollout = _rollout(ctx, prompts, seed)
+    texts = [ctx.codec.decode(strip_eos(ids, ctx.codec.eos_ids)) for ids in rollout.completion_ids]
+    scored = _score(ctx.reward_set, examples, rollout, texts)
+    rewards = _with_overlong_penalty(scored.totals, rollout, ctx.cfg)
+    return dynamic_sampling.ScoredRollout(list(examples), rollout, texts, scored, rewards)
 
 
 def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout:
@@ -143,6 +206,8 @@ def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout
         stop_strings=r.stop or None,
         decode=ctx.codec.decode if r.stop else None,
         seed=seed,
+        record_logprobs=True,
+        record_entropies=ctx.cfg.algorithm.top_entropy_quantile < 1.0,
     )
 
 
@@ -166,7 +231,7 @@ def _with_overlong_penalty(totals: Sequence[float], rollout: Rollout, cfg: Any) 
 
 
 def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
-    """Per-completion advantages, the indices that train, and the zero-std group mask."""
+    """Per-completion advantages and the indices of the completions that train."""
     algo, group = cfg.algorithm, cfg.rollout.num_generations
     r = mx.array(rewards, dtype=mx.float32)
     adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
@@ -181,7 +246,7 @@ def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
         if not (algo.filter_zero_std_groups and zero_std[i // group])
         and not (algo.mask_truncated_completions and rollout.truncated[i])
     ]
-    return adv.tolist(), keep, zero_std
+    return adv.tolist(), keep
 
 
 def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
@@ -204,20 +269,24 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     norm = grpo.LossNorm.for_update(
         [b.completion_mask for b in batches], cfg.rollout.max_new_tokens
     )
+    policy_masks = _top_entropy_masks(rollout, batches, cfg.algorithm.top_entropy_quantile)
     refs = [_reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
     totals: dict[str, float] = {}
+    mismatch = _Mismatch()
     passes = cfg.algorithm.num_iterations
-    for _ in range(passes):
+    for iteration in range(passes):
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
             (loss, (metrics, logp)), g = ctx.loss_and_grad(
-                batch, advs[k], olds[k], refs[k] if refs else None, norm
+                batch, advs[k], olds[k], refs[k] if refs else None, norm, policy_masks[k]
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:
                 olds[k] = logp
             mx.eval(loss, metrics, grads, *(o for o in olds if o is not None))
+            if iteration == 0:
+                mismatch.add(logp, batch)
             loss_sum += loss.item()
             for name, value in metrics.items():
                 metrics_sum[name] = metrics_sum.get(name, 0.0) + value.item()
@@ -225,7 +294,58 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
         for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
             totals[name] = totals.get(name, 0.0) + value / passes
     tokens = sum(int(b.tokens.size) for b in batches) * passes
-    return {"skipped": 0.0, "micro_batches": float(len(batches)), **totals}, tokens
+    return {
+        "skipped": 0.0,
+        "micro_batches": float(len(batches)),
+        **totals,
+        **mismatch.metrics(),
+    }, tokens
+
+
+class _Mismatch:
+    """|sampler log-prob - trainer log-prob| over the completion tokens of the first pass."""
+
+    def __init__(self) -> None:
+        self.total, self.largest, self.tokens = 0.0, 0.0, 0
+
+    def add(self, logp: mx.array, batch: MicroBatch) -> None:
+        if batch.sampler_logp is None:
+            return
+        mask = grpo.completion_slice(batch.completion_mask, batch.start)
+        gap = mx.abs(logp - batch.sampler_logp) * mask
+        self.total += mx.sum(gap).item()
+        self.largest = max(self.largest, mx.max(gap).item())
+        self.tokens += int(mx.sum(mask).item())
+
+    def metrics(self) -> dict[str, float]:
+        if not self.tokens:
+            return {}
+        return {
+            "logprob_mismatch_mean": self.total / self.tokens,
+            "logprob_mismatch_max": self.largest,
+        }
+
+
+def _top_entropy_masks(
+    rollout: Rollout, batches: list[MicroBatch], quantile: float
+) -> list[mx.array | None]:
+    """Per micro-batch, 1.0 at the completion tokens whose entropy is in the update's top
+    ``quantile`` share (the threshold taken over every trained token, whatever the split)."""
+    if quantile >= 1.0:
+        return [None] * len(batches)
+    masks = [grpo.completion_slice(b.completion_mask, b.start) for b in batches]
+    entropies = [b.sampler_entropy for b in batches]
+    if any(h is None for h in entropies):
+        raise ValueError("the top-entropy mask needs a rollout that recorded entropies")
+    kept = np.concatenate(
+        [np.asarray(h)[np.asarray(m) > 0] for h, m in zip(entropies, masks, strict=True)]
+    )
+    threshold = grpo.entropy_threshold(kept, quantile)
+    # Compared in float64, as the threshold was taken, so no token flips on rounding.
+    return [
+        mx.array(np.asarray(h, dtype=np.float64) >= threshold, dtype=mx.float32) * m
+        for h, m in zip(entropies, masks, strict=True)
+    ]
 
 
 def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
@@ -234,6 +354,7 @@ def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
         chunk_size=ctx.cfg.finetune.lm_head_chunk or None,
         differentiable=False,
         prompt_lengths=batch.prompt_lengths,
+        temperature=trainer_temperature(ctx.cfg),
     )
     if ctx.ref_model is not None:
         ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
@@ -263,7 +384,7 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def _reward_metrics(scored: RewardResult, rewards, zero_std, group: int) -> dict[str, Any]:
+def _reward_metrics(scored: RewardResult, rewards, group: int) -> dict[str, Any]:
     mean, std = _stats(rewards)
     out: dict[str, Any] = {"reward_mean": mean, "reward_std": std}
     per_fn = {}
@@ -274,7 +395,8 @@ def _reward_metrics(scored: RewardResult, rewards, zero_std, group: int) -> dict
 
     if (share := accuracy(scored)) is not None:
         out["accuracy"] = share
-    out["zero_std_groups"] = sum(zero_std) / max(1, len(zero_std))
+    groups = max(1, len(rewards) // group)
+    out["zero_std_groups"] = 1.0 - len(dynamic_sampling.informative_groups(rewards, group)) / groups
     out["reward_errors"] = {n: f.count for n, f in scored.errors.items()}
     return out
 
@@ -300,17 +422,18 @@ def _completion_metrics(rollout: Rollout) -> dict[str, float]:
     }
 
 
-def _completion_records(examples, rollout, texts, scored, rewards, advantages) -> list[dict]:
+def _completion_records(sample, advantages: list[float]) -> list[dict]:
     records = []
-    for i, text in enumerate(texts):
-        ex = examples[rollout.prompt_index[i]]
+    rollout, scored = sample.rollout, sample.scored
+    for i, text in enumerate(sample.texts):
+        ex = sample.examples[rollout.prompt_index[i]]
         records.append(
             {
                 "prompt": ex.prompt,
                 "answer": ex.answer,
                 "completion": text,
                 "rewards": {n: scored.values[n][i] for n in scored.names},
-                "reward": rewards[i],
+                "reward": sample.rewards[i],
                 "advantage": advantages[i],
                 "truncated": rollout.truncated[i],
             }
