@@ -140,7 +140,10 @@ def test_training_with_dynamic_sampling_resumes_exactly(tmp_path) -> None:
     def weights(path):
         return dict(tree_flatten(mx.load(str(path / "adapters.safetensors"))))
 
-    a, b = weights(tmp_path / "straight" / "r" / "final"), weights(tmp_path / "resumed" / "r" / "final")
+    a, b = (
+        weights(tmp_path / "straight" / "r" / "final"),
+        weights(tmp_path / "resumed" / "r" / "final"),
+    )
     assert a.keys() == b.keys() and a
     for key in a:
         assert mx.allclose(a[key], b[key], atol=1e-6).item(), key

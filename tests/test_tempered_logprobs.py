@@ -51,9 +51,7 @@ def _trainer_view(model, rollout, temperature: float):
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_recorded_logprobs_equal_the_trainers(model, temperature: float) -> None:
     rollout = _rollout(model, temperature)
-    assert [len(x) for x in rollout.completion_logprobs] == [
-        len(c) for c in rollout.completion_ids
-    ]
+    assert [len(x) for x in rollout.completion_logprobs] == [len(c) for c in rollout.completion_ids]
     batch, logp, entropy = _trainer_view(model, rollout, temperature)
     mask = batch.completion_mask[:, batch.start :]
     assert float(mx.abs((logp - batch.sampler_logp) * mask).max()) <= 1e-5
