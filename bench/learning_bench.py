@@ -45,7 +45,7 @@ TASK = [
     "logging.jsonl=false",
     "logging.log_completions=false",
 ]
-THRESHOLD = 0.6
+THRESHOLD = 0.25
 WINDOW = 4
 
 

@@ -260,7 +260,7 @@ def test_top_entropy_mask_is_the_same_under_any_split() -> None:
             )
             for c in chunks
         ]
-        masks = _top_entropy_masks(None, batches, 0.25)
+        masks = _top_entropy_masks(batches, 0.25)
         kept = set()
         for chunk, batch, m in zip(chunks, batches, masks, strict=True):
             lengths = batch.prompt_lengths.tolist()

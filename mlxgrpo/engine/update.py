@@ -269,7 +269,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     norm = grpo.LossNorm.for_update(
         [b.completion_mask for b in batches], cfg.rollout.max_new_tokens
     )
-    policy_masks = _top_entropy_masks(rollout, batches, cfg.algorithm.top_entropy_quantile)
+    policy_masks = _top_entropy_masks(batches, cfg.algorithm.top_entropy_quantile)
     refs = [_reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
     totals: dict[str, float] = {}
@@ -326,9 +326,7 @@ class _Mismatch:
         }
 
 
-def _top_entropy_masks(
-    rollout: Rollout, batches: list[MicroBatch], quantile: float
-) -> list[mx.array | None]:
+def _top_entropy_masks(batches: list[MicroBatch], quantile: float) -> list[mx.array | None]:
     """Per micro-batch, 1.0 at the completion tokens whose entropy is in the update's top
     ``quantile`` share (the threshold taken over every trained token, whatever the split)."""
     if quantile >= 1.0:
