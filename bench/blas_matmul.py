@@ -1,11 +1,12 @@
-"""fp32 matmul through MLX with the bundled reference BLAS vs a preloaded system OpenBLAS.
+"""fp32 matmul through MLX: bundled reference BLAS vs what `auto` picks vs the OpenBLAS wheel.
 
-Each variant runs in a fresh subprocess, because the OpenBLAS preload only takes effect before
-mlx is first imported (`MLXGRPO_BLAS=off` vs `MLXGRPO_BLAS=auto`).
+Each variant runs in a fresh subprocess, because the BLAS is chosen once per process, before or
+at the first `import mlx`: `MLXGRPO_BLAS=off` (bundled), `auto` (a system OpenBLAS when there is
+one, else the wheel) and `wheel` (scipy-openblas32, rebound into libmlx's slots).
 
     python bench/blas_matmul.py [--size 1024] [--repeats 7] [--rounds 3] [--out results.json]
 
-The variants alternate for `--rounds` rounds so both see the same machine load; the figures are
+The variants alternate for `--rounds` rounds so all see the same machine load; the figures are
 medians over rounds of each round's median.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 def measure(size: int, repeats: int, warmup: int) -> dict:
     """Runs in the worker: median seconds of `repeats` timed matmuls after `warmup` untimed ones."""
-    import mlxgrpo  # noqa: F401  (preloads the BLAS chosen by MLXGRPO_BLAS before mlx loads)
+    import mlxgrpo  # noqa: F401  (sets up the BLAS chosen by MLXGRPO_BLAS before mlx loads)
     from mlxgrpo.backend import blas_info
 
     # isort: split
@@ -71,28 +72,29 @@ def main() -> None:
         print(json.dumps(measure(args.size, args.repeats, args.warmup)))
         return
 
-    rounds = [(run_variant("off", args), run_variant("auto", args)) for _ in range(args.rounds)]
-    bundled = statistics.median(off["gflops"] for off, _ in rounds)
-    openblas = statistics.median(auto["gflops"] for _, auto in rounds)
-    ratio = openblas / bundled
+    variants = ("off", "auto", "wheel")
+    rounds = [{v: run_variant(v, args) for v in variants} for _ in range(args.rounds)]
+    gflops = {v: statistics.median(r[v]["gflops"] for r in rounds) for v in variants}
     print(
         f"fp32 {args.size}x{args.size} matmul through MLX "
         f"(median of {args.repeats} runs x {args.rounds} rounds)"
     )
-    for label, value, blas in (
-        ("bundled", bundled, rounds[0][0]["blas"]),
-        ("preloaded", openblas, rounds[0][1]["blas"]),
-    ):
-        print(f"  {label:<10} {value:8.1f} GFLOP/s   {blas}")
-    print(f"  speed-up   {ratio:8.1f}x")
+    print(f"  {'MLXGRPO_BLAS':<13} {'GFLOP/s':>8}  {'speed-up':>8}   BLAS")
+    for v in variants:
+        ratio = gflops[v] / gflops["off"]
+        print(f"  {v:<13} {gflops[v]:8.1f}  {ratio:7.1f}x   {rounds[0][v]['blas']}")
     if args.out:
         results = {
             "size": args.size,
             "repeats": args.repeats,
-            "bundled_gflops": bundled,
-            "openblas_gflops": openblas,
-            "speedup": ratio,
-            "rounds": [{"bundled": off, "openblas": auto} for off, auto in rounds],
+            "bundled_gflops": gflops["off"],
+            "openblas_gflops": gflops["auto"],
+            "wheel_gflops": gflops["wheel"],
+            "speedup": gflops["auto"] / gflops["off"],
+            "wheel_speedup": gflops["wheel"] / gflops["off"],
+            "rounds": [
+                {"bundled": r["off"], "openblas": r["auto"], "wheel": r["wheel"]} for r in rounds
+            ],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -9,6 +9,15 @@ global symbol scope first, so a system OpenBLAS loaded with RTLD_GLOBAL before l
 serves every BLAS call. Loading it later does not help: Python imports extension modules with
 RTLD_NOW, which binds libmlx's BLAS symbols at import time (measured: 4 GFLOP/s after a late load,
 185 GFLOP/s when the same late load meets lazy binding).
+
+Without a system OpenBLAS (no root, fresh machine) the `scipy-openblas32` wheel serves instead.
+Its symbols are prefixed (`scipy_cblas_sgemm`), so no preload can bind them; as soon as mlx.core
+is imported, `blas_slots.rebind` points libmlx's BLAS/LAPACK import slots at them. That also
+works after a late `import mlx`, so the wheel rescues the "too late" case as well.
+
+Order: `MLXGRPO_BLAS` (`auto` default, `off`, `wheel`, or a path to a BLAS library, plain or
+`scipy_`-prefixed), then a system OpenBLAS, then the wheel. `MLXGRPO_BLAS_SEARCH_SYSTEM=0` skips
+the system search, as on a machine without the Debian package (used by the tests).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import blas_slots
 from mlxgrpo.blas_probe import (
     UNBOUND,
     bound_blas_path,
@@ -35,10 +45,17 @@ from mlxgrpo.blas_probe import (
 from mlxgrpo.errors import ConfigError
 
 ENV_VAR = "MLXGRPO_BLAS"
+SEARCH_SYSTEM_VAR = "MLXGRPO_BLAS_SEARCH_SYSTEM"
 BUNDLED_NAME = "reference BLAS (bundled with mlx[cpu])"
+WHEEL_LABEL = "from scipy-openblas32 (wheel, rebound)"
 INSTALL_HINT = (
-    "install OpenBLAS: sudo apt-get install libopenblas0-pthread (Debian/Ubuntu) or "
-    "sudo dnf install openblas (Fedora); mlxgrpo loads it automatically on the next run"
+    "install OpenBLAS: pip install scipy-openblas32 (no root needed; `uv sync` installs it), "
+    "or sudo apt-get install libopenblas0-pthread (Debian/Ubuntu) or sudo dnf install openblas "
+    "(Fedora); mlxgrpo uses it automatically on the next run"
+)
+REBIND_FAILED_HINT = (
+    "install a system OpenBLAS, which mlxgrpo preloads instead: sudo apt-get install "
+    "libopenblas0-pthread (Debian/Ubuntu) or sudo dnf install openblas (Fedora)"
 )
 TOO_LATE_HINT = (
     "import mlxgrpo before mlx: OpenBLAS has to be loaded before the first `import mlx` "
@@ -74,10 +91,11 @@ _preloaded: BlasInfo | None = None
 
 
 def preload_blas() -> BlasInfo:
-    """Load a system OpenBLAS into the global symbol scope (Linux), once per process.
+    """Set up a fast BLAS for MLX on Linux, once per process: load a system OpenBLAS into the
+    global symbol scope, or else arrange for libmlx to be rebound to the scipy-openblas32 wheel.
 
     Returns what the preload did; `blas_info()` reports what actually serves MLX afterwards.
-    `MLXGRPO_BLAS` selects: `auto` (default), `off`, or a path to a BLAS shared library.
+    `MLXGRPO_BLAS` selects: `auto` (default), `off`, `wheel`, or a path to a BLAS library.
     """
     global _preloaded
     if _preloaded is None:
@@ -94,25 +112,116 @@ def _preload() -> BlasInfo:
         return BlasInfo("platform default")
     setting = os.environ.get(ENV_VAR, "auto").strip()
     if setting.lower() == "off":
-        found = next(_candidate_paths(), None)
+        found = next(_candidate_paths(), None) or blas_slots.wheel_library()
         hint = f"unset {ENV_VAR}=off to use OpenBLAS from {found}" if found else INSTALL_HINT
         return BlasInfo(BUNDLED_NAME, fast=False, hint=hint)
+    if setting.lower() == "wheel":
+        return _use_wheel(blas_slots.wheel_library())
+    late = None
     if "mlx.core" in sys.modules:
         late = _late_preload_check()
-        if late is not None:
+        if late is not None and late.fast:
             return late
     warning = None
     if setting.lower() not in ("", "auto"):
-        lib, reason = _load_global(setting)
+        if _exports_prefixed(setting):
+            return _use_wheel(setting)
+        lib, reason = (None, "too late to load it") if late else _load_global(setting)
         if lib is not None:  # a bare name was found by dlopen's search: report the file
             found = owner_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value) or setting
             return replace(_describe(found, lib), loaded_by_us=True)
-        warning = f"{ENV_VAR}={setting}: {reason}; looking for a system OpenBLAS instead"
-    for path in _candidate_paths():
-        lib, _ = _load_global(path)
-        if lib is not None:
-            return replace(_describe(path, lib), loaded_by_us=True, warning=warning)
+        warning = f"{ENV_VAR}={setting}: {reason}; looking for another OpenBLAS instead"
+    if late is None:
+        for path in _candidate_paths():
+            lib, _ = _load_global(path)
+            if lib is not None:
+                return replace(_describe(path, lib), loaded_by_us=True, warning=warning)
+    wheel = blas_slots.wheel_library()
+    if wheel is not None:
+        return replace(_use_wheel(wheel), warning=warning)
+    if late is not None:
+        return late
     return BlasInfo(BUNDLED_NAME, fast=False, hint=INSTALL_HINT, warning=warning)
+
+
+# Set when rebinding the wheel's functions into libmlx failed: why, for blas_info().
+_rebind_failure: str | None = None
+
+
+def _use_wheel(path: str | None) -> BlasInfo:
+    """Serve MLX from a `scipy_`-prefixed OpenBLAS: rebind now if mlx is loaded, else on import."""
+    if path is None:
+        return BlasInfo(
+            BUNDLED_NAME,
+            fast=False,
+            hint="pip install scipy-openblas32 (or `uv sync`) to get the OpenBLAS wheel",
+            warning=f"{ENV_VAR}=wheel: the scipy-openblas32 package is not installed",
+        )
+    info = BlasInfo(f"OpenBLAS {WHEEL_LABEL}", path, loaded_by_us=True)
+    if "mlx.core" in sys.modules:
+        return _rebind_wheel(path) or info
+    _RebindOnImport.install(path)
+    return info
+
+
+def _rebind_wheel(path: str) -> BlasInfo | None:
+    """Rebind libmlx's slots to `path`; None on success, else the reference BLAS and why."""
+    global _rebind_failure
+    try:
+        blas_slots.rebind(path)
+    except blas_slots.SlotError as exc:
+        _rebind_failure = f"could not point MLX at the OpenBLAS wheel: {exc}"
+        return BlasInfo(BUNDLED_NAME, fast=False, hint=REBIND_FAILED_HINT, warning=_rebind_failure)
+    _rebind_failure = None
+    return None
+
+
+class _RebindOnImport:
+    """Meta-path hook: once `mlx.core` (and so libmlx) is loaded, rebind its BLAS slots.
+
+    Importing mlx eagerly instead would cost every `import mlxgrpo` a few hundred ms.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def install(cls, path: str) -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, cls)]
+        sys.meta_path.insert(0, cls(path))
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "mlx.core":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, hook = spec.loader, self
+
+        class _ThenRebind(type(loader)):  # keeps the real loader's behaviour, adds one step
+            def exec_module(self, module: Any) -> None:
+                super().exec_module(module)
+                sys.meta_path[:] = [f for f in sys.meta_path if f is not hook]
+                failed = _rebind_wheel(hook.path)
+                if failed is not None:
+                    warnings.warn(failed.warning, RuntimeWarning, stacklevel=2)
+
+        loader.__class__ = _ThenRebind
+        return spec
+
+
+def _exports_prefixed(path: str) -> bool:
+    """Whether `path` is an OpenBLAS built with `scipy_`-prefixed names (like the wheel's)."""
+    if os.sep in path and not os.path.exists(path):
+        return False
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+    except OSError:
+        return False
+    prefixed = blas_slots.WHEEL_PREFIX + "cblas_sgemm"
+    return hasattr(lib, prefixed) and not hasattr(lib, "cblas_sgemm")
 
 
 def _late_preload_check() -> BlasInfo | None:
@@ -151,6 +260,8 @@ def _load_global(path: str) -> tuple[ctypes.CDLL | None, str | None]:
 
 def _candidate_paths():
     """Existing OpenBLAS files, most specific first; only stat calls and one small file read."""
+    if os.environ.get(SEARCH_SYSTEM_VAR, "1").strip() == "0":
+        return  # as on a machine without a system OpenBLAS
     machine = platform.machine()
     triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(machine, "")
     dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
@@ -197,12 +308,10 @@ def blas_info() -> BlasInfo:
         path = predicted_blas_path()
     info = _describe(path) if path else BlasInfo("unknown BLAS", fast=False)
     ours = bool(preloaded.loaded_by_us and path and same_file(path, preloaded.path or ""))
-    return replace(
-        info,
-        loaded_by_us=ours,
-        hint=None if info.fast else (preloaded.hint or INSTALL_HINT),
-        warning=preloaded.warning,
-    )
+    hint, warning = preloaded.hint or INSTALL_HINT, preloaded.warning
+    if _rebind_failure and not info.fast:
+        hint, warning = REBIND_FAILED_HINT, _rebind_failure
+    return replace(info, loaded_by_us=ours, hint=None if info.fast else hint, warning=warning)
 
 
 def _describe(path: str, lib: ctypes.CDLL | None = None) -> BlasInfo:
@@ -212,12 +321,18 @@ def _describe(path: str, lib: ctypes.CDLL | None = None) -> BlasInfo:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
         except OSError:
             lib = None
-    config = _openblas_config(lib) if lib is not None else None
+    prefix = ""
+    if lib is not None and hasattr(lib, blas_slots.WHEEL_PREFIX + "openblas_get_config"):
+        prefix = blas_slots.WHEEL_PREFIX
+    config = _openblas_config(lib, prefix) if lib is not None else None
     if config is not None:
         version = re.search(r"OpenBLAS\s+([\w.]+)", config)
-        model = _PARALLEL_MODELS.get(_call_int(lib, "openblas_get_parallel"), "unknown threading")
+        parallel = _call_int(lib, prefix + "openblas_get_parallel")
+        model = _PARALLEL_MODELS.get(parallel, "unknown threading")
         name = f"OpenBLAS {version.group(1) if version else '?'} ({model})"
-        return BlasInfo(name, path, threads=_call_int(lib, "openblas_get_num_threads"))
+        if prefix:  # only reachable through libmlx's rebound slots
+            name += f" {WHEEL_LABEL}" if _from_wheel(path) else " (prefixed build, rebound)"
+        return BlasInfo(name, path, threads=_call_int(lib, prefix + "openblas_get_num_threads"))
     path = os.path.realpath(path)
     base = os.path.basename(path).lower()
     parent = os.path.basename(os.path.dirname(path)).lower()
@@ -231,10 +346,15 @@ def _describe(path: str, lib: ctypes.CDLL | None = None) -> BlasInfo:
     return BlasInfo(os.path.basename(path), path)
 
 
-def _openblas_config(lib: ctypes.CDLL) -> str | None:
-    if not hasattr(lib, "openblas_get_config"):
+def _from_wheel(path: str) -> bool:
+    wheel = blas_slots.wheel_library()
+    return bool(wheel and same_file(path, wheel))
+
+
+def _openblas_config(lib: ctypes.CDLL, prefix: str = "") -> str | None:
+    if not hasattr(lib, prefix + "openblas_get_config"):
         return None
-    get_config = lib.openblas_get_config
+    get_config = getattr(lib, prefix + "openblas_get_config")
     get_config.restype = ctypes.c_char_p
     return (get_config() or b"").decode(errors="replace")
 

@@ -66,6 +66,29 @@ def key_value_table(title: str, rows: Iterable[Sequence[Any]], headers: Sequence
     out.print(table)
 
 
+# Below this width a four-column key table wraps its meanings into narrow, unreadable strips.
+_WIDE_TABLE_COLUMNS = 120
+
+
+def described_keys(title: str, rows: Iterable[tuple[str, str, str, str]]) -> None:
+    """(key, type, default, meaning) rows: a table on a wide terminal, else one block per key
+    (key with its type and default, then the meaning wrapped at the terminal's full width)."""
+    rows = list(rows)
+    if out.width >= _WIDE_TABLE_COLUMNS:
+        key_value_table(title, rows, ("key", "type", "default", "meaning"))
+        return
+    from rich.padding import Padding
+    from rich.text import Text
+
+    out.print(Text(title, style="bold"))
+    for key, type_name, default, meaning in rows:
+        line = Text(key, style="bold")
+        line.append(f"  {type_name}, default {default}", style="dim")
+        out.print(line)
+        # soft_wrap is on for this console (long paths stay copyable); meanings should wrap.
+        out.print(Padding(Text(meaning), (0, 0, 1, 4)), soft_wrap=False)
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 
@@ -196,6 +219,7 @@ class TrainProgress:
         )
         self.task = None
         self.every = 1
+        self.rewards: list[float | None] = []  # this session's reward_mean per update
 
     def __enter__(self) -> TrainProgress:
         return self
@@ -208,8 +232,9 @@ class TrainProgress:
 
         device = info.get("device", {})
         lines = [
-            f"[bold]model[/]      {_escape(info['model'])} ({info['finetune']}, "
-            f"{info['trainable_parameters']:,} trainable parameters)",
+            f"[bold]model[/]      {_escape(info['model'])} ({info['finetune']}"
+            + (f" on {info['adapted_blocks']}" if info.get("adapted_blocks") else "")
+            + f", {info['trainable_parameters']:,} trainable parameters)",
             f"[bold]data[/]       {_escape(info['dataset'])}; "
             f"rewards: {_escape(', '.join(info['rewards']))}",
             f"[bold]algorithm[/]  {info['loss_type']}, G = {info['num_generations']}, "
@@ -233,6 +258,7 @@ class TrainProgress:
             f"{m['rollout_tokens_per_sec']:.0f} tok/s"
         )
         self.progress.update(self.task, completed=update, status=status)
+        self.rewards.append(m.get("reward_mean"))
         if update % self.every == 0:
             self.progress.console.print(reward_table(update, m))
 
@@ -257,6 +283,8 @@ class TrainProgress:
             f"{summary['seconds']:.0f}s; reward {_fmt(first)} → {_fmt(last)}; "
             f"run: {_escape(summary['run_dir'])}"
         )
+        if len(self.rewards) > 1:
+            err.print(reward_trend(self.rewards))
 
 
 def _hanging(text: str, indent: int) -> str:
@@ -512,3 +540,146 @@ _SUMMARY_ROWS = (
     ("bits_per_weight", "bits per weight"),
     ("seconds", "seconds"),
 )
+
+
+# --- run viewers: plot --terminal, runs, completions ---------------------------------------------
+
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None], width: int = 40) -> str:
+    """Values as block characters, low to high; longer series are averaged into `width` bins."""
+    points = [float(v) for v in values if v is not None]
+    if not points:
+        return ""
+    if len(points) > width:  # bin means keep the shape; taking every n-th point would alias
+        edges = [round(i * len(points) / width) for i in range(width + 1)]
+        points = [sum(points[a:b]) / (b - a) for a, b in zip(edges, edges[1:], strict=False)]
+    low, high = min(points), max(points)
+    if high == low:
+        return _BLOCKS[3] * len(points)  # flat: mid-height, so a constant 1.0 is not "zero"
+    scale = (len(_BLOCKS) - 1) / (high - low)
+    return "".join(_BLOCKS[round((p - low) * scale)] for p in points)
+
+
+def reward_trend(rewards: Sequence[float | None]) -> str:
+    """`reward ▁▂▃▅▇█ 0.010 → 0.980`: the run's reward curve on one line (markup)."""
+    known = [r for r in rewards if r is not None]
+    if not known:
+        return "[dim]reward: no values[/]"
+    return f"[bold]reward[/] [cyan]{sparkline(known)}[/] {_fmt(known[0])} → {_fmt(known[-1])}"
+
+
+def metric_sparklines(logs: Sequence[Any], metrics: Sequence[str]) -> None:
+    """`plot --terminal`: one table per run; per metric a sparkline with min/max/last, and the
+    eval points (diamonds in the PNG) as a row of their own."""
+    # The sparkline gets what the other columns leave of the terminal (6 to 40 characters):
+    # each column takes its text + 3 (padding, border): name, span (≤ 9), three numbers (≤ 8).
+    width = max(6, min(40, out.width - max(len(m) for m in metrics) - 52))
+    for log in logs:
+        table = Table(title=f"curves: {_escape(log.name)}", title_justify="left")
+        table.add_column("metric", no_wrap=True, header_style="bold")
+        table.add_column("updates", no_wrap=True, header_style="bold")
+        table.add_column("trend", no_wrap=True, header_style="bold")
+        for header in ("min", "max", "last"):
+            table.add_column(header, justify="right", no_wrap=True, header_style="bold")
+        for metric in metrics:
+            for kind in ("train", "eval"):
+                xs, ys = log.series(metric, kind=kind)
+                if not ys:
+                    continue
+                label = _escape(metric) if kind == "train" else "[cyan]  ↳ eval[/]"
+                table.add_row(
+                    label,
+                    f"{xs[0]}–{xs[-1]}" if len(xs) > 1 else str(xs[0]),
+                    f"[cyan]{sparkline(ys, width)}[/]",
+                    _fmt(min(ys)),
+                    _fmt(max(ys)),
+                    f"[bold]{_fmt(ys[-1])}[/]",
+                )
+        out.print(table, soft_wrap=False)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+_STATUS_STYLE = {"finished": "green", "stopped": "yellow", "crashed": "red"}
+
+
+def runs_table(title: str, runs: Sequence[dict[str, Any]]) -> None:
+    """`mlxgrpo runs`: one row per run directory, oldest first."""
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("run", overflow="fold", min_width=8)
+    table.add_column("status", no_wrap=True)
+    # Two-line headers keep the table inside 80 columns.
+    for header in ("updates", "last\nreward", "best\nreward", "best\neval", "wall\ntime"):
+        table.add_column(header, justify="right")
+    for run in runs:
+        best = run["best_reward"]
+        best_cell = "–" if best is None else f"{_fmt(best)} [dim]@{run['best_reward_update']}[/]"
+        ev = run["best_eval"]
+        eval_cell = "–"
+        if ev is not None:
+            short = {"reward_mean": "reward", "accuracy": "acc"}.get(ev["metric"], ev["metric"])
+            eval_cell = f"{_fmt(ev['value'])} [dim]{_escape(short)} @{ev['update']}[/]"
+        style = _STATUS_STYLE.get(run["status"], "")
+        table.add_row(
+            _escape(run["name"]),
+            f"[{style}]{run['status']}[/]" if style else run["status"],
+            str(run["updates"]),
+            _fmt(run["last_reward"]),
+            best_cell,
+            eval_cell,
+            _duration(run["wall_seconds"]),
+        )
+    out.print(table, soft_wrap=False)
+    for run in runs:
+        if run.get("problem"):
+            err.print(f"[yellow]warning:[/] {_escape(run['name'])}: {_escape(run['problem'])}")
+
+
+def completions_table(title: str, rows: Sequence[dict[str, Any]], prompt_width: int = 80) -> None:
+    """`mlxgrpo completions`: prompt (shortened), completion, reward, advantage; one column per
+    reward function when there are several."""
+    functions = list(dict.fromkeys(k for r in rows for k in (r.get("rewards") or {})))
+    table = Table(title=title, title_justify="left", header_style="bold", show_lines=True)
+    table.add_column("prompt", overflow="fold", ratio=2)
+    table.add_column("completion", overflow="fold", ratio=3)
+    table.add_column("reward", justify="right")
+    if len(functions) > 1:
+        for name in functions:
+            table.add_column(_escape(name), justify="right")
+    table.add_column("advantage", justify="right")
+    for r in rows:
+        cells = [
+            _escape(_shorten(_prompt_text(r.get("prompt")), prompt_width)),
+            _escape(str(r.get("completion", ""))),
+            _fmt(r.get("reward")),
+        ]
+        if len(functions) > 1:
+            cells += [_fmt((r.get("rewards") or {}).get(name)) for name in functions]
+        cells.append(_fmt(r.get("advantage")))
+        table.add_row(*cells)
+    out.print(table, soft_wrap=False)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A logged prompt as text: a chat prompt (list of messages) shows its last message."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        return str(prompt[-1].get("content", ""))
+    return "" if prompt is None else str(prompt)
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,8 +1,9 @@
 """Backend: BLAS preload and detection (in fresh subprocesses), dtype policy, limits, seeding.
 
 The BLAS checks run in subprocesses because the preload only works before mlx is first
-imported, and this test process has imported it long ago. They need the system OpenBLAS this
-project's Linux CI has (Debian package libopenblas0-pthread).
+imported, and this test process has imported it long ago. They pass with whichever fast BLAS
+the machine has: a system OpenBLAS (Debian package libopenblas0-pthread) or, without one, the
+scipy-openblas32 wheel (tests/test_blas_wheel.py covers that path on its own).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def last_json(done: subprocess.CompletedProcess) -> dict:
 def exports_openblas_config(path: str) -> bool:
     import ctypes
 
-    return hasattr(ctypes.CDLL(path), "openblas_get_config")
+    lib = ctypes.CDLL(path)  # the wheel's OpenBLAS prefixes its names with scipy_
+    return hasattr(lib, "openblas_get_config") or hasattr(lib, "scipy_openblas_get_config")
 
 
 # --------------------------------------------------------------------------- BLAS
@@ -92,11 +94,12 @@ def test_blas_off_reports_the_reference_blas_and_how_to_get_openblas_back(bundle
 
 def test_missing_openblas_reports_the_reference_blas_with_the_install_hint():
     code = """
-    import json, os
+    import json, os, sys
     from mlxgrpo import backend      # MLXGRPO_BLAS=off: nothing loaded yet
     os.environ["MLXGRPO_BLAS"] = "auto"
     backend._preloaded = None
     backend._candidate_paths = lambda: iter(())   # as on a machine without OpenBLAS
+    sys.modules["scipy_openblas32"] = None        # ... and without the wheel
     preloaded = backend.preload_blas()
     print(json.dumps([preloaded.to_dict(), backend.blas_info().to_dict()]))
     """
@@ -124,9 +127,10 @@ def test_an_explicit_blas_path_is_used():
     assert info["path"] == found and info["loaded_by_us"] and info["warning"] is None
 
 
-def test_importing_mlx_first_is_reported_as_too_late():
+def test_importing_mlx_first_is_reported_as_too_late_without_the_wheel():
     code = """
-    import json
+    import json, sys
+    sys.modules["scipy_openblas32"] = None  # hides the wheel, which would rescue this case
     import mlx.core
     from mlxgrpo import backend
     print(json.dumps(backend.blas_info().to_dict()))

@@ -162,3 +162,28 @@ def test_doctor_reports_openblas(cli):
     code, out, _ = cli("doctor", "--json")
     report = json.loads(out)
     assert code == 0 and report["blas"]["name"].startswith("OpenBLAS")
+
+
+def test_keys_stay_readable_in_an_80_column_terminal():
+    result = run_subprocess(["config", "keys", "algorithm"], env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    # Each key starts its own line, whole, with its type and default beside it.
+    assert "algorithm.importance_sampling_level  a string, default token" in lines
+    # Meanings wrap at word boundaries across the full width, not in a narrow column.
+    text = " ".join(line.strip() for line in lines)
+    assert "importance_sampling_level = sequence (GSPO)" in text
+
+
+def test_a_missing_mlx_backend_is_one_line_naming_the_extra(monkeypatch, capsys):
+    from mlxgrpo.cli import app as cli_app
+
+    def no_backend(**_):
+        raise ImportError("libmlx.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(cli_app, "app", no_backend)
+    assert cli_app.main(["doctor"]) == 2
+    err = capsys.readouterr().err
+    assert "MLX has no backend library" in err and "mlxgrpo[cpu]" in err
+    assert "Traceback" not in err

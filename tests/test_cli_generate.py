@@ -209,6 +209,20 @@ def test_eval_counts_exactly_the_right_answers(cli, tiny, tmp_path):
     assert [r["completion"].strip() for r in records] == greedy
 
 
+def test_eval_on_one_named_file_evaluates_that_file(cli, tiny, tmp_path):
+    model, tokenizer = tiny
+    questions = [f"item {i}" for i in range(3)]
+    greedy = _greedy_answers(model, tokenizer, questions, 8)
+    rows = [{"question": q, "answer": g} for q, g in zip(questions, greedy, strict=True)]
+    data = tmp_path / "my.jsonl"  # not named after a split: still the data to evaluate
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "-m", MODEL, "--dataset", data, "--max-tokens", "8", "--json"]
+    code, out, err = cli(*args, "--set", "rewards.functions=['exact_match']")
+    assert code == 0, err
+    result = json.loads(out)["results"][0]
+    assert result["samples"] == 3 and result["accuracy"] == pytest.approx(1.0)
+
+
 def test_eval_compare_base_shows_base_and_adapters(cli, tiny, tmp_path):
     model, tokenizer = tiny
     adapters, adapted_model = _make_adapters(tmp_path)

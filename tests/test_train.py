@@ -324,3 +324,22 @@ def test_full_finetune_kl_uses_a_frozen_reference(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights at the start
     assert records[1]["kl"] > 1e-6  # the policy moved, the frozen copy did not
+
+
+def test_lora_layers_default_covers_every_block_and_only_an_explicit_excess_fails(cli, tmp_path):
+    common = ["train", "-m", "builtin:tiny-qwen2", "--max-steps", "1", "-o", tmp_path]
+    common += [
+        "--set",
+        "data.dataset=synthetic:repeat?letters=x",
+        "--set",
+        "rollout.max_new_tokens=4",
+    ]
+    code, _, err = cli(*common, "--set", "run.run_name=default")
+    assert code == 0, err
+    assert "lora on all 2 blocks" in " ".join(err.split())  # the header says what it did
+    code, out, err = cli(
+        *common, "--set", "run.run_name=explicit", "--set", "finetune.lora_layers=5"
+    )
+    assert code == 2
+    assert "finetune.lora_layers = 5 but the model has 2 blocks" in err
+    assert "Traceback" not in err + out

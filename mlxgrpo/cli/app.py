@@ -11,8 +11,19 @@ import sys
 import typer
 
 from mlxgrpo import __version__
-from mlxgrpo.cli import chat, config_cmd, convert, doctor, eval_cmd, infer, train
-from mlxgrpo.errors import MlxgrpoError
+from mlxgrpo.cli import (
+    chat,
+    completions,
+    config_cmd,
+    convert,
+    doctor,
+    eval_cmd,
+    infer,
+    plot,
+    runs,
+    train,
+)
+from mlxgrpo.errors import ConfigError, MlxgrpoError
 
 app = typer.Typer(
     name="mlxgrpo",
@@ -49,6 +60,9 @@ app.command("infer")(infer.infer)
 app.command("chat")(chat.chat)
 app.command("eval")(eval_cmd.eval_)
 app.command("doctor")(doctor.doctor)
+app.command("plot")(plot.plot)
+app.command("runs")(runs.runs)
+app.command("completions")(completions.completions)
 app.add_typer(config_cmd.app, name="config")
 
 
@@ -80,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if _debug_requested(argv):
             raise
+        if isinstance(exc, ImportError) and "libmlx" in str(exc):
+            # On Linux the mlx package needs a backend wheel, which the cpu/cuda extras install.
+            ui.error(
+                ConfigError(
+                    "MLX has no backend library (libmlx.so) on this machine",
+                    hint="install one: pip install 'mlxgrpo[cpu]' (or 'mlxgrpo[cuda]' for an "
+                    "NVIDIA GPU); with uv: uv sync",
+                )
+            )
+            return 2
         ui.internal_error(exc)
         return 1
 

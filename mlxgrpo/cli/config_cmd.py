@@ -91,4 +91,4 @@ def keys(
         if key in legacy_by_target:
             help_text += " (legacy: " + ", ".join(legacy_by_target[key]) + ")"
         rows.append((key, type_name(spec.type), ui.format_value(spec.default), help_text))
-    ui.key_value_table("config keys", rows, ("key", "type", "default", "meaning"))
+    ui.described_keys("config keys", rows)

@@ -41,11 +41,14 @@ def train(
     resolved = load_config(config, set_, flags)
     from mlxgrpo import ui
     from mlxgrpo.engine.trainer import train as run_training
+    from mlxgrpo.sinks import build_sinks
 
     stop = _GracefulStop()
     with ui.TrainProgress() as progress:
+        # TensorBoard / W&B, as [logging] asks; their problems arrive as one-line warnings.
+        sinks = build_sinks(resolved.config, warn=progress.on_message)
         with stop:
-            summary = run_training(resolved, [progress], should_stop=stop.requested)
+            summary = run_training(resolved, [progress, *sinks], should_stop=stop.requested)
     if json_output:
         ui.raw(json.dumps(summary) + "\n")
     return 130 if summary["interrupted"] else 0

@@ -62,7 +62,12 @@ class FinetuneConfig:
     lora_rank: int = opt(8, "LoRA rank.", min=1)
     lora_scale: float = opt(20.0, "LoRA scale (alpha / rank, as mlx-lm counts it).", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0, max=1)
-    lora_layers: int = opt(16, "Apply LoRA to the last N transformer blocks; -1 = all.", min=-1)
+    lora_layers: int = opt(
+        -1,
+        "Apply LoRA to the last N transformer blocks; -1 (default) = all of them, whatever the "
+        "model's depth.",
+        min=-1,
+    )
     target_modules: list[str] = opt(
         [], "Module names to adapt (e.g. self_attn.q_proj); empty = mlx-lm's defaults."
     )
@@ -280,6 +285,15 @@ class LoggingConfig:
     logging_steps: int = opt(1, "Show a reward table every N updates.", min=1)
     jsonl: bool = opt(True, "Write metrics.jsonl in the run directory.")
     log_completions: bool = opt(False, "Write completions.jsonl (prompt, completion, rewards).")
+    tensorboard: bool = opt(False, "Write TensorBoard event files to <run>/tensorboard/.")
+    wandb_project: str | None = opt(
+        None,
+        "Log to this Weights & Biases project (needs mlxgrpo[wandb]; WANDB_MODE=offline works); "
+        "unset = off.",
+    )
+    log_completions_steps: int = opt(
+        10, "Send a table of sample completions to W&B every N updates; 0 = never.", min=0
+    )
 
 
 @dataclass(frozen=True)

@@ -122,13 +122,14 @@ def _load_table(
         return _load_saved(path, split), str(path)
     files_by_split = _split_files(path)
     base_split = split.split("[")[0]
-    files = files_by_split.get(base_split)
+    # One named file is the data for any split: `eval --dataset my.jsonl` evaluates that file.
+    files = [path] if path.is_file() else files_by_split.get(base_split)
     if not files:
         raise ConfigError(
             f"Dataset {path} has no split {base_split!r}.",
-            hint=f"splits found: {', '.join(sorted(files_by_split)) or '(no data files)'}; a "
-            "single file is split 'train'; in a folder, file names like train*.jsonl and "
-            "test*.jsonl name the splits",
+            hint=f"splits found: {', '.join(sorted(files_by_split)) or '(no data files)'}; in "
+            "a folder, file names like train*.jsonl and test*.jsonl name the splits (a single "
+            "file serves every split)",
         )
     builders = {FILE_BUILDERS[f.suffix.lower()] for f in files}
     if len(builders) > 1:

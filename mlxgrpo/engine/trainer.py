@@ -203,6 +203,19 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
     cb.on_message(f"resumed from {path} at update {session.start_update}")
 
 
+def _adapted_blocks(s: Session) -> str | None:
+    """'all 24 blocks' / 'last 8 of 24 blocks' for new LoRA/DoRA adapters, else None."""
+    from mlxgrpo.engine.finetune import num_blocks
+
+    finetune = s.resolved.config.finetune
+    if finetune.type == "full" or s.resolved.config.model.adapter_path:
+        return None
+    blocks = num_blocks(s.model)
+    if finetune.lora_layers < 0 or finetune.lora_layers == blocks:
+        return f"all {blocks} blocks"
+    return f"last {finetune.lora_layers} of {blocks} blocks"
+
+
 def _start_info(s: Session) -> dict[str, Any]:
     from mlxgrpo.backend import blas_info, device_summary
     from mlxgrpo.engine.precision import describe, precision_report
@@ -212,6 +225,7 @@ def _start_info(s: Session) -> dict[str, Any]:
         "run_dir": str(s.run_dir),
         "model": cfg.model.path,
         "finetune": cfg.finetune.type,
+        "adapted_blocks": _adapted_blocks(s),
         "trainable_parameters": s.trainable,
         "dataset": cfg.data.dataset,
         "rewards": list(s.reward_set.names),
