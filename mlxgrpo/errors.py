@@ -21,3 +21,11 @@ class ConfigError(MlxgrpoError):
     """Bad usage or configuration: exit code 2."""
 
     exit_code = 2
+
+
+class TrainingDivergedError(MlxgrpoError):
+    """Training produced NaN/inf (loss, gradients or weights) and cannot go on: exit code 1."""
+
+
+class RewardFunctionError(MlxgrpoError):
+    """A reward function failed (raised, broke its contract or timed out) too often: exit 1."""

@@ -7,7 +7,6 @@ diamonds; one legend names the runs. Rendering uses the Agg backend: no display 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +85,13 @@ def save_figure(fig: Any, output: Path, dpi: int = 100) -> Path:
             f"cannot write '{output}': no such directory '{output.parent}'",
             hint="create it first or pick another -o",
         )
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    from mlxgrpo.safe_io import atomic_write
+
     try:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, output)
+        # An exclusive fresh temporary (never a planted symlink), renamed over the output.
+        with atomic_write(output, binary=True) as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi)
     finally:
-        tmp.unlink(missing_ok=True)
         import matplotlib.pyplot as plt
 
         plt.close(fig)

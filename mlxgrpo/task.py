@@ -67,7 +67,12 @@ def build_reward_set(resolved: ResolvedConfig) -> Any:
 
     cfg = resolved.config
     functions = list(cfg.rewards.functions) or default_rewards(cfg.data.dataset)
-    return RewardSet(functions, list(cfg.rewards.weights) or None, base_dir=resolved.base_dir())
+    return RewardSet(
+        functions,
+        list(cfg.rewards.weights) or None,
+        base_dir=resolved.base_dir(),
+        timeout_s=cfg.rewards.timeout_s,
+    )
 
 
 def text_codec(tokenizer: Any, cfg: Any) -> TextCodec:

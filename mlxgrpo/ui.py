@@ -20,11 +20,12 @@ def error(exc: Exception) -> None:
     problems = getattr(exc, "problems", None)
     message = getattr(exc, "message", str(exc))
     hint = getattr(exc, "hint", None)
+    # Messages quote user text ([sections], paths, values): escaped, never read as markup.
     if problems:
         for problem in problems:
-            err.print(f"[bold red]error:[/] {problem}", markup=True)
+            err.print(f"[bold red]error:[/] {_escape(str(problem))}")
         if hint:
-            err.print(f"[dim]hint: {hint}[/]")
+            err.print(f"[dim]hint: {_escape(hint)}[/]")
         return
     line = f"[bold red]error:[/] {_escape(message)}"
     if hint:
@@ -58,9 +59,9 @@ def raw(text: str) -> None:
 
 
 def key_value_table(title: str, rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=_escape(title), title_justify="left", header_style="bold")
     for header in headers:
-        table.add_column(header, overflow="fold")
+        table.add_column(_escape(header), overflow="fold")
     for row in rows:
         table.add_row(*(_escape(str(cell)) for cell in row))
     out.print(table)
@@ -306,7 +307,7 @@ def reward_table(update: int, m: dict[str, Any]) -> Table:
     table.add_column("std", justify="right")
     for name, stats in m.get("rewards", {}).items():
         errors = m.get("reward_errors", {}).get(name)
-        label = name + (f" [red]({errors} errors)[/]" if errors else "")
+        label = _escape(name) + (f" [red]({errors} errors)[/]" if errors else "")
         table.add_row(label, _fmt(stats["mean"]), _fmt(stats["std"]))
     table.add_row("[bold]total[/]", _fmt(m["reward_mean"]), _fmt(m["reward_std"]), end_section=True)
     extras = [
@@ -425,12 +426,38 @@ def chat_input(interactive: bool) -> str | None:
 
     if interactive:
         try:
-            return out.input("[bold cyan]>>> [/]")
+            return _valid_text(out.input("[bold cyan]>>> [/]"))
         except EOFError:
             out.print()
             return None
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:  # read bytes: undecodable input is replaced, never a crash later
+        data = buffer.readline()
+        if data == b"":
+            return None
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError:
+            _replaced_note()
+            line = data.decode("utf-8", errors="replace")
+        return line.rstrip("\n")
     line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
+    return None if line == "" else _valid_text(line.rstrip("\n"))
+
+
+def _valid_text(text: str) -> str:
+    """`text` with the lone surrogates that stand for undecodable bytes made into U+FFFD, so
+    tokenizers accept it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _replaced_note()
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
+
+
+def _replaced_note() -> None:
+    note("this line was not valid UTF-8; its undecodable bytes are replaced with \ufffd")
 
 
 def chat_assistant_prefix(interactive: bool) -> None:
@@ -455,7 +482,7 @@ def eval_table(title: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
     """One column per evaluated model (base, adapters, ...), one row per metric."""
     keys = [k for k, _ in _EVAL_COLUMNS if any(k in m for _, m in runs)]
     keys += sorted({k for _, m in runs for k in m if k.startswith("pass@")})
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=_escape(title), title_justify="left", header_style="bold")
     table.add_column("metric")
     for label, _ in runs:
         table.add_column(_escape(label), justify="right", overflow="fold")
@@ -481,7 +508,24 @@ def _eval_cell(key: str, value: Any) -> str:
 
 def stage_status(text: str) -> Any:
     """A spinner with `text` on stderr; `.update(text)` moves it to the next stage."""
-    return err.status(_escape(text), spinner="dots")
+    return _EscapedStatus(text)
+
+
+class _EscapedStatus:
+    """Rich's status spinner, with every stage text (often a path) shown as plain text."""
+
+    def __init__(self, text: str) -> None:
+        self._status = err.status(_escape(text), spinner="dots")
+
+    def __enter__(self) -> _EscapedStatus:
+        self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._status.__exit__(*exc)
+
+    def update(self, text: str) -> None:
+        self._status.update(_escape(text))
 
 
 def _size(n_bytes: int | None) -> str:
@@ -495,7 +539,9 @@ def _size(n_bytes: int | None) -> str:
 
 def conversion_summary(title: str, summary: dict[str, Any]) -> None:
     """What a conversion or fuse produced: sizes, bits per weight, parameters, time."""
-    table = Table(title=title, title_justify="left", header_style="bold", show_header=False)
+    table = Table(
+        title=_escape(title), title_justify="left", header_style="bold", show_header=False
+    )
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = []
@@ -618,7 +664,7 @@ _STATUS_STYLE = {"finished": "green", "stopped": "yellow", "crashed": "red"}
 
 def runs_table(title: str, runs: Sequence[dict[str, Any]]) -> None:
     """`mlxgrpo runs`: one row per run directory, oldest first."""
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=_escape(title), title_justify="left", header_style="bold")
     table.add_column("run", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
     # Two-line headers keep the table inside 80 columns.
@@ -652,7 +698,7 @@ def completions_table(title: str, rows: Sequence[dict[str, Any]], prompt_width: 
     """`mlxgrpo completions`: prompt (shortened), completion, reward, advantage; one column per
     reward function when there are several."""
     functions = list(dict.fromkeys(k for r in rows for k in (r.get("rewards") or {})))
-    table = Table(title=title, title_justify="left", header_style="bold", show_lines=True)
+    table = Table(title=_escape(title), title_justify="left", header_style="bold", show_lines=True)
     table.add_column("prompt", overflow="fold", ratio=2)
     table.add_column("completion", overflow="fold", ratio=3)
     table.add_column("reward", justify="right")

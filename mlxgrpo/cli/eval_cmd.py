@@ -11,6 +11,7 @@ import typer
 from mlxgrpo.cli import generation as g
 from mlxgrpo.cli.common import ConfigFiles, Overrides, adapter_dir, load_config
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.safe_io import atomic_write
 
 
 def eval_(
@@ -100,12 +101,11 @@ def eval_(
 
 
 def _write_records(path: Path, runs) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as fh:
+    # A fresh exclusive temporary renamed into place: never writes through a planted symlink.
+    with atomic_write(path) as fh:
         for label, result in runs:
             for record in result.records:
                 fh.write(json.dumps({"model": label, **record}, ensure_ascii=False) + "\n")
-    partial.replace(path)
 
 
 def _display_name(result: dict) -> str:

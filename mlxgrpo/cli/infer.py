@@ -12,6 +12,7 @@ import typer
 from mlxgrpo.cli import generation as g
 from mlxgrpo.cli.common import ConfigFiles, Overrides
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.safe_io import atomic_write
 
 
 def infer(
@@ -56,6 +57,8 @@ def infer(
         )
     if stream and json_output:
         raise ConfigError("--stream and --json do not mix", hint="drop one of them")
+    if prompt is not None and not _is_utf8(prompt):  # undecodable argv bytes arrive as surrogates
+        raise ConfigError("the PROMPT is not valid UTF-8 text", hint="pass it as UTF-8")
     prompts = _read_prompts(file) if file is not None else None
     target = _output_path(file, output, force) if file is not None else None
     flags = g.generation_flags(locals())
@@ -94,13 +97,17 @@ def _answer_one(model, tokenizer, options, prompt, stream, json_output, common) 
 
 
 def _answer_file(model, tokenizer, options, prompts, target, batch_size, common) -> int:
-    """Answers batch by batch into TARGET.partial (kept if stopped), renamed when complete."""
+    """Answers batch by batch into a fresh temporary, renamed to TARGET when complete; if
+    stopped, to TARGET.partial (a rename, so a symlink planted there is replaced, not followed)."""
     from mlxgrpo import ui
     from mlxgrpo.inference import generate_answers, peak_memory_bytes
 
     started = time.perf_counter()
     partial = target.with_name(target.name + ".partial")
-    with ui.BatchProgress("infer", len(prompts)) as progress, open(partial, "w") as fh:
+    with (
+        ui.BatchProgress("infer", len(prompts)) as progress,
+        atomic_write(target, keep_partial=partial) as fh,
+    ):
 
         def write(batch: list[Any], done: int, total: int) -> None:
             for record, answer in zip(prompts[done - len(batch) : done], batch, strict=True):
@@ -118,7 +125,6 @@ def _answer_file(model, tokenizer, options, prompts, target, batch_size, common)
             on_batch=write,
             **common,
         )
-    partial.replace(target)
     seconds = time.perf_counter() - started
     tokens = sum(answer.completion_tokens for answer in answers)
     ui.batch_stats(len(prompts), tokens, seconds, peak_memory_bytes(), target)
@@ -134,15 +140,32 @@ def _answer_record(answer: Any) -> dict[str, Any]:
     }
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_prompts(path: Path) -> list[dict[str, Any]]:
     """Every line as a dict with 'prompt' (text) or 'messages' (a chat); errors name the line."""
     if not path.is_file():
         raise ConfigError(f"prompts file '{path}' not found", hint="check the path")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Bytes first, decoded line by line, so a bad byte is reported with its line number.
+    for number, data in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{where} is not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+                f"{err.start + 1})",
+                hint="save the prompts file as UTF-8",
+            ) from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:

@@ -142,6 +142,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: invalid TOML: {exc}", hint="fix the syntax at that line"
         ) from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file as UTF-8 first
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on "
+            f"line {line})",
+            hint="pass a TOML file saved as UTF-8",
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 

@@ -1,8 +1,8 @@
 """The configuration schema: one frozen dataclass per TOML section, every field with a help line.
 
 Field metadata keys: `help` (one line), `choices` (allowed values), `min`/`max` (inclusive
-bounds), `gt` (exclusive lower bound). The resolver and `config show` read them; nothing here
-imports mlx, so config tooling works anywhere.
+bounds), `gt` (exclusive lower bound), `path_component` (one directory name, not a path). The
+resolver and `config show` read them; nothing here imports mlx, so config tooling works anywhere.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = opt("runs", "Directory that holds one sub-directory per run.")
-    run_name: str = opt("", "Run directory name; empty = a timestamp such as 20261121-084012.")
+    run_name: str = opt(
+        "",
+        "Run directory name; empty = a timestamp such as 20261121-084012.",
+        path_component=True,
+    )
     seed: int = opt(0, "Seed for data order, sampling and initialisation.", min=0)
     num_epochs: int = opt(1, "Passes over the training prompts.", min=1)
     max_steps: int = opt(0, "Stop after this many updates; 0 = as many as the epochs give.", min=0)
@@ -242,6 +246,12 @@ class OptimConfig:
         "not used. 0 = off.",
         min=0,
     )
+    max_nonfinite_updates: int = opt(
+        3,
+        "Stop the run after this many consecutive updates skipped for a NaN/inf loss or "
+        "gradient norm (a skipped update leaves the weights unchanged).",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,18 @@ class RewardsConfig:
         "empty = the dataset's defaults.",
     )
     weights: list[float] = opt([], "One weight per function; empty = all 1.")
+    timeout_s: float = opt(
+        60.0,
+        "Longest one reward call may take, in seconds; a slower call counts as a failure for "
+        "that batch (its thread is abandoned, not killed). 0 = no limit.",
+        min=0,
+    )
+    max_consecutive_failures: int = opt(
+        3,
+        "Stop the run when a reward function fails (raises, returns the wrong number or "
+        "non-numbers, or times out) on every call for this many consecutive updates.",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -342,6 +364,7 @@ class FieldSpec:
     min: float | None = None
     max: float | None = None
     gt: float | None = None
+    path_component: bool = False  # a single file or directory name, never a path
 
 
 def _section_classes() -> dict[str, type]:
@@ -371,6 +394,7 @@ def field_specs() -> dict[str, FieldSpec]:
                 min=meta.get("min"),
                 max=meta.get("max"),
                 gt=meta.get("gt"),
+                path_component=meta.get("path_component", False),
             )
     return specs
 

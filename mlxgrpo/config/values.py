@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -90,25 +91,40 @@ def _coerce_scalar(tp: type, value: Any) -> Any:
                 pass
         raise ValueProblem(f"expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ValueProblem(f"expected a number, got {value!r}")
+        if number is None:
+            raise ValueProblem(f"expected a number, got {value!r}")
+        # NaN passes every min/max comparison and inf overflows the math: neither is a setting.
+        if not math.isfinite(number):
+            raise ValueProblem(f"expected a finite number, got {number!r}; give a real value")
+        return number
     if tp is str:
         if isinstance(value, str):
+            try:  # undecodable bytes (argv, environment) arrive as lone surrogates
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueProblem("is not valid UTF-8 text; pass it as UTF-8") from None
             return value
         raise ValueProblem(f"expected a string, got {value!r} (quote it in TOML)")
     raise ValueProblem(f"unsupported field type {tp!r}")
 
 
 def check_bounds(spec: FieldSpec, value: Any) -> None:
-    """Raise ValueProblem when a typed value is outside the field's choices or range."""
+    """Raise ValueProblem when a typed value is outside the field's choices or range, or is
+    not the single directory name a path_component field needs."""
     if value is None:
         return
+    if spec.path_component:
+        problem = path_component_problem(value)
+        if problem:
+            raise ValueProblem(problem)
     if spec.choices is not None and value not in spec.choices:
         allowed = ", ".join(str(c) for c in spec.choices)
         close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
@@ -124,6 +140,23 @@ def check_bounds(spec: FieldSpec, value: Any) -> None:
             raise ValueProblem(f"must be at most {spec.max:g}, got {v!r}")
         if spec.gt is not None and v <= spec.gt:
             raise ValueProblem(f"must be greater than {spec.gt:g}, got {v!r}")
+
+
+def path_component_problem(name: str) -> str | None:
+    """Why `name` is not one directory name inside its parent (None when it is, or is empty)."""
+    fix = "use a plain name such as exp-1 (set run.output_dir for the parent folder)"
+    if name == "":
+        return None  # empty = the field's documented default (a timestamp)
+    if not name.strip():
+        return f"is blank; {fix}, or leave it empty for a timestamp"
+    if name in (".", ".."):
+        return f"'{name}' is not a directory name; {fix}"
+    # Both separators on every platform: a name must mean the same directory everywhere.
+    if "/" in name or "\\" in name:
+        return f"must be one directory name, not a path; {fix}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"contains a control character (NUL, newline, tab, ...); {fix}"
+    return None
 
 
 def closest(name: str, candidates: typing.Iterable[str]) -> str | None:

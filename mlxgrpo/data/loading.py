@@ -6,8 +6,10 @@ package stays fast and works without it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,18 +139,92 @@ def _load_table(
             f"Split {base_split!r} of {path} mixes file types: {', '.join(f.name for f in files)}.",
             hint="keep one format (jsonl, json, parquet or csv) per split",
         )
+    for file in files:
+        _require_content(file)
+    _require_utf8(files)
     import datasets
 
     try:
-        table = datasets.load_dataset(
-            builders.pop(), data_files={base_split: [str(f) for f in files]}, split=split
-        )
+        with _quiet_datasets():
+            table = datasets.load_dataset(
+                builders.pop(), data_files={base_split: [str(f) for f in files]}, split=split
+            )
     except Exception as exc:  # malformed files surface as many exception types
+        if "corresponds to no data" in str(exc):  # a split of zero rows, e.g. a header-only CSV
+            raise _no_rows(path, split) from exc
         raise ConfigError(
             f"Cannot read dataset {path} (split {split!r}): {type(exc).__name__}: {exc}",
             hint="check the file's format",
         ) from exc
+    if table.num_rows == 0:
+        raise _no_rows(path, split)
     return table, str(path)
+
+
+def _no_rows(path: Path, split: str) -> ConfigError:
+    return ConfigError(
+        f"Dataset {path} has no rows (split {split!r}).",
+        hint="add examples to the file, or point data.dataset at another file",
+    )
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars or log lines from ``datasets`` while it reads local files: a bad file
+    is reported once, as one error line, not also as its ERROR log line and a progress bar."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_off = are_progress_bars_disabled()
+    verbosity = datasets_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _require_content(file: Path) -> None:
+    """A ConfigError naming `file` when it is empty or holds only whitespace (no rows)."""
+    with file.open("rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return
+    raise ConfigError(
+        f"Dataset file {file} is empty: it has no rows.",
+        hint="add examples (e.g. one JSON object per line in a .jsonl file), or point "
+        "data.dataset at another file",
+    )
+
+
+def _require_utf8(files: list[Path]) -> None:
+    """Text data files must be UTF-8; the first bad byte is reported by file and line (the
+    datasets readers fail later, naming neither)."""
+    import codecs
+
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        line = 1
+        with file.open("rb") as fh:
+            try:
+                while chunk := fh.read(1 << 20):
+                    decoder.decode(chunk)
+                    line += chunk.count(b"\n")
+                decoder.decode(b"", final=True)  # a multi-byte character cut off at the end
+            except UnicodeDecodeError as err:
+                # err.object = the few held-back bytes (never a newline) + this chunk.
+                line += err.object[: err.start].count(b"\n")
+                raise ConfigError(
+                    f"dataset file {file}:{line} is not valid UTF-8 "
+                    f"(byte 0x{err.object[err.start]:02x})",
+                    hint="save the file as UTF-8",
+                ) from None
 
 
 def _split_files(path: Path) -> dict[str, list[Path]]:

@@ -11,6 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import safe_io
+from mlxgrpo.safe_io import io_errors
+
 
 class Callback:
     """Every hook is optional; the trainer calls them in this order of a run's life."""
@@ -77,10 +80,11 @@ class JsonlLogger(Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with io_errors(path.parent, "create"):
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def _write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
+        with io_errors(self.path), self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
 
     def on_update(self, update: int, metrics: dict[str, Any]) -> None:
@@ -97,21 +101,27 @@ class CompletionsLogger(Callback):
         self.path = path
 
     def on_completions(self, update: int, records: list[dict[str, Any]]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
+        with io_errors(self.path), self.path.open("a", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(_jsonable({"update": update, **record}), ensure_ascii=False))
                 fh.write("\n")
 
 
 def truncate_jsonl(path: Path, last_update: int) -> None:
-    """On resume, drop records of updates after the checkpoint so logs are not doubled."""
+    """On resume, drop records of updates after the checkpoint so logs are not doubled.
+
+    The kept records go to a new file renamed over the old one: a kill midway leaves either
+    log whole, never a half-truncated one."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    with io_errors(path, "read"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
         try:
-            if json.loads(line).get("update", 0) <= last_update:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        if isinstance(record, dict) and record.get("update", 0) <= last_update:
+            kept.append(line)
+    safe_io.write_text(path, "".join(k + "\n" for k in kept))

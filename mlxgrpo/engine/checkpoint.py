@@ -5,15 +5,20 @@ Layout of `checkpoints/step-000050/`:
   `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` read it as it is);
 - full fine-tuning: `model.safetensors` (every parameter);
 - `optimizer.safetensors` (the optimizer state) and `trainer_state.json` (update count, data
-  cursor, seed); `trainer_state.json` is written last and marks the checkpoint complete.
+  cursor, seed, and the list of files above); `trainer_state.json` is written last and marks the
+  checkpoint complete. A checkpoint is valid only if every file it lists is there and loads
+  (`read_checkpoint`); `--resume auto` takes the newest valid one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxgrpo import safe_io
 from mlxgrpo.errors import MlxgrpoError
+from mlxgrpo.safe_io import atomic_write, io_errors, make_temp_dir
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -46,18 +53,30 @@ def adapter_config(finetune: Any, num_layers: int) -> dict[str, Any]:
     }
 
 
+def _save_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
+    # Through our own exclusive temporary: MLX would follow a symlink and report OS errors as
+    # a bare RuntimeError.
+    with atomic_write(path, binary=True) as fh:
+        mx.save_safetensors(fh, arrays)
+
+
+def _weights_files(finetune_type: str) -> list[str]:
+    if finetune_type == "full":
+        return [FULL_WEIGHTS]
+    return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+
+
 def write_weights(
     directory: Path, model: nn.Module, finetune_type: str, config: dict | None
 ) -> None:
     """Trainable weights: adapters (+ their config) for LoRA/DoRA, every parameter for full."""
-    directory.mkdir(parents=True, exist_ok=True)
+    with io_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     if finetune_type == "full":
-        mx.save_safetensors(str(directory / FULL_WEIGHTS), dict(tree_flatten(model.parameters())))
+        _save_arrays(directory / FULL_WEIGHTS, dict(tree_flatten(model.parameters())))
         return
-    mx.save_safetensors(
-        str(directory / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters()))
-    )
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _save_arrays(directory / ADAPTER_WEIGHTS, dict(tree_flatten(model.trainable_parameters())))
+    safe_io.write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def save_checkpoint(
@@ -72,18 +91,26 @@ def save_checkpoint(
     keep_last: int = 0,
 ) -> Path:
     """Write checkpoints/step-NNNNNN atomically and prune old ones; returns its path."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(update)
-    tmp = root / f".tmp-{checkpoint_name(update)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_weights(tmp, model, finetune_type, adapter_cfg)
-    mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
-    state = {**state, "update": update, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():  # a re-run of the same update replaces the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = run_dir / "checkpoints" / checkpoint_name(update)
+    tmp = make_temp_dir(final)  # named with our pid: a later start removes it if we are killed
+    try:
+        write_weights(tmp, model, finetune_type, adapter_cfg)
+        _save_arrays(tmp / OPTIMIZER_STATE, dict(tree_flatten(optimizer.state)))
+        files = [*_weights_files(finetune_type), OPTIMIZER_STATE]
+        state = {
+            **state,
+            "update": update,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": files,  # what must be present and load for the checkpoint to be valid
+        }
+        safe_io.write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        with io_errors(final):
+            if final.exists():  # a re-run of the same update replaces the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -92,11 +119,18 @@ def save_checkpoint(
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
+    return [p for p in _step_dirs(run_dir) if (p / STATE_FILE).is_file()]
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: p.name)
+
+
+_STEP_RE = re.compile(rf"^{PREFIX}\d+$")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -104,23 +138,100 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, finetune_type: str) -> dict:
-    """Restore weights and optimizer state in place; returns the saved trainer state."""
-    if not (path / STATE_FILE).is_file():
-        raise MlxgrpoError(
-            f"{path} is not a complete mlxgrpo checkpoint (no {STATE_FILE})",
-            hint="point run.resume at a checkpoints/step-NNNNNN directory",
+class InvalidCheckpoint(MlxgrpoError):
+    """A checkpoint directory that is incomplete or damaged; `problem` says what is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"checkpoint '{path}' is not usable: {problem}",
+            hint="resume from another checkpoint, or use --resume auto for the newest valid one",
         )
-    weights_file = path / (FULL_WEIGHTS if finetune_type == "full" else ADAPTER_WEIGHTS)
-    if not weights_file.is_file():
-        raise MlxgrpoError(
-            f"{path} has no {weights_file.name}; it was saved with another finetune.type",
+        self.path = path
+        self.problem = problem
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    state: dict[str, Any]
+    weights: dict[str, mx.array]
+    optimizer: dict[str, mx.array]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def read_checkpoint(path: Path, finetune_type: str) -> LoadedCheckpoint:
+    """Read every file a checkpoint lists; raises InvalidCheckpoint naming the first problem."""
+
+    def bad(problem: str) -> InvalidCheckpoint:
+        return InvalidCheckpoint(path, problem)
+
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise bad(f"it has no {STATE_FILE} (it was never completed)")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"{STATE_FILE} is corrupt ({_first_line(exc)})") from exc
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("update"), int)
+        or ("data" not in state)
+    ):
+        raise bad(f"{STATE_FILE} lacks the update count or data position")
+    wanted = FULL_WEIGHTS if finetune_type == "full" else ADAPTER_WEIGHTS
+    other = ADAPTER_WEIGHTS if finetune_type == "full" else FULL_WEIGHTS
+    # Checkpoints from before the "files" list: what this finetune type writes.
+    files = state.get("files") or [*_weights_files(finetune_type), OPTIMIZER_STATE]
+    if not isinstance(files, list) or not all(
+        isinstance(name, str) and name and "/" not in name and name != ".." for name in files
+    ):
+        raise bad(f"{STATE_FILE} has a malformed file list")
+    if wanted not in files or (not (path / wanted).exists() and (path / other).is_file()):
+        raise InvalidCheckpoint(
+            f"{path} has no {wanted}; it was saved with another finetune.type",
             hint="resume with the finetune.type the checkpoint was written with",
         )
-    model.load_weights(list(mx.load(str(weights_file)).items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
+    arrays: dict[str, dict[str, mx.array]] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise bad(f"{name} is missing")
+        try:
+            if name.endswith(".safetensors"):
+                arrays[name] = mx.load(str(file))
+            else:
+                json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, RuntimeError, ValueError) as exc:  # MLX reports damage as RuntimeError
+            raise bad(f"{name} does not load ({_first_line(exc)})") from exc
+    return LoadedCheckpoint(path, state, arrays[wanted], arrays.get(OPTIMIZER_STATE, {}))
+
+
+def newest_valid_checkpoint(
+    run_dir: Path, finetune_type: str, on_skip: Callable[[str], None]
+) -> LoadedCheckpoint | None:
+    """The newest checkpoint that loads completely; each newer broken one is reported."""
+    for path in reversed(_step_dirs(run_dir)):
+        try:
+            return read_checkpoint(path, finetune_type)
+        except InvalidCheckpoint as exc:
+            on_skip(f"skipped checkpoint {path}: {exc.problem}")
+    return None
+
+
+def apply_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, optimizer: Any) -> dict:
+    """Restore weights and optimizer state in place; returns the saved trainer state."""
+    model.load_weights(list(loaded.weights.items()), strict=False)
+    optimizer.state = tree_unflatten(list(loaded.optimizer.items()))
     mx.eval(model.parameters(), optimizer.state)
-    return json.loads((path / STATE_FILE).read_text())
+    return loaded.state
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, finetune_type: str) -> dict:
+    """Restore weights and optimizer state in place; returns the saved trainer state."""
+    return apply_checkpoint(read_checkpoint(path, finetune_type), model, optimizer)
 
 
 LAST_RUN = "last"

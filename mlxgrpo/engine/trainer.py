@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import safe_io
 from mlxgrpo.config import ResolvedConfig
+from mlxgrpo.config.values import path_component_problem
 from mlxgrpo.engine.callbacks import (
     Callback,
     CallbackList,
@@ -23,7 +25,8 @@ from mlxgrpo.engine.callbacks import (
     JsonlLogger,
     truncate_jsonl,
 )
-from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.errors import ConfigError, MlxgrpoError, TrainingDivergedError
+from mlxgrpo.safe_io import io_errors, make_temp_dir, remove_stale_temporaries
 
 
 @dataclass
@@ -46,15 +49,39 @@ class Session:
 
 def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
     """Where this run writes; a fresh run never writes into another run's files."""
+    # Config validation rejects these too; this guards callers that build a Config directly.
+    problem = path_component_problem(run_name)
+    if problem:
+        raise ConfigError(f"run.run_name = {run_name!r}: {problem}")
     name = run_name or time.strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir).expanduser() / name
-    if resume != "never" or not base.exists() or not any(base.iterdir()):
-        return base
+    with io_errors(base, "read"):
+        if resume != "never" or not base.exists() or not any(base.iterdir()):
+            return base
     for n in range(2, 10_000):
         candidate = base.with_name(f"{name}-{n}")
         if not candidate.exists():
             return candidate
     raise MlxgrpoError(f"too many runs named {name} in {output_dir}", hint="pick another run_name")
+
+
+def check_resume_target(resume: str) -> None:
+    """Fail on a run.resume path that is no checkpoint before the model loads or a run
+    directory is made (which checkpoint `auto` picks is `_maybe_resume`'s business)."""
+    if resume in ("auto", "never"):
+        return
+    from mlxgrpo.engine.checkpoint import STATE_FILE
+
+    path = Path(resume).expanduser()
+    hint = "use auto, never, or a checkpoints/step-NNNNNN directory"
+    if not path.is_dir():
+        what = "a file, not a checkpoint directory" if path.exists() else "no such directory"
+        raise ConfigError(f"run.resume = '{resume}': {what}", hint=hint)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(
+            f"run.resume = '{resume}': not a complete mlxgrpo checkpoint (no {STATE_FILE})",
+            hint=hint,
+        )
 
 
 def update_seed(seed: int, update: int) -> int:
@@ -69,8 +96,10 @@ def train(
 ) -> dict[str, Any]:
     """Run GRPO as configured; returns a summary (run_dir, updates, first/last reward, ...)."""
     cfg = resolved.config
+    check_resume_target(cfg.run.resume)
     run_dir = run_directory(cfg.run.output_dir, cfg.run.run_name, cfg.run.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with io_errors(run_dir, "create the run directory", "pick a writable run.output_dir (-o)"):
+        run_dir.mkdir(parents=True, exist_ok=True)
     _write_resolved_config(resolved, run_dir)
     loggers: list[Callback] = []
     if cfg.logging.jsonl:
@@ -78,6 +107,12 @@ def train(
     if cfg.logging.log_completions:
         loggers.append(CompletionsLogger(run_dir / "completions.jsonl"))
     cb = CallbackList([*loggers, *callbacks])
+    # A kill while a checkpoint (or final/, or a log) was being written leaves its temporary.
+    for stale in [
+        *remove_stale_temporaries(run_dir / "checkpoints"),
+        *remove_stale_temporaries(run_dir),
+    ]:
+        cb.on_message(f"removed {stale}, left half-written by a run that was killed")
     session = _setup(resolved, run_dir, cb)
     cb.on_start(_start_info(session))
     if resolved.config.rollout.quantize_bits:
@@ -92,7 +127,7 @@ def _write_resolved_config(resolved: ResolvedConfig, run_dir: Path) -> None:
     import tomli_w
 
     text = tomli_w.dumps(resolved.config.to_dict(drop_none=True))
-    (run_dir / "config.resolved.toml").write_text(text, encoding="utf-8")
+    safe_io.write_text(run_dir / "config.resolved.toml", text)
 
 
 def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
@@ -180,22 +215,37 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
 
 
 def _maybe_resume(session: Session, cb: Callback) -> None:
-    from mlxgrpo.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from mlxgrpo.engine.checkpoint import (
+        apply_checkpoint,
+        newest_valid_checkpoint,
+        read_checkpoint,
+    )
 
     resume = session.resolved.config.run.resume
     if resume == "never":
         return
-    path = latest_checkpoint(session.run_dir) if resume == "auto" else Path(resume).expanduser()
-    if path is None:
-        return
+    finetune_type = session.resolved.config.finetune.type
+    if resume == "auto":
+        # Broken checkpoints (a kill, a full disk) are skipped and named, not fatal.
+        loaded = newest_valid_checkpoint(session.run_dir, finetune_type, cb.on_message)
+        if loaded is None:
+            # Nothing to resume, so this run starts at update 0: the records of an earlier
+            # attempt killed before its first checkpoint would otherwise be doubled.
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                with io_errors(session.run_dir / name, "remove"):
+                    (session.run_dir / name).unlink(missing_ok=True)
+            return
+        path = loaded.path
+    else:
+        path = Path(resume).expanduser()
     if not path.is_dir():
         raise ConfigError(
             f"run.resume = '{resume}': no such checkpoint directory",
             hint="use auto, never, or a checkpoints/step-NNNNNN directory",
         )
-    state = load_checkpoint(
-        path, session.model, session.optimizer, session.resolved.config.finetune.type
-    )
+    if resume != "auto":
+        loaded = read_checkpoint(path, finetune_type)
+    state = apply_checkpoint(loaded, session.model, session.optimizer)
     session.stream.load_state(state["data"])
     session.start_update = int(state["update"])
     for name in ("metrics.jsonl", "completions.jsonl"):
@@ -244,11 +294,13 @@ def _start_info(s: Session) -> dict[str, Any]:
 
 
 def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    from mlxgrpo.engine.guards import RunGuards
     from mlxgrpo.engine.schedule import learning_rate_at
     from mlxgrpo.engine.update import run_update
 
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
+    guards = RunGuards(cfg.optim.max_nonfinite_updates, cfg.rewards.max_consecutive_failures)
     if cfg.eval.before_training and s.start_update == 0 and s.eval_examples:
         cb.on_eval(0, _evaluate(s))
     update = s.start_update
@@ -266,10 +318,10 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
         result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr, more)
         update += 1
-        for name, message in result.reward_errors.items():
-            cb.on_message(f"reward function {name} raised: {message} (its values count as None)")
+        guards.report(update, result, cb)
         cb.on_update(update, result.metrics)
         cb.on_completions(update, result.completions)
+        guards.enforce(update, result)
         first = first if first is not None else result.metrics["reward_mean"]
         last = result.metrics["reward_mean"]
         if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.eval_examples:
@@ -339,19 +391,31 @@ def _checkpoint(s: Session, update: int) -> Path:
 def _save_final(s: Session) -> Path:
     """final/: adapters in mlx-lm's format, or a complete model directory for full training."""
     from mlxgrpo.engine.checkpoint import write_weights
+    from mlxgrpo.engine.update import all_finite
 
     cfg = s.resolved.config
     final = s.run_dir / "final"
-    tmp = s.run_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.finetune.type == "full":
-        from mlxgrpo.models.loading import save_full_model
+    # Last line of defence: a final/ of NaN weights would look like a finished run.
+    if not all_finite(s.model.trainable_parameters()).item():
+        raise TrainingDivergedError(
+            "refusing to write final/: the trained weights contain NaN or inf",
+            hint="lower optim.learning_rate; resume from an earlier checkpoint if there is one",
+        )
+    tmp = make_temp_dir(final)  # pid in its name: removed at the next start if we are killed
+    try:
+        with io_errors(final):
+            if cfg.finetune.type == "full":
+                from mlxgrpo.models.loading import save_full_model
 
-        save_full_model(tmp, s.model, s.tokenizer, cfg.model.path)
-    else:
-        write_weights(tmp, s.model, cfg.finetune.type, _adapter_cfg(s))
-    (tmp / "training.json").write_text(json.dumps({"base_model": cfg.model.path}, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+                save_full_model(tmp, s.model, s.tokenizer, cfg.model.path)
+            else:
+                write_weights(tmp, s.model, cfg.finetune.type, _adapter_cfg(s))
+            text = json.dumps({"base_model": cfg.model.path}, indent=2) + "\n"
+            safe_io.write_text(tmp / "training.json", text)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final

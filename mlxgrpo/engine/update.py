@@ -24,6 +24,7 @@ from mlxgrpo.engine.checkpointing import checkpointed_blocks
 from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.microbatch import plan_microbatches
 from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
+from mlxgrpo.errors import TrainingDivergedError
 from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
 from mlxgrpo.task import TextCodec
@@ -105,6 +106,8 @@ class UpdateResult:
     metrics: dict[str, Any]
     completions: list[dict[str, Any]] = field(default_factory=list)
     reward_errors: dict[str, str] = field(default_factory=dict)
+    # Reward functions that failed on every batch scored in this update -> the last message.
+    reward_failures: dict[str, str] = field(default_factory=dict)
 
 
 def run_update(
@@ -122,15 +125,18 @@ def run_update(
     cfg, started = ctx.cfg, time.perf_counter()
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
     sample = _sample(ctx, examples, seed)
+    scored_parts = [sample.scored]
     extra: dict[str, float] = {}
     trained_groups = list(range(sample.num_groups))
     if cfg.algorithm.dynamic_sampling and more_examples is not None:
 
         def draw(k: int) -> dynamic_sampling.ScoredRollout | None:
             batch = more_examples()
-            return (
-                None if batch is None else _sample(ctx, batch, dynamic_sampling.draw_seed(seed, k))
-            )
+            if batch is None:
+                return None
+            part = _sample(ctx, batch, dynamic_sampling.draw_seed(seed, k))
+            scored_parts.append(part.scored)
+            return part
 
         filled = dynamic_sampling.fill(
             sample,
@@ -174,7 +180,13 @@ def run_update(
             per_row[g * group + j] = advantages[position * group + j]
     records = _completion_records(sample, per_row)
     errors = {name: f.first_message for name, f in sample.scored.errors.items() if f.count == 1}
-    return UpdateResult(metrics, records, errors)
+    return UpdateResult(metrics, records, errors, _failed_every_call(scored_parts))
+
+
+def _failed_every_call(parts: Sequence[RewardResult]) -> dict[str, str]:
+    """Reward functions that failed on each batch scored in an update -> their last message."""
+    names = set.intersection(*(set(p.errors) for p in parts))
+    return {name: parts[-1].errors[name].last_message for name in sorted(names)}
 
 
 def _sample(ctx: UpdateContext, examples: Sequence[Example], seed: int):
@@ -253,7 +265,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
     cfg = ctx.cfg
     if not keep:
-        return {"skipped": 1.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
+        return {"skipped": 1.0, "nonfinite_skipped": 0.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
     lengths = [
         len(rollout.prompt_ids[p]) + len(c)
         for p, c in zip(rollout.prompt_index, rollout.completion_ids, strict=True)
@@ -274,7 +286,7 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     olds: list[mx.array | None] = [None] * len(batches)
     totals: dict[str, float] = {}
     mismatch = _Mismatch()
-    passes = cfg.algorithm.num_iterations
+    passes, nonfinite = cfg.algorithm.num_iterations, False
     for iteration in range(passes):
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
@@ -290,12 +302,18 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
             loss_sum += loss.item()
             for name, value in metrics.items():
                 metrics_sum[name] = metrics_sum.get(name, 0.0) + value.item()
-        grad_norm = _step(ctx, grads)
+        grad_norm, applied = _step(ctx, grads, loss_sum)
         for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
             totals[name] = totals.get(name, 0.0) + value / passes
+        if not applied:
+            # Later passes would start from the same weights and meet the same NaN/inf.
+            nonfinite = True
+            passes = iteration + 1
+            break
     tokens = sum(int(b.tokens.size) for b in batches) * passes
     return {
         "skipped": 0.0,
+        "nonfinite_skipped": float(nonfinite),
         "micro_batches": float(len(batches)),
         **totals,
         **mismatch.metrics(),
@@ -365,14 +383,40 @@ def _reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
     return ref
 
 
-def _step(ctx: UpdateContext, grads: Any) -> float:
+def _step(ctx: UpdateContext, grads: Any, loss: float) -> tuple[float, bool]:
+    """Clip and apply ``grads``; returns (gradient norm, whether the step was applied).
+
+    A NaN/inf loss or gradient norm skips the step before the optimizer sees it, so neither the
+    weights nor the optimizer's moments take in the non-finite values.
+    """
     import mlx.optimizers as optim
 
     limit = ctx.cfg.optim.max_grad_norm
     grads, norm = optim.clip_grad_norm(grads, limit if limit > 0 else math.inf)
+    norm_value = norm.item()  # the gradients are evaluated already: a cheap reduction
+    if not (math.isfinite(norm_value) and math.isfinite(loss)):
+        return norm_value, False
     ctx.optimizer.update(ctx.model, grads)
-    mx.eval(ctx.model.parameters(), ctx.optimizer.state, norm)
-    return norm.item()
+    finite = all_finite(ctx.model.trainable_parameters())
+    mx.eval(ctx.model.parameters(), ctx.optimizer.state, finite)
+    if not finite.item():
+        # Finite gradients, yet the step overflowed (a learning rate near float max); the old
+        # weights are gone (keeping them would double the memory of full fine-tuning).
+        lr = float(ctx.optimizer.learning_rate)
+        raise TrainingDivergedError(
+            "an optimizer step turned the trainable weights into NaN/inf "
+            f"(gradient norm {norm_value:.3g}, learning rate {lr:g})",
+            hint="lower optim.learning_rate; resume from an earlier checkpoint if there is one",
+        )
+    return norm_value, True
+
+
+def all_finite(params: Any) -> mx.array:
+    """A lazy scalar: True when every array in the parameter tree is free of NaN and inf."""
+    from mlx.utils import tree_flatten
+
+    checks = [mx.all(mx.isfinite(p)) for _, p in tree_flatten(params)]
+    return mx.all(mx.stack(checks)) if checks else mx.array(True)
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from typing import Any
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models.loading import (
     check_local_model_dir,
+    check_model_files,
     classify_model_spec,
     resolve_load_target,
 )
@@ -133,6 +134,18 @@ def _mlx_lm_errors(spec: str) -> Iterator[None]:
         raise ConfigError(f"'{spec}' is neither a directory nor a Hub id", hint=hint) from err
     except FileNotFoundError as err:
         raise ConfigError(f"model '{spec}' is incomplete: {err}") from err
+    except json.JSONDecodeError as err:
+        hint = "re-download the model, or restore the file from the original"
+        raise ConfigError(f"model '{spec}' has a corrupt JSON file: {err}", hint=hint) from err
+    except RuntimeError as err:
+        # MLX's own errors for a damaged weights file: `[load_safetensors] …`, `[read] …`.
+        text = str(err)
+        if "safetensors" not in text and not text.startswith("[read]"):
+            raise
+        hint = "re-download the model, or re-save its weights"
+        raise ConfigError(
+            f"the weights of model '{spec}' are truncated or corrupt: {err}", hint=hint
+        ) from err
     except ValueError as err:
         if "trust_remote_code" in str(err):
             hint = "pass --trust-remote-code only if you trust that code"
@@ -285,6 +298,7 @@ def convert_hf_model(
     out = check_output_dir(output, force, [model_dir] if model_dir else [])
     if model_dir is None:
         model_dir = _download_snapshot(source, stage)
+        check_model_files(model_dir, hint=f"delete the cached download of {source} and retry")
     skipped = _check_quantizable(model_dir, quant, trust_remote_code) if quant else 0
 
     from mlx_lm.convert import convert

@@ -7,13 +7,11 @@ into place only when complete.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from mlxgrpo.errors import ConfigError
 from mlxgrpo.models.convert import (
     StageCallback,
     StageWriter,
@@ -30,26 +28,6 @@ from mlxgrpo.models.loading import (
     resolve_load_target,
 )
 from mlxgrpo.models.output_dir import check_output_dir, install, staging
-
-
-def _check_adapter_config(adapter_dir: Path) -> None:
-    """Refuse an adapter_config.json that mlx-lm would fail on with a bare KeyError."""
-    path = adapter_dir / "adapter_config.json"
-    hint = "use the adapter_config.json written with the adapters (mlx-lm format)"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"'{path}' is not valid JSON: {err}", hint=hint) from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"'{path}' does not hold a JSON object", hint=hint)
-    if config.get("fine_tune_type", "lora") == "full":
-        return
-    params = config.get("lora_parameters")
-    params = params if isinstance(params, dict) else {}
-    missing = [key for key in ("num_layers", "lora_parameters") if key not in config]
-    missing += [f"lora_parameters.{k}" for k in ("rank", "scale") if k not in params]
-    if missing:
-        raise ConfigError(f"'{path}' lacks {', '.join(missing)}", hint=hint)
 
 
 def _fuse_layers(model: Any, dequantize: bool) -> int:
@@ -85,8 +63,7 @@ def fuse_adapters(
     stage = on_stage or (lambda _: None)
     started = time.perf_counter()
     dtype = check_dtype(dtype)
-    adapters = check_adapter_dir(str(adapter_dir))
-    _check_adapter_config(adapters)
+    adapters = check_adapter_dir(str(adapter_dir))  # also checks adapter_config.json
     base_target = resolve_load_target(model)
     is_local = classify_model_spec(model) != "hub"
     out = check_output_dir(output, force, [Path(base_target), adapters] if is_local else [adapters])

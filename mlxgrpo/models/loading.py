@@ -73,7 +73,94 @@ def check_local_model_dir(spec: str) -> Path:
             f"no model*.safetensors weights in '{spec}'",
             hint="convert the model with `mlxgrpo convert hf-model` to get MLX weights",
         )
+    check_model_files(path)
     return path
+
+
+_REDO_MODEL = "re-download or re-convert the model (`mlxgrpo convert hf-model`)"
+
+
+def read_json_object(path: Path, hint: str) -> dict[str, Any]:
+    """The JSON object in `path`, or a ConfigError naming the file as corrupt."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"'{path}' is corrupt: it is not UTF-8 text", hint=hint) from err
+    except OSError as err:
+        raise ConfigError(f"cannot read '{path}': {err.strerror or err}", hint=hint) from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = (
+            "it is empty"
+            if not text.strip()
+            else (f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})")
+        )
+        raise ConfigError(f"'{path}' is corrupt: {where}", hint=hint) from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' is corrupt: it does not hold a JSON object", hint=hint)
+    return data
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file `path` cannot be loaded (truncated, bad header), or None.
+
+    Reads only the header: an 8-byte little-endian length, then that many bytes of JSON whose
+    tensors' `data_offsets` must lie inside the rest of the file.
+    """
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"it is truncated ({size} bytes, shorter than a safetensors header)"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                return (
+                    f"it is truncated or not a safetensors file ({size} bytes, smaller than "
+                    f"the {header_len}-byte header it announces)"
+                )
+            header_bytes = fh.read(header_len)
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON (not a safetensors file, or damaged)"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_size = size - 8 - header_len
+    needed = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            return f"its header entry for tensor '{name}' is damaged"
+        needed = max(needed, *offsets)
+    if needed > data_size:
+        return f"it is truncated ({size} bytes, the header needs {8 + header_len + needed})"
+    return None
+
+
+def check_safetensors_file(path: Path, what: str, hint: str) -> None:
+    """A ConfigError naming `path` when its header says it is truncated or damaged."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{what} '{path}' is corrupt: {problem}", hint=hint)
+
+
+def check_model_files(path: Path, hint: str = _REDO_MODEL) -> None:
+    """config.json parses as an object and every safetensors file is complete (headers only)."""
+    read_json_object(path / "config.json", hint=f"restore config.json: {hint}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights, "model weights file", hint)
 
 
 def check_adapter_dir(adapter_path: str) -> Path:
@@ -90,14 +177,41 @@ def check_adapter_dir(adapter_path: str) -> Path:
         raise ConfigError(
             f"adapter directory '{adapter_path}' lacks {', '.join(missing)}", hint=hint
         )
+    check_adapter_config(path)
+    redo = "use an intact checkpoint directory of the run (or train the adapters again)"
+    check_safetensors_file(path / "adapters.safetensors", "adapter weights file", redo)
     return path
+
+
+def check_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json as mlx-lm reads it; a ConfigError when it is corrupt or incomplete
+    (mlx-lm would fail on it with a bare JSON error or KeyError)."""
+    path = adapter_dir / "adapter_config.json"
+    hint = (
+        "restore the adapter_config.json written with the adapters (mlx-lm format), or use "
+        "another checkpoint directory of the run"
+    )
+    config = read_json_object(path, hint)
+    if config.get("fine_tune_type", "lora") == "full":
+        return config
+    params = config.get("lora_parameters")
+    params = params if isinstance(params, dict) else {}
+    missing = [key for key in ("num_layers", "lora_parameters") if key not in config]
+    missing += [f"lora_parameters.{k}" for k in ("rank", "scale") if k not in params]
+    if missing:
+        raise ConfigError(f"'{path}' is incomplete: it lacks {', '.join(missing)}", hint=hint)
+    return config
 
 
 def resolve_load_target(spec: str) -> str:
     """What mlx-lm should load for `spec`: a checked local directory or a hub id."""
     kind = classify_model_spec(spec)
     if kind == "builtin":
-        return resolve_model_path(spec)
+        path = resolve_model_path(spec)
+        check_model_files(
+            Path(path), hint="delete that cached directory; it is rebuilt on the next use"
+        )
+        return path
     if kind == "local":
         return str(check_local_model_dir(spec))
     return spec
@@ -218,7 +332,15 @@ def _mlx_lm_load(
     except HFValidationError as err:
         raise _missing_model_error(spec) from err
     except json.JSONDecodeError as err:
-        raise ConfigError(f"model '{spec}' has an unreadable JSON file: {err}") from err
+        raise ConfigError(
+            f"model '{spec}' has a corrupt JSON file: {err}", hint=_REDO_MODEL
+        ) from err
+    except RuntimeError as err:
+        if not _is_unreadable_weights(err):
+            raise
+        raise ConfigError(
+            f"the weights of model '{spec}' are truncated or corrupt: {err}", hint=_REDO_MODEL
+        ) from err
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(
@@ -231,6 +353,23 @@ def _mlx_lm_load(
                 hint="upgrade mlx-lm or choose a supported architecture",
             ) from err
         raise
+
+
+def _one_line(err: Exception) -> str:
+    """mlx-lm's multi-line mismatch report (a heading, then one line per tensor) as one line:
+    the first tensor's line and how many more there are."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    details = lines[1:]
+    more = f" (and {len(details) - 1} more tensors)" if len(details) > 1 else ""
+    return f"{details[0]}{more}"
+
+
+def _is_unreadable_weights(err: RuntimeError) -> bool:
+    """MLX's own error for a damaged weights file (`[load_safetensors] …`, `[read] …`)."""
+    text = str(err)
+    return "safetensors" in text or text.startswith("[read]") or "corrupt file" in text
 
 
 def _load_nanochat_dir(path: Path, lazy: bool) -> tuple[Any, Any, dict[str, Any]]:
@@ -248,9 +387,19 @@ def _apply_adapters(model: Any, adapter_dir: Path, spec: str) -> Any:
 
     try:
         model = load_adapters(model, str(adapter_dir))
+    except json.JSONDecodeError as err:
+        path = adapter_dir / "adapter_config.json"
+        raise ConfigError(f"'{path}' is corrupt: not valid JSON ({err})") from err
+    except RuntimeError as err:
+        if not _is_unreadable_weights(err):
+            raise
+        raise ConfigError(
+            f"the adapter weights in '{adapter_dir}' are truncated or corrupt: {err}",
+            hint="use an intact checkpoint directory of the run",
+        ) from err
     except ValueError as err:
         raise ConfigError(
-            f"the adapters in '{adapter_dir}' do not fit model '{spec}': {err}",
+            f"the adapters in '{adapter_dir}' do not fit model '{spec}': {_one_line(err)}",
             hint="use the base model the adapters were trained on",
         ) from err
     model.eval()

@@ -1,13 +1,18 @@
 """A weighted set of reward functions that scores a batch of completions.
 
-A function that raises (or returns something unusable) does not stop training: its values become
-None for that batch and the failure is recorded, so the UI can show it once.
+A function that fails on a batch -- raises, breaks the contract (one number or None per
+completion) or exceeds the time limit -- does not stop training by itself: its values become None
+for that batch and the failure is recorded, so the UI can show it once. Whether repeated failures
+end the run is the trainer's decision (``rewards.max_consecutive_failures``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
+import reprlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,14 @@ class RewardFailure:
     count: int
     first_message: str
     last_message: str
+
+
+class RewardContractError(Exception):
+    """A reward function returned something other than one number or None per completion."""
+
+
+class RewardTimeoutError(Exception):
+    """A reward call ran past the time limit."""
 
 
 @dataclass
@@ -64,6 +77,9 @@ class RewardSet:
     """Reward functions with weights; ``score`` applies all of them to a batch.
 
     ``functions`` are specs (see ``resolve_reward``) or callables; ``weights`` default to 1.0.
+    ``timeout_s`` bounds each call (0 = no limit): a call still running then counts as a failure
+    and is abandoned in its daemon thread -- Python cannot kill a thread, so it may keep running
+    (and using CPU) in the background until it returns or the process exits.
     """
 
     def __init__(
@@ -72,6 +88,7 @@ class RewardSet:
         weights: Sequence[float] | None = None,
         *,
         base_dir: str | Path | None = None,
+        timeout_s: float = 0.0,
     ) -> None:
         if not functions:
             raise ConfigError(
@@ -82,6 +99,7 @@ class RewardSet:
         self.names = [r.name for r in self.rewards]
         self.weights = _check_weights(weights, len(self.rewards))
         self.failures: dict[str, RewardFailure] = {}
+        self.timeout_s = float(timeout_s)
         self._column_filters = [_accepted_columns(r.fn) for r in self.rewards]
 
     def score(
@@ -103,9 +121,9 @@ class RewardSet:
                 columns if accepted is None else {k: columns[k] for k in accepted & columns.keys()}
             )
             try:
-                raw = reward.fn(list(prompts), list(completions), list(answers), **kwargs)
+                raw = self._call(reward.fn, list(prompts), list(completions), list(answers), kwargs)
                 values[reward.name] = _validated(raw, count)
-            except Exception as exc:  # user code: any failure must not end the run
+            except Exception as exc:  # user code: any failure must not end the run here
                 values[reward.name] = [None] * count
                 errors[reward.name] = self._record_failure(reward.name, exc)
         totals = [
@@ -114,8 +132,39 @@ class RewardSet:
         ]
         return RewardResult(list(self.names), list(self.weights), totals, values, errors)
 
+    def _call(self, fn: RewardFn, prompts, completions, answers, kwargs: dict[str, Any]) -> Any:
+        if self.timeout_s <= 0:
+            return fn(prompts, completions, answers, **kwargs)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["value"] = fn(prompts, completions, answers, **kwargs)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome["error"] = exc
+
+        # Daemon: a call that never returns must not keep the process alive at exit.
+        worker = threading.Thread(target=work, name="mlxgrpo-reward", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RewardTimeoutError(
+                f"did not return within rewards.timeout_s = {self.timeout_s:g} s "
+                "(the call was abandoned and may still be running)"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
     def _record_failure(self, name: str, exc: Exception) -> RewardFailure:
-        message = f"{type(exc).__name__}: {exc}"
+        # A verb phrase, read after the function's name: "reward function f raised ...".
+        if isinstance(exc, (RewardContractError, RewardTimeoutError)):
+            message = str(exc)
+        else:
+            message = f"raised {type(exc).__name__}: {exc}"
+            if self.timeout_s > 0 and "main thread" in str(exc):
+                # signal-based timeouts (e.g. in math verifiers) only work on the main thread.
+                message += " (set rewards.timeout_s = 0 to call it on the main thread)"
         failure = self.failures.get(name)
         if failure is None:
             failure = RewardFailure(count=1, first_message=message, last_message=message)
@@ -174,21 +223,44 @@ def _accepted_columns(fn: RewardFn) -> frozenset[str] | None:
     return frozenset(p.name for p in params if p.kind in keyword_kinds)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = 4
+_SHORT.maxstring = _SHORT.maxother = 40
+
+
+def _expected(count: int) -> str:
+    return f"expected a list of {count} numbers, one per completion (None = not applicable)"
+
+
 def _validated(raw: Any, count: int) -> list[float | None]:
-    if hasattr(raw, "tolist"):
+    """The values as floats, or RewardContractError naming what came back and what was due."""
+    if hasattr(raw, "tolist"):  # numpy / mlx arrays
         raw = raw.tolist()
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise TypeError(f"reward returned {type(raw).__name__}, expected a list of floats")
+        raise RewardContractError(
+            f"returned {type(raw).__name__} {_SHORT.repr(raw)}; {_expected(count)}"
+        )
     if len(raw) != count:
-        raise ValueError(f"reward returned {len(raw)} values for {count} completions")
+        raise RewardContractError(
+            f"returned {len(raw)} value(s) for {count} completions: {_SHORT.repr(raw)}; "
+            f"{_expected(count)}"
+        )
     values: list[float | None] = []
-    for item in raw:
+    for i, item in enumerate(raw):
         if item is None:
             values.append(None)
             continue
+        # Strings are refused even when float() would parse them: "0.5" is almost always a bug.
+        if isinstance(item, (str, bytes)) or not isinstance(item, numbers.Real):
+            raise RewardContractError(
+                f"returned a non-numeric value at position {i}: {type(item).__name__} "
+                f"{_SHORT.repr(item)} in {_SHORT.repr(raw)}; {_expected(count)}"
+            )
         value = float(item)
         if not math.isfinite(value):
-            raise ValueError(f"reward returned a non-finite value {value}")
+            raise RewardContractError(
+                f"returned a non-finite value {value} at position {i}; {_expected(count)}"
+            )
         values.append(value)
     return values
 

@@ -58,7 +58,9 @@ class WandbSink(Callback):
             settings=self.wandb.Settings(silent=os.environ.get("WANDB_SILENT") or "true"),
             **resume,
         )
-        id_file.write_text(self.run.id + "\n")
+        from mlxgrpo import safe_io
+
+        safe_io.write_text(id_file, self.run.id + "\n")
         if self.run.offline:
             where = Path(self.run.dir).parent
             self.note(f"W&B offline run in {where}; upload it later with: wandb sync {where}")
