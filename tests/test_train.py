@@ -343,3 +343,14 @@ def test_lora_layers_default_covers_every_block_and_only_an_explicit_excess_fail
     assert code == 2
     assert "finetune.lora_layers = 5 but the model has 2 blocks" in err
     assert "Traceback" not in err + out
+
+
+def test_a_run_is_the_same_whether_or_not_it_built_the_builtin_model(tmp_path, monkeypatch):
+    """Building a builtin model draws from MLX's generator; adapters must not notice."""
+    monkeypatch.setenv("MLXGRPO_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    run(tmp_path / "a", "run.max_steps=2")  # builds the model into the empty cache
+    run(tmp_path / "b", "run.max_steps=2")  # loads it
+    a, b = _weights(tmp_path / "a" / "run" / "final"), _weights(tmp_path / "b" / "run" / "final")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert mx.array_equal(a[key], b[key]).item(), key

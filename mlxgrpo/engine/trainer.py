@@ -156,6 +156,9 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
     model, tokenizer = load_model(
         cfg.model.path, dtype="float32" if full else cfg.model.dtype, **source
     )
+    # Loading may draw from MLX's generator (a first build of a builtin model initialises a
+    # module): seed again so that new adapters start the same whether or not it did.
+    seed_everything(cfg.run.seed)
     trainable = prepare_trainable(model, cfg.finetune)
     ref_model = None
     if cfg.algorithm.kl_coeff > 0 and full:
