@@ -9,31 +9,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_train import LEARN  # a learning setup: normal updates move the LoRA weights
 
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine import grpo, update
 from mlxgrpo.engine.callbacks import Callback
 from mlxgrpo.engine.trainer import train
 from mlxgrpo.errors import TrainingDivergedError
-
-# Sampled at temperature 1 with enough completions that the rewards vary, so a normal update
-# has non-zero gradients and visibly moves the LoRA weights.
-LEARN = [
-    "model.path=builtin:tiny-qwen2",
-    "data.dataset=synthetic:repeat?letters=x",
-    "rollout.num_generations=8",
-    "rollout.max_new_tokens=12",
-    "rollout.temperature=1.0",
-    "optim.learning_rate=1e-2",
-    "optim.lr_scheduler_type=constant",
-    "optim.warmup_ratio=0",
-    "optim.max_grad_norm=1.0",
-    "optim.batch_size=4",
-    "optim.gradient_accumulation_steps=2",
-    "finetune.lora_layers=-1",
-    "checkpoint.save_steps=0",
-    "run.resume=never",
-]
 
 
 class Messages(Callback):
