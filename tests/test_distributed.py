@@ -1,0 +1,386 @@
+"""Data-parallel training (DESIGN §9): pure parts in-process, the rest with 2 real ranks.
+
+Multi-rank runs go through `mlx.launch --backend ring` on loopback, or start the ranks directly
+(MLX_RANK + MLX_HOSTFILE) where a test must signal or kill one rank by its process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxgrpo.engine import distributed
+from mlxgrpo.engine.distributed import Dist
+from mlxgrpo.errors import ConfigError
+from mlxgrpo.rewards.reward_set import RewardFailure, RewardResult
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = str(Path(sys.executable).parent / "mlx.launch")
+# Learns visibly within a few updates; a small learning rate keeps Adam from magnifying the
+# float rounding that differs between one and two ranks (see test_two_ranks_match_one).
+ARGS = [
+    "-m",
+    "builtin:tiny-qwen2",
+    "--set",
+    "data.dataset=synthetic:repeat?letters=x",
+    "--set",
+    "finetune.lora_layers=-1",
+    "--set",
+    "rollout.num_generations=8",
+    "--set",
+    "rollout.max_new_tokens=12",
+    "--set",
+    "rollout.temperature=1.0",
+    "--set",
+    "optim.batch_size=4",
+    "--set",
+    "optim.gradient_accumulation_steps=2",
+    "--set",
+    "optim.lr_scheduler_type=constant",
+    "--set",
+    "optim.warmup_ratio=0",
+    "--set",
+    "checkpoint.save_steps=0",
+    "--run-name",
+    "r",
+]
+
+
+# --- pure parts ---------------------------------------------------------------------------
+
+
+def test_shard_is_contiguous_and_disjoint():
+    batch = list(range(8))
+    parts = [distributed.shard(batch, r, 4) for r in range(4)]
+    assert [p for p, _ in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [offset for _, offset in parts] == [0, 2, 4, 6]
+    with pytest.raises(ConfigError):
+        distributed.shard(batch, 0, 3)
+
+
+def test_batch_size_must_divide_by_ranks():
+    dist = Dist()
+    dist.size = 2  # only the arithmetic is used
+    dist.check_batch_size(4)
+    with pytest.raises(ConfigError, match=r"optim.batch_size = 3 does not divide by the 2 ranks"):
+        dist.check_batch_size(3)
+
+
+def test_buckets_keep_order_split_by_dtype_and_size():
+    f32, f16 = mx.float32, mx.float16
+    items = [(f32, 10), (f32, 10), (f32, 10), (f16, 4), (f16, 50), (f32, 1)]
+    assert distributed.buckets(items, 25) == [[0, 1], [2], [3], [4], [5]]
+    assert distributed.buckets([], 25) == []
+
+
+def test_single_process_collectives_are_identities():
+    dist = Dist()
+    assert not dist.active and dist.is_main
+    grads = {"a": mx.ones((2, 3)), "b": [mx.zeros((4,))]}
+    assert dist.sum_gradients(grads) is grads
+    assert dist.gather_floats([1.5, 2.0]) == [[1.5, 2.0]]
+    assert dist.sum_floats([1.5, 2.0]) == [1.5, 2.0]
+    assert dist.any(True) and not dist.any(False)
+    assert dist.broadcast_text("/x/y") == "/x/y"
+    assert dist.gather_json({"k": [1, None]}) == [{"k": [1, None]}]
+    assert distributed.common_failures(dist, {"f": "boom"}) == {"f": "boom"}
+
+
+def test_bucketed_sum_round_trips_the_tree(monkeypatch):
+    """The bucket path (flatten, concat, all_sum, split, reshape) over a real size-1 group,
+    whose all_sum is the identity: every array comes back in its place, shape and dtype."""
+    monkeypatch.setattr(distributed, "BUCKET_BYTES", 40)  # several buckets
+    dist = Dist(mx.distributed.init())
+    dist.size = 2  # take the multi-rank path; the group itself has one member
+    grads = {
+        "a": mx.arange(6, dtype=mx.float32).reshape(2, 3),
+        "b": [mx.ones((4,), dtype=mx.float16), mx.full((3, 1), 2.5)],
+        "c": mx.arange(20, dtype=mx.float32),
+    }
+    out = dist.sum_gradients(grads)
+    from mlx.utils import tree_flatten
+
+    for (k1, v1), (k2, v2) in zip(tree_flatten(grads), tree_flatten(out), strict=True):
+        assert k1 == k2 and v1.shape == v2.shape and v1.dtype == v2.dtype
+        assert mx.array_equal(v1, v2).item()
+
+
+class _TwoRanks(Dist):
+    """Rank ``rank`` of a pretend 2-rank group whose other rank's payloads are given."""
+
+    def __init__(self, rank: int, others: list) -> None:
+        super().__init__()
+        self.rank, self.size, self._others = rank, 2, list(others)
+
+    def gather_json(self, obj):
+        other = self._others.pop(0)
+        return [obj, other] if self.rank == 0 else [other, obj]
+
+
+def _sample(rewards, truncated, lengths, values, errors=None):
+    scored = RewardResult(
+        names=["a"], weights=[1.0], totals=list(rewards), values={"a": values}, errors=errors or {}
+    )
+    rollout = SimpleNamespace(truncated=truncated, completion_ids=[[0] * n for n in lengths])
+    return SimpleNamespace(rollout=rollout, scored=scored, rewards=list(rewards))
+
+
+def test_global_rows_join_ranks_in_order():
+    """Rank 1's view of the update equals the one-process view; its rows start at 2."""
+    whole = _sample([1.0, 0.0, 2.0, 0.5], [False, True, False, False], [3, 5, 2, 7],
+                    [1.0, None, 2.0, 0.5])  # fmt: skip
+    first = _sample([1.0, 0.0], [False, True], [3, 5], [1.0, None])
+    second = _sample([2.0, 0.5], [False, False], [2, 7], [2.0, 0.5],
+                     {"a": RewardFailure(2, "x", "y")})  # fmt: skip
+    payload = {
+        "rewards": first.rewards,
+        "truncated": first.rollout.truncated,
+        "lengths": [3, 5],
+        "totals": first.scored.totals,
+        "values": first.scored.values,
+        "errors": {"a": 1},
+    }
+    rows = distributed.global_rows(_TwoRanks(1, [payload]), second)
+    assert rows.rewards == whole.rewards and rows.truncated == whole.rollout.truncated
+    assert rows.lengths == [3, 5, 2, 7] and rows.offset == 2
+    assert rows.scored.values == whole.scored.values and rows.scored.totals == whole.rewards
+    assert rows.scored.errors["a"].count == 3  # both ranks' failures
+    assert rows.scored.mean("a") == whole.scored.mean("a")
+    adv, keep = distributed.local_part(rows, 2, [0.1, 0.2, 0.3, 0.4], [0, 2, 3])
+    assert adv == [0.3, 0.4] and keep == [0, 1]
+
+
+def test_global_norm_and_failures_sum_over_ranks():
+    from mlxgrpo.engine.grpo import LossNorm
+
+    class Sums(_TwoRanks):
+        def sum_floats(self, values):
+            return [v + o for v, o in zip(values, self._others.pop(0), strict=True)]
+
+    norm = distributed.global_norm(Sums(0, [[16, 40, 2]]), LossNorm(16, 50, 2, 12))
+    assert norm == LossNorm(32, 90, 4, 12)
+    failures = {"f": "boom", "g": "bang"}
+    assert distributed.common_failures(_TwoRanks(0, [["g"]]), failures) == {"g": "bang"}
+
+
+# --- two real ranks -----------------------------------------------------------------------
+
+
+def _env(**extra) -> dict:
+    # Build the model into the cache first: a run that builds it draws from MLX's random
+    # generator on the way and so differs from runs that load it (not a distributed effect).
+    from mlxgrpo.models.builtin import resolve_model_path
+
+    resolve_model_path("builtin:tiny-qwen2")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _launch(out: Path, *args: str, ranks: int = 2, env=None, timeout=60):
+    """`mlx.launch -n ranks -- python -m mlxgrpo train ...`, or the plain command for 1."""
+    cmd = [sys.executable, "-m", "mlxgrpo", "train", *ARGS, "-o", str(out), *args]
+    if ranks > 1:
+        cmd = [LAUNCH, "-n", str(ranks), "--backend", "ring", "--", *cmd]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_ranks(tmp: Path, out: Path, *args: str, env_extra=None) -> list[subprocess.Popen]:
+    """Two ranks started by hand (no launcher), so a test can signal one of them."""
+    hostfile = tmp / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    cmd = [sys.executable, "-m", "mlxgrpo", "train", *ARGS, "-o", str(out), *args]
+    return [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=_env(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), **(env_extra or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+
+
+def _wait_for_updates(metrics: Path, count: int, procs, limit: float = 40.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.02)
+    for p in procs:
+        p.kill()
+    pytest.fail(f"no {count} updates logged in {metrics}")
+
+
+def _train_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"train"' in line]
+
+
+def _adapters(run: Path) -> dict:
+    return mx.load(str(run / "final" / "adapters.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one(tmp_path):
+    """Same config and seed, and each rank's micro-batches are the one process's (2 ranks x 1
+    vs 1 x 2 accumulation steps): bit-identical adapters and metrics; the two ranks hold
+    identical weights after every update; rank 1 writes nothing."""
+    sums = tmp_path / "sums"
+    sums.mkdir()
+    steps = ["--set", "optim.learning_rate=1e-2", "--max-steps", "3"]
+    two = _launch(
+        tmp_path / "two",
+        *steps,
+        "--set",
+        "optim.gradient_accumulation_steps=1",
+        env=_env(MLXGRPO_TEST_WEIGHT_SUMS=str(sums)),
+    )
+    assert two.returncode == 0 and "WARN" not in two.stderr, two.stderr[-2000:]
+    one = _launch(tmp_path / "one", *steps, ranks=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r1, r2 = _train_records(tmp_path / "one" / "r"), _train_records(tmp_path / "two" / "r")
+    assert len(r2) == 3  # rank 0 alone logged
+    keys = ("reward_mean", "reward_std", "completion_length_mean", "advantage_std", "grad_norm")
+    for key in (*keys, "entropy", "policy_loss", "micro_batches"):
+        assert [r[key] for r in r2] == [r[key] for r in r1], key
+    a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
+    assert a1.keys() == a2.keys() and all(mx.array_equal(a1[k], a2[k]).item() for k in a1)
+    assert r2[-1]["reward_mean"] > r2[0]["reward_mean"]  # it did learn something
+    rank0 = (sums / "rank-0.txt").read_text().splitlines()
+    assert len(rank0) == 3 and rank0 == (sums / "rank-1.txt").read_text().splitlines()
+    # Rank 1 logged nothing (no doubled records above) and wrote no file rank 0 would not.
+    assert _listing(tmp_path / "two") == _listing(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_other_micro_batch_layout_matches_to_rounding(tmp_path):
+    """2 ranks x 2 accumulation steps vs 1 x 2: other matmul shapes and sum order, so equal
+    only to float rounding (a small learning rate keeps Adam from magnifying it)."""
+    steps = ["--set", "optim.learning_rate=1e-4", "--max-steps", "3"]
+    two = _launch(tmp_path / "two", *steps)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = _launch(tmp_path / "one", *steps, ranks=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r1, r2 = _train_records(tmp_path / "one" / "r"), _train_records(tmp_path / "two" / "r")
+    assert [r["reward_mean"] for r in r2] == [r["reward_mean"] for r in r1]
+    assert np.allclose([r["grad_norm"] for r in r2], [r["grad_norm"] for r in r1], rtol=1e-5)
+    a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
+    assert max(float(mx.max(mx.abs(a1[k] - a2[k]))) for k in a1) < 1e-5
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.slow
+def test_rank_that_keeps_nothing_still_matches_one(tmp_path):
+    """One prompt per rank with zero-std groups filtered: some updates leave a rank with no
+    completion to train; it joins the sums with zero gradients and the result still matches."""
+    sets = ["--set", "optim.batch_size=2", "--set", "algorithm.filter_zero_std_groups=true"]
+    sets += ["--set", "optim.learning_rate=1e-4", "--max-steps", "6"]
+    two = _launch(tmp_path / "two", *sets, "--set", "optim.gradient_accumulation_steps=1")
+    assert two.returncode == 0 and "WARN" not in two.stderr, two.stderr[-2000:]
+    one = _launch(tmp_path / "one", *sets, ranks=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r1, r2 = _train_records(tmp_path / "one" / "r"), _train_records(tmp_path / "two" / "r")
+    assert 0.5 in [r["trained_share"] for r in r2]  # the case under test did happen
+    for key in ("reward_mean", "trained_share"):
+        assert [r[key] for r in r2] == [r[key] for r in r1], key
+    a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
+    assert max(float(mx.max(mx.abs(a1[k] - a2[k]))) for k in a1) < 1e-5
+
+
+@pytest.mark.slow
+def test_stop_on_one_rank_then_resume_equals_uninterrupted(tmp_path):
+    """SIGINT to rank 1 alone stops both ranks after the same update with one checkpoint;
+    resuming ends with exactly the weights and rewards of an uninterrupted run."""
+    steps = ["--set", "optim.learning_rate=1e-2", "--max-steps", "12"]
+    straight = _launch(tmp_path / "straight", *steps)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "cut"
+    procs = _start_ranks(tmp_path, out, *steps, "--resume", "auto")
+    _wait_for_updates(out / "r" / "metrics.jsonl", 1, procs)
+    procs[1].send_signal(signal.SIGINT)
+    try:
+        codes = [p.wait(timeout=40) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [130, 130], [p.stderr.read()[-1500:] for p in procs]
+    checkpoints = sorted((out / "r" / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped_at < 12 and not (out / "r" / "final").exists()
+    resumed = _launch(out, *steps, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _adapters(tmp_path / "straight" / "r"), _adapters(out / "r")
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+    rewards = [r["reward_mean"] for r in _train_records(out / "r")]
+    assert rewards == [r["reward_mean"] for r in _train_records(tmp_path / "straight" / "r")]
+
+
+@pytest.mark.slow
+def test_batch_size_not_divisible_fails_in_one_line(tmp_path):
+    procs = _start_ranks(tmp_path, tmp_path / "o", "--set", "optim.batch_size=3")
+    try:
+        results = [p.communicate(timeout=40) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 2, err
+        assert "optim.batch_size = 3 does not divide by the 2 ranks" in err
+        assert "Traceback" not in err
+    # mlx.launch itself exits 0 whatever its ranks do; it must not hang and says the code.
+    launched = _launch(tmp_path / "o2", "--set", "optim.batch_size=3", timeout=40)
+    assert "does not divide by the 2 ranks" in launched.stderr
+    assert "exited with code 2" in launched.stderr and "Traceback" not in launched.stderr
+
+
+@pytest.mark.slow
+def test_killed_rank_stops_the_other_with_a_clear_error(tmp_path):
+    out = tmp_path / "o"
+    # The ring backend may fail the pending collective or wait forever; the watchdog bounds it.
+    procs = _start_ranks(
+        tmp_path, out, "--set", "optim.learning_rate=1e-2", "--max-steps", "200",
+        env_extra={"MLXGRPO_DIST_TIMEOUT": "5"},
+    )  # fmt: skip
+    _wait_for_updates(out / "r" / "metrics.jsonl", 1, procs)
+    procs[1].kill()
+    started = time.monotonic()
+    try:
+        _, err = procs[0].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()  # no stray rank when the bound is missed
+    assert time.monotonic() - started < 30
+    assert procs[0].returncode == 1, err
+    assert "across ranks" in err or "no answer from the other ranks" in err, err[-1000:]
+    assert "Traceback" not in err
