@@ -72,6 +72,17 @@ def _tps(figure: dict[str, Any]) -> str:
     return f"{figure['tokens_per_sec']:.0f} tok/s"
 
 
+def _figure_table(title: str, rows: list[tuple[str, str, str]]) -> Table:
+    """The figure / value / note table both reports print."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def print_report(result: dict[str, Any], out: Path | None) -> None:
     # A pipe gets Rich's default 80 columns, too narrow for the notes.
     console = Console(width=max(Console().width, 120))
@@ -82,13 +93,7 @@ def print_report(result: dict[str, Any], out: Path | None) -> None:
         f"vocab {model['vocab']}, {model['dtype']}), {env['backend']} / {env['blas']}, "
         f"{env['cpu_count']} cores, median of {result['repeats']}"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("note")
-    for row in _rows(result):
-        table.add_row(*row)
-    console.print(table)
+    console.print(_figure_table(title, _rows(result)))
     if result.get("quick"):
         console.print(
             "  [dim]--quick: a smoke run on the tiny model; the targets are set for the full run[/]"
@@ -175,13 +180,7 @@ def print_scale_report(result: dict[str, Any], out: Path | None) -> None:
         f"{s['micro_batches']} micro-batches, KL {s['kl_coeff']}; {env['backend']} / "
         f"{env['blas']}, {env['cpu_count']} cores, median of {result['repeats']}"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("note")
-    for row in _scale_rows(result):
-        table.add_row(*row)
-    console.print(table)
+    console.print(_figure_table(title, _scale_rows(result)))
     for key, entry in result["shapes"].items():
         if settings := entry.get("engine_settings"):
             console.print(f"  [dim]{key} engine settings: {settings}[/]")

@@ -36,7 +36,7 @@ def random_lm(
 
 def add_random_adapters(
     model: nn.Module,
-    dest,
+    dest=None,
     *,
     seed: int,
     rank: int = 4,
@@ -44,23 +44,25 @@ def add_random_adapters(
     num_layers: int = 2,
     b_std: float = 0.05,
     kind: str = "lora",
+    dropout: float = 0.0,
 ) -> int:
     """Put LoRA/DoRA layers on the last `num_layers` blocks of `model` (frozen first), give
-    them non-zero B matrices (so they change the model), and save them to `dest` in mlx-lm's
-    adapter format. Returns the number of adapter layers."""
+    them non-zero B matrices (so they change the model), and, when `dest` is given, save them
+    there in mlx-lm's adapter format. Returns the number of adapter layers."""
     from pathlib import Path
 
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from mlxgrpo.engine.checkpoint import write_weights
 
-    lora = {"rank": rank, "scale": scale, "dropout": 0.0}
+    lora = {"rank": rank, "scale": scale, "dropout": dropout}
     model.freeze()
     linear_to_lora_layers(model, num_layers, lora, use_dora=kind == "dora")
     mx.random.seed(seed)
     layers = [m for _, m in model.named_modules() if hasattr(m, "lora_b")]
     for layer in layers:
         layer.lora_b = b_std * mx.random.normal(layer.lora_b.shape)
-    config = {"fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": lora}
-    write_weights(Path(dest), model, "lora", config)
+    if dest is not None:
+        config = {"fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": lora}
+        write_weights(Path(dest), model, "lora", config)
     return len(layers)

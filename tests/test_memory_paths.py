@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from random_models import random_lm
+from random_models import add_random_adapters, random_lm
 
 from mlxgrpo.engine import grpo
 from mlxgrpo.engine.checkpointing import checkpointed_blocks
@@ -27,13 +27,7 @@ def _model(kind: str, tied: bool = True, dropout: float = 0.0) -> nn.Module:
     if kind == "full":
         model.unfreeze()
     else:
-        model.freeze()
-        lora = {"rank": 4, "scale": 10.0, "dropout": dropout}
-        linear_to_lora_layers(model, 2, lora, use_dora=kind == "dora")
-        mx.random.seed(5)
-        for _, layer in model.named_modules():
-            if hasattr(layer, "lora_b"):  # non-zero B, so the adapters change the model
-                layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+        add_random_adapters(model, seed=5, b_std=0.1, kind=kind, dropout=dropout)
     mx.eval(model.parameters())
     return model
 

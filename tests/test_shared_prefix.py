@@ -10,8 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
-from random_models import random_lm
+from random_models import add_random_adapters, random_lm
 
 from mlxgrpo.engine import shared_prefix
 from mlxgrpo.engine.checkpointing import checkpointed_blocks
@@ -26,12 +25,7 @@ def _model(kind: str) -> nn.Module:
     if kind == "full":
         model.unfreeze()
     else:
-        model.freeze()
-        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-        mx.random.seed(9)
-        for _, layer in model.named_modules():
-            if hasattr(layer, "lora_b"):  # non-zero B, so the adapters change the model
-                layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+        add_random_adapters(model, seed=9, b_std=0.1)
     mx.eval(model.parameters())
     return model
 

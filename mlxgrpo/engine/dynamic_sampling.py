@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import mlx.core as mx
+
+from mlxgrpo.engine import grpo
 from mlxgrpo.engine.rollout import Rollout
 from mlxgrpo.rewards import RewardResult
 
@@ -38,14 +41,13 @@ def draw_seed(update_seed: int, draw: int) -> int:
     return (update_seed * 1_000_033 + draw * 104_729 + 11) % (2**31 - 1)
 
 
-def informative_groups(rewards: Sequence[float], group: int, atol: float = 1e-6) -> list[int]:
-    """Indices of the groups whose rewards differ by more than ``atol``."""
-    return [
-        g
-        for g in range(len(rewards) // group)
-        if max(rewards[g * group : (g + 1) * group]) - min(rewards[g * group : (g + 1) * group])
-        > atol
-    ]
+def informative_groups(rewards: Sequence[float], group: int) -> list[int]:
+    """Indices of the groups whose rewards differ (the complement of
+    :func:`~mlxgrpo.engine.grpo.zero_std_group_mask`, the advantages' own test)."""
+    if not rewards:
+        return []
+    zero_std = grpo.zero_std_group_mask(mx.array(list(rewards), dtype=mx.float32), group)
+    return [g for g, flat in enumerate(zero_std.tolist()) if not flat]
 
 
 def _select(values: list | None, rows: list[int]) -> list | None:

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxgrpo.engine import chunked_head, shared_prefix
-from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
+from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
 # at its peak (logits, shifted logits, exponentials, probabilities, the logits' gradient and
@@ -82,8 +82,8 @@ def _chunk_function(
         if owner is not None:
             owner.update(params)  # trainable head weights are explicit inputs
         logits = head(features)
-        if temperature != 1.0:  # as the sampler tempers them (rollout.tempered_scores)
-            logits = logits.astype(mx.float32) * (1.0 / temperature)
+        if temperature != 1.0:  # as the sampler tempers them
+            logits = tempered(logits, temperature)
         if with_entropy:
             return token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
         return (token_logprobs(logits, targets),)

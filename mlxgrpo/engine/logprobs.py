@@ -28,6 +28,13 @@ def _logsumexp(z: mx.array) -> mx.array:
     return (peak + mx.log(mx.sum(_exp(z - peak), axis=-1, keepdims=True))).squeeze(-1)
 
 
+def tempered(logits: mx.array, temperature: float) -> mx.array:
+    """float32 ``logits / temperature``: the one expression the sampler and the trainer share,
+    so that their log-probs of a token agree to the last bit of the scaling."""
+    scores = logits.astype(mx.float32)
+    return scores if temperature == 1.0 else scores * (1.0 / temperature)
+
+
 def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     """Log-probability of ``targets`` under ``logits``: ``z[target] - logsumexp(z)``.
 

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlxgrpo.engine.logprobs import token_logprobs, token_logprobs_and_entropy
+from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 
 FINISH_STOP = "stop"
@@ -218,8 +218,7 @@ def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConf
 def tempered_scores(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     """float32 ``logits / temperature`` (temperature 1 when greedy): the distribution sampled
     from before any top-k/top-p/min-p truncation, and the one the trainer's log-probs use."""
-    scores = logits.astype(mx.float32)
-    return scores if sampling.greedy else scores * (1.0 / sampling.temperature)
+    return tempered(logits, 1.0 if sampling.greedy else sampling.temperature)
 
 
 def sample_recorded(

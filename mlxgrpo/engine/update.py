@@ -476,8 +476,8 @@ def _reward_metrics(scored: RewardResult, rewards, group: int) -> dict[str, Any]
 
     if (share := accuracy(scored)) is not None:
         out["accuracy"] = share
-    groups = max(1, len(rewards) // group)
-    out["zero_std_groups"] = 1.0 - len(dynamic_sampling.informative_groups(rewards, group)) / groups
+    flat = grpo.zero_std_group_mask(mx.array(rewards, dtype=mx.float32), group)
+    out["zero_std_groups"] = mx.mean(flat.astype(mx.float32)).item()
     out["reward_errors"] = {n: f.count for n, f in scored.errors.items()}
     return out
 

@@ -183,9 +183,7 @@ def model_config(spec: BuiltinSpec) -> dict[str, Any]:
     return {
         **spec.config,
         "vocab_size": VOCAB_SIZE,
-        # As Qwen2.5-Instruct: <|endoftext|> ends a completion too. Left as text it would be
-        # a reward hack (its letters score in character rewards such as char_match).
-        "eos_token_id": [EOS_TOKEN_ID, PAD_TOKEN_ID],
+        "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": PAD_TOKEN_ID,
         "torch_dtype": "float32",
     }
@@ -314,7 +312,7 @@ def build_tiny_model(dest_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
     _write_json(dest / "config.json", config)
     _write_json(
         dest / "generation_config.json",
-        {"eos_token_id": [EOS_TOKEN_ID, PAD_TOKEN_ID], "pad_token_id": PAD_TOKEN_ID},
+        {"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID},
     )
     save_char_tokenizer(dest)
     _write_json(
