@@ -384,3 +384,91 @@ def test_killed_rank_stops_the_other_with_a_clear_error(tmp_path):
     assert procs[0].returncode == 1, err
     assert "across ranks" in err or "no answer from the other ranks" in err, err[-1000:]
     assert "Traceback" not in err
+
+
+def test_split_gives_every_item_once_in_order():
+    for count in (0, 1, 5, 8):
+        parts = [Dist() for _ in range(3)]
+        for rank, dist in enumerate(parts):
+            dist.rank, dist.size = rank, 3
+        shares = [d.split(list(range(count))) for d in parts]
+        assert [i for share, _ in shares for i in share] == list(range(count))
+        assert [offset for _, offset in shares] == [
+            sum(len(s) for s, _ in shares[:r]) for r in range(3)
+        ]
+        assert max(len(s) for s, _ in shares) - min(len(s) for s, _ in shares) <= 1
+
+
+class _Recorder(Dist):
+    """A pretend rank of 2 that records what it sends and receives the given payloads."""
+
+    def __init__(self, rank: int, others: list) -> None:
+        super().__init__()
+        self.rank, self.size, self.others, self.sent = rank, 2, list(others), []
+
+    def gather_json(self, obj):
+        self.sent.append(obj)
+        other = self.others.pop(0)
+        return [obj, other] if self.rank == 0 else [other, obj]
+
+
+def test_eval_shares_give_the_one_process_figures(monkeypatch):
+    """Each rank evaluates its share of the prompts, in other batches than one process does;
+    joined, greedy records and sampled pass@k are the one-process ones."""
+    from mlxgrpo import evaluation
+    from mlxgrpo.config import resolve_config
+    from mlxgrpo.data import Example
+    from mlxgrpo.models.loading import load_model
+    from mlxgrpo.rewards import RewardSet
+    from mlxgrpo.task import text_codec
+
+    # char_match > 0 as "correct": a random model solves some prompts in 4 samples, not all.
+    monkeypatch.setattr(evaluation, "ACCURACY_REWARDS", ("char_match",))
+    model, tokenizer = load_model("builtin:tiny-qwen2")
+    sets = ("eval.pass_k=4", "eval.temperature=1.0", "eval.max_new_tokens=6")
+    cfg = resolve_config((), sets, {}).config
+    codec, rewards = text_codec(tokenizer, cfg), RewardSet(["char_match"])
+    examples = [Example(f"Repeat the letter {c}:", c) for c in "aeiost"[:5]]
+
+    def run(dist, batch_size):
+        return evaluation.evaluate_task(
+            model, examples, rewards, codec, cfg, batch_size=batch_size, dist=dist
+        )
+
+    whole = run(None, 16)
+    nothing = {k: [] for k in ("totals", "lengths", "truncated", "accuracy", "format")}
+    nothing |= {"solved": [], "records": [], "tokens": 0, "seconds": 0.0}
+    second = _Recorder(1, [nothing])
+    run(second, 4)
+    joined = run(_Recorder(0, second.sent), 4)
+    assert len(second.sent[0]["records"]) == 2  # 5 prompts: 3 on rank 0, 2 on rank 1
+    assert joined.records == whole.records
+    timing = ("seconds", "tokens_per_sec")
+    assert {k: v for k, v in joined.metrics.items() if k not in timing} == {
+        k: v for k, v in whole.metrics.items() if k not in timing
+    }
+    assert 0 < whole.metrics["pass@4"] < 1 and whole.metrics["samples"] == 5
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_reports_the_global_figures(tmp_path):
+    """`mlx.launch -n 2 -- mlxgrpo eval`: one report and one records file (rank 0's), equal to
+    one process's; 5 prompts do not divide by 2 ranks, and need not."""
+    args = [sys.executable, "-m", "mlxgrpo", "eval", "-m", "builtin:tiny-qwen2", "--json"]
+    args += ["-d", "synthetic:repeat?letters=aeiost", "--limit", "5", "--max-tokens", "6"]
+    runs = {}
+    for name, head in (("one", []), ("two", [LAUNCH, "-n", "2", "--backend", "ring", "--"])):
+        done = subprocess.run(
+            [*head, *args, "-o", str(tmp_path / f"{name}.jsonl")],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        assert len(lines) == 1, done.stdout  # rank 1 printed nothing
+        runs[name] = json.loads(lines[0])["results"][0]
+    timing = ("seconds", "tokens_per_sec")
+    one, two = ({k: v for k, v in r.items() if k not in timing} for r in runs.values())
+    assert two == one and two["samples"] == 5
+    records = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "two.jsonl").read_text() == records and len(records.splitlines()) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]

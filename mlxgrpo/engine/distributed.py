@@ -72,6 +72,14 @@ class Dist:
         """(this rank's contiguous share of ``batch``, global index of its first prompt)."""
         return shard(batch, self.rank, self.size)
 
+    def split(self, items: Sequence[T]) -> tuple[list[T], int]:
+        """Like :meth:`shard` for any length: the first ``len % size`` ranks take one more
+        (eval prompts, which have no groups to keep whole); a share may be empty."""
+        base, extra = divmod(len(items), self.size)
+        begin = self.rank * base + min(self.rank, extra)
+        end = begin + base + (self.rank < extra)
+        return list(items[begin:end]), begin
+
     # --- collectives ----------------------------------------------------------------------
 
     def gather_floats(self, values: Sequence[float]) -> list[list[float]]:

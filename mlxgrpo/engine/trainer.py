@@ -390,7 +390,9 @@ def _evaluate(s: Session) -> dict[str, Any]:
     from mlxgrpo.evaluation import evaluate_task
 
     cfg = s.resolved.config
-    return evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg).metrics
+    # Several ranks share the eval prompts; every rank gets the global figures.
+    result = evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg, dist=s.dist)
+    return result.metrics
 
 
 def _adapter_cfg(s: Session) -> dict[str, Any]:
