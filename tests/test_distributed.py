@@ -174,6 +174,18 @@ def test_global_norm_and_failures_sum_over_ranks():
     assert distributed.common_failures(_TwoRanks(0, [["g"]]), failures) == {"g": "bang"}
 
 
+def test_rates_sum_tokens_over_the_slowest_rank():
+    class Floats(_TwoRanks):
+        def gather_floats(self, values):
+            return [list(values), self._others.pop(0)]
+
+    rates = distributed.global_rates(
+        Floats(0, [[300.0, 3.0, 10.0, 0.5]]), [(100.0, 2.0), (50.0, 1.0)]
+    )
+    assert rates == [(400 / 3, 3.0), (60.0, 1.0)]
+    assert distributed.global_rates(Dist(), [(8.0, 0.0)]) == [(0.0, 0.0)]
+
+
 # --- two real ranks -----------------------------------------------------------------------
 
 
@@ -273,6 +285,8 @@ def test_two_ranks_match_one(tmp_path):
     a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
     assert a1.keys() == a2.keys() and all(mx.array_equal(a1[k], a2[k]).item() for k in a1)
     assert r2[-1]["reward_mean"] > r2[0]["reward_mean"]  # it did learn something
+    assert all(0 < r["comm_seconds"] < r["step_seconds"] for r in r2)
+    assert "comm_seconds" not in r1[0]
     rank0 = (sums / "rank-0.txt").read_text().splitlines()
     assert len(rank0) == 3 and rank0 == (sums / "rank-1.txt").read_text().splitlines()
     # Rank 1 logged nothing (no doubled records above) and wrote no file rank 0 would not.

@@ -49,6 +49,16 @@ class Dist:
         self.group = group
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
+        self.comm_seconds = 0.0  # spent in collectives: moving data and waiting for peers
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            with _collective(what):
+                yield
+        finally:
+            self.comm_seconds += time.perf_counter() - started
 
     @property
     def active(self) -> bool:
@@ -91,7 +101,7 @@ class Dist:
 
         # float64 travels as int32 pairs: bit-exact, whatever the backend does with doubles.
         words = mx.array(local.view(np.int32)) if local.size else mx.zeros((0,), mx.int32)
-        with _collective("gather metrics"):
+        with self._collective("gather metrics"):
             out = np.array(mx.distributed.all_gather(words, group=self.group))
         return [row.tolist() for row in out.view(np.float64).reshape(self.size, -1)]
 
@@ -110,7 +120,7 @@ class Dist:
         lengths = [int(part[0]) for part in self.gather_floats([data.size])]
         padded = np.zeros(max(lengths), dtype=np.uint8)
         padded[: data.size] = data
-        with _collective("gather records"):
+        with self._collective("gather records"):
             out = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
         rows = out.reshape(self.size, -1)
         return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)]
@@ -140,6 +150,7 @@ class Dist:
         from mlx.utils import tree_flatten, tree_unflatten
 
         flat = tree_flatten(grads)
+        mx.eval([v for _, v in flat])  # the backward pass is not communication time
         reduced: list[Any] = [None] * len(flat)
         for bucket in buckets([(v.dtype, v.nbytes) for _, v in flat], BUCKET_BYTES):
             arrays = [flat[i][1] for i in bucket]
@@ -148,7 +159,7 @@ class Dist:
             offsets = np.cumsum([a.size for a in arrays])[:-1].tolist()
             for i, part, a in zip(bucket, mx.split(total, offsets), arrays, strict=True):
                 reduced[i] = part.reshape(a.shape)
-        with _collective("sum gradients"):
+        with self._collective("sum gradients"):
             mx.eval(reduced)
         return tree_unflatten([(k, r) for (k, _), r in zip(flat, reduced, strict=True)])
 
@@ -358,6 +369,18 @@ def global_norm(dist: Dist, norm: Any) -> Any:
         num_tokens=int(tokens),
         num_microbatches=int(microbatches),
     )
+
+
+def global_rates(dist: Dist, pairs: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(tokens, seconds) per phase -> (tokens per second, seconds) of all ranks together:
+    tokens summed, seconds those of the slowest rank (the others wait for it)."""
+    parts = dist.gather_floats([v for pair in pairs for v in pair])
+    out = []
+    for k in range(len(pairs)):
+        tokens = sum(p[2 * k] for p in parts)
+        seconds = max(p[2 * k + 1] for p in parts)
+        out.append((tokens / seconds if seconds > 0 else 0.0, seconds))
+    return out
 
 
 def common_failures(dist: Dist, failures: dict[str, str]) -> dict[str, str]:

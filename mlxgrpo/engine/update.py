@@ -124,6 +124,7 @@ def run_update(
     prompts (None when the data ran out) until the update holds enough informative groups.
     """
     cfg, started, dist = ctx.cfg, time.perf_counter(), ctx.dist
+    comm_before = dist.comm_seconds
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
     # Several ranks: this rank's contiguous share; sampling is keyed by global prompt index.
     local, offset = dist.shard(examples)
@@ -165,6 +166,14 @@ def run_update(
     train_metrics, trained_tokens = _learn(ctx, trained.rollout, advantages, keep)
     train_seconds = time.perf_counter() - train_started
     rollout, group = sample.rollout, cfg.rollout.num_generations
+    # Tokens summed over ranks, seconds of the slowest: the throughput of the whole run.
+    (rollout_rate, rollout_seconds), (train_rate, train_seconds) = distributed.global_rates(
+        dist,
+        [
+            (rollout.generated_tokens, rollout.seconds),
+            (trained_tokens, train_seconds),
+        ],
+    )
     metrics = {
         **_reward_metrics(shown.scored, shown.rewards, group),
         **_advantage_metrics(all_advantages, all_keep),
@@ -172,13 +181,15 @@ def run_update(
         **train_metrics,
         **extra,
         "learning_rate": lr,
-        "rollout_tokens_per_sec": rollout.tokens_per_second,
-        "rollout_seconds": rollout.seconds,
-        "train_tokens_per_sec": trained_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "rollout_tokens_per_sec": rollout_rate,
+        "rollout_seconds": rollout_seconds,
+        "train_tokens_per_sec": train_rate,
         "train_seconds": train_seconds,
         "step_seconds": time.perf_counter() - started,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
+    if dist.active:  # rank 0's time in collectives this update (data moved, peers waited for)
+        metrics["comm_seconds"] = dist.comm_seconds - comm_before
     # Every sampled completion is logged; those of groups the update did not train on carry
     # advantage 0.
     per_row = [0.0] * len(sample.rewards)
