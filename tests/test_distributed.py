@@ -486,3 +486,52 @@ def test_eval_on_two_ranks_reports_the_global_figures(tmp_path):
     records = (tmp_path / "one.jsonl").read_text()
     assert (tmp_path / "two.jsonl").read_text() == records and len(records.splitlines()) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
+
+
+def test_launcher_failure_lines_give_exit_codes():
+    from mlxgrpo.launcher import failed_rank_code
+
+    assert failed_rank_code("[WARN] Node with rank 1 exited with code 2\n") == 2
+    assert failed_rank_code("\x1b[33m[WARN] Node with rank 0 was killed\x1b[0m") == 1
+    assert failed_rank_code("Node with rank 0 exited with code -9") == 1
+    assert failed_rank_code("Node with rank 0 completed") is None
+    assert failed_rank_code("update 3: reward 0.5") is None
+
+
+def _mlxgrpo_launch(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mlxgrpo", "launch", *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_mlxgrpo_launch_exits_with_the_failing_ranks_code(tmp_path):
+    """`mlx.launch` exits 0 whatever its ranks do; `mlxgrpo launch` passes the same arguments
+    and output through and exits with the ranks' code: 2 for a config error, 0 for success."""
+    train = [sys.executable, "-m", "mlxgrpo", "train", *ARGS, "--max-steps", "1"]
+    bad = _mlxgrpo_launch("-n", "2", "--backend", "ring", "--", *train, "-o", str(tmp_path / "a"),
+                          "--set", "optim.batch_size=3")  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "optim.batch_size = 3 does not divide by the 2 ranks" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    good = _mlxgrpo_launch("-n", "2", "--backend", "ring", "--", *train, "-o", str(tmp_path / "b"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (tmp_path / "b" / "r" / "final").is_dir()
+
+
+def test_missing_hostfile_is_one_line_and_exit_2(tmp_path):
+    missing = tmp_path / "hosts.json"
+    done = _mlxgrpo_launch("--hostfile", str(missing), "--", sys.executable, "-c", "pass")
+    assert done.returncode == 2
+    assert f"hostfile '{missing}' does not exist" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr and "usage:" not in done.stderr
+
+
+def test_rank_with_a_missing_hostfile_is_one_line_and_exit_2(tmp_path):
+    env = _env(MLX_RANK="0", MLX_HOSTFILE=str(tmp_path / "hosts.json"))
+    cmd = [sys.executable, "-m", "mlxgrpo", "train", *ARGS, "-o", str(tmp_path / "o")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"MLX_HOSTFILE '{tmp_path / 'hosts.json'}' does not exist" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()

@@ -261,9 +261,25 @@ def init() -> Dist:
     if _CURRENT is None:
         import mlx.core as mx
 
-        group = mx.distributed.init()
+        try:
+            group = mx.distributed.init()
+        except RuntimeError as exc:  # a bad MLX_HOSTFILE, an unreachable peer
+            raise _join_error(exc) from None
         _CURRENT = Dist(group if group.size() > 1 else None)
     return _CURRENT
+
+
+def _join_error(exc: Exception) -> ConfigError:
+    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    if hostfile and not os.path.isfile(hostfile):
+        problem = f"MLX_HOSTFILE '{hostfile}' does not exist"
+    else:
+        problem = f"could not join the group of ranks: {exc}"
+    return ConfigError(
+        problem,
+        hint="start the ranks with mlx.launch or mlxgrpo launch, or unset MLX_HOSTFILE and "
+        "MLX_RANK to run in one process",
+    )
 
 
 def reject_unsupported(cfg: Any, dist: Dist) -> None:
