@@ -217,3 +217,31 @@ def print_learning_report(result: dict[str, Any], out: Path | None) -> None:
     console.print(table)
     if out is not None:
         console.print(f"results: {out}")
+
+
+def print_distributed_report(result: dict[str, Any], out: Path | None) -> None:
+    console = Console(width=max(Console().width, 120))
+    d, model, env = result["distributed"], result["model"], result["environment"]
+    s, one, two = d["settings"], d["one_rank"], d["two_ranks"]
+    title = (
+        f"mlxgrpo data parallelism on one machine: {model['name']} ({model['parameters']:,} "
+        f"parameters), B={s['batch_size']} G={s['num_generations']} {s['max_new_tokens']} new "
+        f"tokens; {env['backend']} / {env['blas']}, {env['cpu_count']} cores; medians over "
+        f"{s['runs_per_layout']} runs x {s['updates_per_run'] - 1} updates"
+    )
+    rows = [
+        ("1 process: seconds per update", f"{one['seconds_per_update']:.2f} s",
+         f"rollout {one['rollout_seconds']:.2f} s, train {one['train_seconds']:.2f} s"),
+        ("2 ranks (mlx.launch, ring): seconds per update", f"{two['seconds_per_update']:.2f} s",
+         f"rollout {two['rollout_seconds']:.2f} s, train {two['train_seconds']:.2f} s"),
+        ("speed-up, 2 ranks vs 1", f"{d['speedup_two_vs_one']:.2f}x",
+         f"the ranks share {env['cpu_count']} cores: "
+         f"{s['blas_threads_per_rank']['2']} BLAS thread(s) each"),
+        ("time in collectives, 2 ranks", f"{two['comm_seconds']:.3f} s",
+         f"{two['comm_share_of_update']:.1%} of an update (data moved + waiting for the peer)"),
+        ("same rewards in both layouts", "yes" if d["same_rewards"] else "NO",
+         "same seed and global batch"),
+    ]  # fmt: skip
+    console.print(_figure_table(title, rows))
+    if out is not None:
+        console.print(f"results: {out}")

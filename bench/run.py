@@ -3,6 +3,7 @@
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
     python bench/run.py --scale [--peer] [--quick] [--out scale.json] [--repeats 2]
     python bench/run.py --learning [--quick] [--out learning.json]
+    python bench/run.py --distributed [--quick] [--out distributed.json] [--repeats 2]
 
 Builds a random-weight Qwen2-shaped benchmark model (~39M parameters; `--quick`: the tiny
 built-in shape) and measures rollout tokens/s of three designs, train-step throughput and its
@@ -12,6 +13,8 @@ Every figure is the median of `--repeats` runs; the designs alternate within eac
 Prints a Rich table and writes JSON for later comparison. `--scale` runs only the scale
 section instead (real Qwen2.5 shapes, optionally against mlx-lm-lora: see scale_bench.py).
 `--learning` runs only the learning table (every loss type on one task: learning_bench.py).
+`--distributed` runs only the data-parallel section: the same updates in one process and in 2
+ranks under `mlx.launch` on this machine (distributed_bench.py).
 """
 
 from __future__ import annotations
@@ -82,13 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--learning", action="store_true", help="only the learning table (every loss type)"
     )
+    parser.add_argument(
+        "--distributed", action="store_true", help="only 1 process vs 2 ranks (mlx.launch)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.peer and not args.scale:
         parser.error("--peer belongs to --scale")
-    if args.learning and args.scale:
-        parser.error("--learning and --scale are separate runs")
-    args.repeats = args.repeats or (2 if args.scale else 3)
+    if args.learning + args.scale + args.distributed > 1:
+        parser.error("--learning, --scale and --distributed are separate runs")
+    args.repeats = args.repeats or (2 if args.scale or args.distributed else 3)
     args.max_new_tokens = args.max_new_tokens or (24 if quick else 128)
     args.single_calls = args.single_calls or (2 if quick else 8)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -174,6 +180,35 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
             seeds=1 if args.quick else 3, updates=6 if args.quick else 40
         ),
     }
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_distributed(args: argparse.Namespace) -> dict[str, Any]:
+    import bench_model
+    import distributed_bench
+
+    shape = bench_model.SHAPES["quick" if args.quick else "bench"]
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "section": "distributed",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "environment": environment(),
+    }
+    with tempfile.TemporaryDirectory(prefix="mlxgrpo-bench-model-") as tmp:
+        model_dir = bench_model.build_model_dir(shape, Path(tmp) / shape.name)
+        result["model"] = describe_model(shape, model_dir)
+        result["distributed"] = distributed_bench.measure_distributed(
+            str(model_dir),
+            batch=args.prompts,
+            group=args.generations,
+            max_new_tokens=args.max_new_tokens,
+            updates=4 if args.quick else 6,
+            repeats=args.repeats,
+        )
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -273,16 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.learning:
         result = run_learning(args)
+    elif args.distributed:
+        result = run_distributed(args)
     else:
         result = run_scale(args) if args.scale else run_benchmark(args)
     if result is None:
         return 2
     write(result, args.out)
     if not args.quiet:
-        from report import print_learning_report, print_report, print_scale_report
+        from report import (
+            print_distributed_report,
+            print_learning_report,
+            print_report,
+            print_scale_report,
+        )
 
         if args.learning:
             print_learning_report(result, args.out)
+        elif args.distributed:
+            print_distributed_report(result, args.out)
         else:
             (print_scale_report if args.scale else print_report)(result, args.out)
     return 0

@@ -55,61 +55,91 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    dist: Any = None,
 ) -> EvalResult:
     """Greedy accuracy (and pass@k when k > 1) with per-sample records.
 
     `on_batch(n)` is told after each generation batch how many prompts it finished (progress).
+    With `dist` (an :class:`~mlxgrpo.engine.distributed.Dist` of several ranks) each rank
+    generates a contiguous share of the prompts, and every rank returns the figures and
+    records of all of them. A completion's samples depend on its prompt's index in
+    `examples`, not on the share or batch it was generated in.
     """
+    from mlxgrpo.engine.distributed import Dist
+
+    dist = dist or Dist()
     started = time.perf_counter()
+    local, offset = dist.split(examples)
     generate = functools.partial(
         _generate,
         model,
-        examples,
+        local,
         encode_prompt,
         decode,
         eos_ids,
         max_new_tokens,
         batch_size=batch_size,
+        offset=offset,
         on_batch=on_batch,
     )
     greedy = generate(temperature=0.0, k=1, seed=seed)
-    scored = _score(reward_set, examples, greedy, 1)
+    scored = _score(reward_set, local, greedy, 1)
     acc_name = _first_present(scored.names, ACCURACY_REWARDS)
     fmt_name = _first_present(scored.names, FORMAT_REWARDS)
-    lengths = [len(ids) for ids, _, _ in greedy]
-    tokens = sum(lengths)
-    metrics: dict[str, Any] = {
-        "samples": len(examples),
-        "reward_mean": sum(scored.totals) / max(1, len(scored.totals)),
-        "completion_length_mean": tokens / max(1, len(lengths)),
-        "truncated_share": sum(t for _, _, t in greedy) / max(1, len(greedy)),
-    }
-    if acc_name:
-        metrics["accuracy"] = accuracy(scored)
-    if fmt_name:
-        metrics["format_rate"] = _share_positive(scored.values[fmt_name])
+    tokens = sum(len(ids) for ids, _, _ in greedy)
+    solved: list[bool] = []
     if pass_k > 1 and acc_name:
         sampled = generate(temperature=temperature, k=pass_k, seed=seed + 1)
-        s = _score(reward_set, examples, sampled, pass_k)
+        s = _score(reward_set, local, sampled, pass_k)
         hits = [v is not None and v > 0 for v in s.values[acc_name]]
-        solved = [any(hits[i * pass_k : (i + 1) * pass_k]) for i in range(len(examples))]
-        metrics[f"pass@{pass_k}"] = sum(solved) / max(1, len(solved))
+        solved = [any(hits[i * pass_k : (i + 1) * pass_k]) for i in range(len(local))]
         tokens += sum(len(ids) for ids, _, _ in sampled)
-    seconds = time.perf_counter() - started
+    mine = {
+        "totals": list(scored.totals),
+        "lengths": [len(ids) for ids, _, _ in greedy],
+        "truncated": [bool(t) for _, _, t in greedy],
+        "accuracy": scored.values[acc_name] if acc_name else [],
+        "format": scored.values[fmt_name] if fmt_name else [],
+        "solved": solved,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "records": [
+            _record(ex, text, scored, i, acc_name)
+            for i, (ex, (_, text, _)) in enumerate(zip(local, greedy, strict=True))
+        ],
+    }
+    # One rank alone: its own figures. Several: every rank's, joined in prompt order.
+    parts = dist.gather_json(mine)
+    every = {key: [v for p in parts for v in p[key]] for key in mine if isinstance(mine[key], list)}
+    seconds = max(p["seconds"] for p in parts)
+    total_tokens = sum(p["tokens"] for p in parts)
+    count = len(every["totals"])
+    metrics: dict[str, Any] = {
+        "samples": count,
+        "reward_mean": sum(every["totals"]) / max(1, count),
+        "completion_length_mean": sum(every["lengths"]) / max(1, count),
+        "truncated_share": sum(every["truncated"]) / max(1, count),
+    }
+    if acc_name:
+        metrics["accuracy"] = _share_positive(every["accuracy"])
+    if fmt_name:
+        metrics["format_rate"] = _share_positive(every["format"])
+    if pass_k > 1 and acc_name:
+        metrics[f"pass@{pass_k}"] = sum(every["solved"]) / max(1, count)
     metrics["seconds"] = seconds
-    metrics["tokens_per_sec"] = tokens / seconds if seconds > 0 else 0.0
-    records = [
-        {
-            "prompt": ex.prompt,
-            "answer": ex.answer,
-            "completion": text,
-            "rewards": {n: scored.values[n][i] for n in scored.names},
-            "reward": scored.totals[i],
-            "correct": None if acc_name is None else bool((scored.values[acc_name][i] or 0) > 0),
-        }
-        for i, (ex, (_, text, _)) in enumerate(zip(examples, greedy, strict=True))
-    ]
-    return EvalResult(metrics, records)
+    metrics["tokens_per_sec"] = total_tokens / seconds if seconds > 0 else 0.0
+    return EvalResult(metrics, every["records"])
+
+
+def _record(ex: Example, text: str, scored: Any, i: int, acc_name: str | None) -> dict[str, Any]:
+    return {
+        "prompt": ex.prompt,
+        "answer": ex.answer,
+        "completion": text,
+        "rewards": {n: scored.values[n][i] for n in scored.names},
+        "reward": scored.totals[i],
+        "correct": None if acc_name is None else bool((scored.values[acc_name][i] or 0) > 0),
+    }
 
 
 def _generate(
@@ -123,9 +153,11 @@ def _generate(
     k,
     batch_size,
     seed,
+    offset=0,
     on_batch=None,
 ) -> list[tuple[list[int], str, bool]]:
-    """(ids, text without EOS, truncated) for k samples of every example, in order."""
+    """(ids, text without EOS, truncated) for k samples of every example, in order; the
+    first example is the `offset`-th of the whole evaluation (its sampling keys say so)."""
     from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
     from mlxgrpo.models.tokenizer import strip_eos
 
@@ -141,7 +173,8 @@ def _generate(
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             eos_token_ids=eos_ids,
-            seed=seed + begin,
+            seed=seed,
+            prompt_offset=offset + begin,
         )
         for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
             out.append((ids, decode(strip_eos(ids, eos_ids)), truncated))
@@ -182,7 +215,9 @@ def evaluate_config(
     With `compare_base`, the base model is evaluated too, by switching the adapters off in the
     same loaded model, and comes first. Returns (label, result) pairs. `on_start(total)` gets
     the number of prompt generations ahead, `on_batch(n)` each batch's share of them.
+    Started by `mlx.launch`, the ranks share the prompts and all return the global figures.
     """
+    from mlxgrpo.engine import distributed
     from mlxgrpo.engine.finetune import adapters_disabled
     from mlxgrpo.errors import ConfigError
     from mlxgrpo.models.loading import check_adapter_dir, load_model, resolve_load_target
@@ -206,11 +241,13 @@ def evaluate_config(
         trust_remote_code=cfg.model.trust_remote_code,
     )
     codec = text_codec(tokenizer, cfg)
-    if on_start is not None:
-        on_start(len(examples) * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
+    dist = distributed.init()
+    if on_start is not None:  # this rank's share of the generations
+        share = len(dist.split(examples)[0])
+        on_start(share * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
 
     def run() -> EvalResult:
-        return evaluate_task(model, examples, reward_set, codec, cfg, batch_size, on_batch)
+        return evaluate_task(model, examples, reward_set, codec, cfg, batch_size, on_batch, dist)
 
     results = []
     if compare_base:
@@ -228,6 +265,7 @@ def evaluate_task(
     cfg: Any,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    dist: Any = None,
 ) -> EvalResult:
     """`evaluate` with the settings of a config's [eval] section and a task's text codec."""
     return evaluate(
@@ -243,4 +281,5 @@ def evaluate_task(
         batch_size=batch_size,
         seed=cfg.run.seed,
         on_batch=on_batch,
+        dist=dist,
     )

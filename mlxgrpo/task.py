@@ -76,7 +76,8 @@ def build_reward_set(resolved: ResolvedConfig) -> Any:
 
 
 def text_codec(tokenizer: Any, cfg: Any) -> TextCodec:
-    """Chat-rendered prompts left-cut to rollout.max_prompt_length; decoding keeps specials."""
+    """Chat-rendered prompts left-cut to rollout.max_prompt_length; completions decode without
+    special tokens, so a reward never scores the letters of a token such as <|endoftext|>."""
     from mlxgrpo.data import build_messages, default_system_prompt
     from mlxgrpo.models.tokenizer import decode as decode_ids
     from mlxgrpo.models.tokenizer import eos_token_ids, render_prompt
@@ -91,7 +92,7 @@ def text_codec(tokenizer: Any, cfg: Any) -> TextCodec:
         return ids[-limit:]  # keep the end: it holds the question and the generation prompt
 
     def decode(ids: list[int]) -> str:
-        return decode_ids(tokenizer, ids, skip_special_tokens=False)
+        return decode_ids(tokenizer, ids, skip_special_tokens=True)
 
     eos = eos_token_ids(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -365,9 +365,10 @@ def batch_stats(count: int, tokens: int, seconds: float, peak_bytes: int | None,
 
 
 class BatchProgress:
-    """A progress bar over prompts (stderr); `advance(done, total)` is the library callback."""
+    """A progress bar over prompts (stderr); `advance(done, total)` is the library callback.
+    `quiet` shows nothing (the ranks after the first of a launched run)."""
 
-    def __init__(self, label: str, total: int | None = None) -> None:
+    def __init__(self, label: str, total: int | None = None, quiet: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -383,6 +384,7 @@ class BatchProgress:
             TimeElapsedColumn(),
             console=err,
             transient=True,
+            disable=quiet,
         )
         self.task = self.progress.add_task(label, total=total)
 

@@ -66,3 +66,16 @@ def write_toml(tmp_path):
         return path
 
     return write
+
+
+def spread_reward(directory: Path) -> str:
+    """A `--set` item for a reward that varies within almost every group from the first update
+    on (the share of characters with an even code point), for tests that need every update to
+    move the weights whatever a random model happens to say. Writes the reward's file."""
+    path = Path(directory) / "spread_reward.py"
+    path.write_text(
+        "def even(prompts, completions, answers, **_):\n"
+        "    return [sum(ord(ch) % 2 == 0 for ch in c) / max(1, len(c)) for c in completions]\n",
+        encoding="utf-8",
+    )
+    return f"rewards.functions=['{path}:even']"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import spread_reward
 
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine.callbacks import Callback
@@ -23,7 +24,8 @@ from mlxgrpo.engine.trainer import train
 from mlxgrpo.safe_io import atomic_write, remove_stale_temporaries
 
 STEPS = 6
-# Settings that learn (non-zero gradients), so "identical weights" means something.
+# Settings that learn (non-zero gradients, with the spread reward train_args adds), so
+# "identical weights" means something.
 SETS = [
     "data.dataset=synthetic:repeat?letters=x",
     "finetune.lora_layers=-1",
@@ -69,7 +71,7 @@ sys.exit(main(sys.argv[1:]))
 def train_args(out: Path, resume: str = "auto") -> list[str]:
     args = ["train", "-m", "builtin:tiny-qwen2", "-o", str(out), "--run-name", "r"]
     args += ["--resume", resume]
-    for item in SETS:
+    for item in [*SETS, spread_reward(out.parent)]:  # the reward file stays out of `out`
         args += ["--set", item]
     return args
 
@@ -190,7 +192,8 @@ def _damaged_copy(reference: Path, tmp_path: Path, damage: str) -> Path:
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_auto_skips_a_broken_newest_checkpoint(tmp_path, reference, damage):
     run_dir = _damaged_copy(reference, tmp_path, damage)
-    sets = [*SETS, "model.path=builtin:tiny-qwen2", f"run.output_dir={tmp_path}"]
+    sets = [*SETS, spread_reward(tmp_path), "model.path=builtin:tiny-qwen2"]
+    sets.append(f"run.output_dir={tmp_path}")
     resolved = resolve_config((), [*sets, "run.run_name=r", "run.resume=auto"], environ={})
     messages = Messages()
     summary = train(resolved, [messages])

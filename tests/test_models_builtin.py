@@ -211,6 +211,17 @@ def test_decode_accepts_arrays_and_skips_specials():
     assert decode(tokenizer, np.array(ids), skip_special_tokens=True) == "ok go"
 
 
+def test_reward_text_leaves_out_special_tokens():
+    # A sampled <|endoftext|> is not a stop token; kept as text, its letters would earn
+    # character rewards (a reward hack the tiny model found).
+    from mlxgrpo.config import resolve_config
+    from mlxgrpo.task import text_codec
+
+    codec = text_codec(build_char_tokenizer(), resolve_config((), (), {}).config)
+    ids = char_ids("x") + [special_id("<|endoftext|>")] + char_ids("y")
+    assert codec.decode(ids) == "xy"
+
+
 # --- builtin: resolution and the cache -----------------------------------------------------
 
 

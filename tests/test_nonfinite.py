@@ -8,8 +8,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import spread_reward
 from mlx.utils import tree_flatten
-from test_train import LEARN  # a learning setup: normal updates move the LoRA weights
+from test_train import LEARN
 
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine import grpo, update
@@ -27,8 +28,10 @@ class Messages(Callback):
 
 
 def _run(tmp_path, *sets, callbacks=()):
+    # A reward with a spread from the start: every normal update moves the LoRA weights.
+    sets = (*LEARN, spread_reward(tmp_path), *sets)
     resolved = resolve_config(
-        (), [*LEARN, f"run.output_dir={tmp_path}", "run.run_name=run", *sets], environ={}
+        (), [*sets, f"run.output_dir={tmp_path}", "run.run_name=run"], environ={}
     )
     return train(resolved, callbacks)
 
@@ -97,7 +100,7 @@ def test_a_skip_followed_by_good_updates_finishes(tmp_path, monkeypatch):
 
 def test_huge_learning_rate_stops_with_one_line_and_no_final(cli, tmp_path):
     args = ["train", "--max-steps", "8", "-o", tmp_path]
-    for item in [*LEARN, "run.run_name=run", "optim.learning_rate=1e30"]:
+    for item in [*LEARN, spread_reward(tmp_path), "run.run_name=run", "optim.learning_rate=1e30"]:
         args += ["--set", item]
     code, out, err = cli(*args)
     flat = " ".join(err.split())

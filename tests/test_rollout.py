@@ -194,6 +194,31 @@ def test_samples_differ_and_are_reproducible(model):
         assert len(samples) == 4
 
 
+def test_a_completion_is_the_same_in_any_batch(model):
+    """Sampling is keyed by (seed, the prompt's global index, sample index): prompts 1..3
+    sampled alone (prompt_offset 1), or one at a time, give the completions they get in the
+    whole batch, also when rows finish early (EOS 9 and 30) and leave the batch."""
+
+    def sample(prompts, offset):
+        return generate_groups(
+            model,
+            prompts,
+            num_generations=3,
+            max_new_tokens=10,
+            sampling=SamplingConfig(temperature=1.0),
+            eos_token_ids=[9, 30],
+            seed=11,
+            prompt_offset=offset,
+        ).completion_ids
+
+    whole = sample(PROMPTS, 0)
+    assert sample(PROMPTS[1:], 1) == whole[3:]
+    for i, prompt in enumerate(PROMPTS):
+        assert sample([prompt], i) == whole[3 * i : 3 * i + 3]
+    assert sample(PROMPTS[1:], 0) != whole[3:]  # the index is what keys a completion
+    assert any(len(c) < 10 for c in whole)  # some rows did finish early
+
+
 @pytest.mark.parametrize(
     "sampling",
     [

@@ -9,6 +9,7 @@ import tomllib
 
 import mlx.core as mx
 import pytest
+from conftest import spread_reward
 from mlx.utils import tree_flatten
 
 from mlxgrpo.config import resolve_config
@@ -156,7 +157,13 @@ def test_kl_to_adapter_free_reference_starts_at_zero(tmp_path):
 
 
 def test_second_iteration_moves_the_ratio(tmp_path):
-    run(tmp_path, "run.max_steps=1", "algorithm.num_iterations=2", "optim.learning_rate=1e-3")
+    run(
+        tmp_path,
+        "run.max_steps=1",
+        "algorithm.num_iterations=2",
+        "optim.learning_rate=1e-3",
+        spread_reward(tmp_path),
+    )
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     # Averaged over the two passes: the first has ratio exactly 1, the second does not.
     assert record["ratio"] != pytest.approx(1.0, abs=1e-7)
@@ -168,7 +175,7 @@ def test_adapters_load_in_mlx_lm(tmp_path):
 
     from mlxgrpo.models.builtin import resolve_model_path
 
-    run(tmp_path, "run.max_steps=12")
+    run(tmp_path, "run.max_steps=20")
     final = tmp_path / "run" / "final"
     base = resolve_model_path("builtin:tiny-qwen2")
     model, tokenizer = load(base, adapter_path=str(final))
@@ -320,6 +327,7 @@ def test_full_finetune_kl_uses_a_frozen_reference(tmp_path):
         "finetune.type=full",
         "algorithm.kl_coeff=0.1",
         "optim.learning_rate=1e-4",
+        spread_reward(tmp_path),
     )
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights at the start

@@ -66,6 +66,26 @@ app.command("completions")(completions.completions)
 app.add_typer(config_cmd.app, name="config")
 
 
+@app.command(
+    "launch",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def launch(ctx: typer.Context) -> int:
+    """Start data-parallel ranks with mlx.launch; exit with the first failing rank's code."""
+    from mlxgrpo import launcher
+
+    return launcher.main(list(ctx.args))
+
+
+def _launch_arguments(argv: list[str]) -> list[str] | None:
+    """What follows `launch`, verbatim: Click would drop the `--` that mlx.launch needs."""
+    if "launch" not in argv:
+        return None
+    at = argv.index("launch")
+    return argv[at + 1 :] if all(a == "--debug" for a in argv[:at]) else None
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return _state["debug"] or "--debug" in argv
 
@@ -73,6 +93,10 @@ def _debug_requested(argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app and map every failure to an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if (launch_args := _launch_arguments(argv)) is not None:
+        from mlxgrpo import launcher
+
+        return launcher.main(launch_args)
     from mlxgrpo import ui
 
     try:

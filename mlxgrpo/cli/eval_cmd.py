@@ -52,6 +52,7 @@ def eval_(
     `mlxgrpo eval -c configs/prod.toml --adapter last` evaluates what `train` trained.
     """
     from mlxgrpo import ui
+    from mlxgrpo.engine import distributed
     from mlxgrpo.evaluation import evaluate_config
 
     if output is not None and output.exists() and not force:
@@ -69,7 +70,9 @@ def eval_(
     resolved = load_config(config, set_, flags)
     cfg = resolved.config
     adapters = adapter_dir(adapter, cfg)
-    with ui.BatchProgress("eval") as progress:
+    # Under mlx.launch the ranks share the prompts; rank 0 alone shows and writes the results.
+    main = distributed.init().is_main
+    with ui.BatchProgress("eval", quiet=not main) as progress:
         runs = evaluate_config(
             resolved,
             adapter_dir=adapters,
@@ -78,6 +81,8 @@ def eval_(
             on_start=progress.set_total,
             on_batch=progress.add,
         )
+    if not main:
+        return 0
     if output is not None:
         _write_records(output, runs)
     results = [

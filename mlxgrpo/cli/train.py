@@ -40,10 +40,16 @@ def train(
     }
     resolved = load_config(config, set_, flags)
     from mlxgrpo import ui
+    from mlxgrpo.engine import distributed
     from mlxgrpo.engine.trainer import train as run_training
     from mlxgrpo.sinks import build_sinks
 
     stop = _GracefulStop()
+    if not distributed.init().is_main:
+        # Under mlx.launch only rank 0 shows progress and feeds the sinks; the others are quiet.
+        with stop:
+            summary = run_training(resolved, [], should_stop=stop.requested)
+        return 130 if summary["interrupted"] else 0
     with ui.TrainProgress() as progress:
         # TensorBoard / W&B, as [logging] asks; their problems arrive as one-line warnings.
         sinks = build_sinks(resolved.config, warn=progress.on_message)

@@ -10,6 +10,8 @@ discarded on the host.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -250,7 +252,12 @@ def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> m
         scores = apply_min_p(scores, sampling.min_p)
     # Gumbel-max, as mx.random.categorical does, but written out: about half its cost on CPU.
     # uniform() is in [0, 1), so the noise is finite or -inf (a token that cannot win).
-    noise = -mx.log(-mx.log(mx.random.uniform(shape=scores.shape, key=key)))
+    if key is not None and key.ndim == 2:  # one key per row: each row's draw is its own
+        vocab = scores.shape[-1]
+        uniform = mx.vmap(lambda k: mx.random.uniform(shape=(vocab,), key=k))(key)
+    else:
+        uniform = mx.random.uniform(shape=scores.shape, key=key)
+    noise = -mx.log(-mx.log(uniform))
     return mx.argmax(scores + noise, axis=-1).astype(mx.uint32)
 
 
@@ -444,6 +451,27 @@ def _check_inputs(
         raise ConfigError(f"sync_every must be >= 1, got {sync_every}", hint="e.g. 8")
 
 
+def completion_step_keys(
+    base: mx.array, prompts: int, num_generations: int, steps: int, prompt_offset: int = 0
+) -> mx.array:
+    """[prompts * G, steps, 2] keys: completion j of prompt i draws step t with [i*G + j, t].
+
+    Each completion's keys depend only on the base key, its prompt's global index
+    (``prompt_offset + i``) and its sample index j, never on which other completions share
+    the batch (or a rank), nor on when finished rows are dropped from it.
+    """
+    words = [int(w) for w in base.tolist()]
+    seeds = []
+    for i in range(prompts):
+        for j in range(num_generations):
+            digest = hashlib.blake2b(
+                struct.pack("<IIQQ", *words, prompt_offset + i, j), digest_size=8
+            ).digest()
+            seeds.append(int.from_bytes(digest, "little") >> 1)  # a non-negative int64
+    row_keys = mx.stack([mx.random.key(seed) for seed in seeds])
+    return mx.vmap(lambda k: mx.random.split(k, steps))(row_keys)
+
+
 def _initial_key(seed: int | None, key: mx.array | None) -> mx.array:
     if key is not None:
         return key
@@ -512,6 +540,7 @@ def generate_groups(
     prefill_step_size: int = 512,
     record_logprobs: bool = False,
     record_entropies: bool = False,
+    prompt_offset: int = 0,
 ) -> Rollout:
     """Sample `num_generations` completions for every prompt (token ids in, token ids out).
 
@@ -519,6 +548,9 @@ def generate_groups(
     stop string (cut right after the token that completes it; stop strings are matched on
     `decode(ids)` text), or after `max_new_tokens` tokens (truncated). `seed` or an explicit
     mx.random `key` makes sampling reproducible; without either the global generator is used.
+    Completion j of prompt i draws from its own keys (:func:`completion_step_keys`), derived
+    from that seed or key, the prompt's global index ``prompt_offset + i`` and j, so a
+    completion is the same whichever batch (or rank) it is sampled in.
     The model is run in eval mode and its training flags are restored afterwards.
 
     ``record_logprobs`` keeps each sampled token's log-prob under the distribution it was
@@ -538,9 +570,12 @@ def generate_groups(
         list(stop_strings or []),
         decode,
     )
-    step_keys = (
-        None if sampling.greedy else mx.random.split(_initial_key(seed, key), max_new_tokens)
-    )
+    step_keys = None
+    if not sampling.greedy:
+        base = _initial_key(seed, key)
+        step_keys = completion_step_keys(
+            base, len(prompts), num_generations, max_new_tokens, prompt_offset
+        )
     with _inference_mode(model):
         started = time.perf_counter()
         cache, logits = prefill_prompts(model, prompts, prefill_step_size)
@@ -588,7 +623,7 @@ def _first_step(
     if sampling.repetition_penalty != 1.0:
         seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    key = None if step_keys is None else step_keys[0]
+    key = None if step_keys is None else step_keys[:, 0]
     rows = list(range(len(prompts) * num_generations))
     placeholder = mx.zeros((len(rows),), dtype=mx.uint32)  # sample() sets the first tokens
     batch = _DecodeBatch(
@@ -615,7 +650,8 @@ def _decode(
         if sync:
             # Queued before the next step, so reading it back does not wait for that step.
             window, stats = batch.take_window()
-        _queue_next_token(model, batch, sampling, None if step_keys is None else step_keys[step])
+        keys = None if step_keys is None else step_keys[mx.array(batch.rows), step]
+        _queue_next_token(model, batch, sampling, keys)
         step += 1
         if sync:
             tracker.add(batch.rows, window.tolist(), None if stats is None else stats.tolist())

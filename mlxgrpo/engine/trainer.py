@@ -45,6 +45,7 @@ class Session:
     total_updates: int
     trainable: int
     start_update: int = 0
+    dist: Any = None  # mlxgrpo.engine.distributed.Dist
 
 
 def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
@@ -95,25 +96,26 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Run GRPO as configured; returns a summary (run_dir, updates, first/last reward, ...)."""
+    from mlxgrpo.engine import distributed
+
     cfg = resolved.config
+    dist = distributed.init()  # size 1 unless started by mlx.launch
+    distributed.reject_unsupported(cfg, dist)
     check_resume_target(cfg.run.resume)
-    run_dir = run_directory(cfg.run.output_dir, cfg.run.run_name, cfg.run.resume)
-    with io_errors(run_dir, "create the run directory", "pick a writable run.output_dir (-o)"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    _write_resolved_config(resolved, run_dir)
+    # Rank 0 names the run directory (a timestamp, a free -N suffix) and alone writes in it.
+    run_dir = Path(dist.broadcast_text(str(_run_dir_of(cfg)) if dist.is_main else ""))
     loggers: list[Callback] = []
-    if cfg.logging.jsonl:
-        loggers.append(JsonlLogger(run_dir / "metrics.jsonl"))
-    if cfg.logging.log_completions:
-        loggers.append(CompletionsLogger(run_dir / "completions.jsonl"))
+    if dist.is_main:
+        _prepare_run_dir(resolved, run_dir, loggers)
     cb = CallbackList([*loggers, *callbacks])
-    # A kill while a checkpoint (or final/, or a log) was being written leaves its temporary.
-    for stale in [
-        *remove_stale_temporaries(run_dir / "checkpoints"),
-        *remove_stale_temporaries(run_dir),
-    ]:
-        cb.on_message(f"removed {stale}, left half-written by a run that was killed")
-    session = _setup(resolved, run_dir, cb)
+    if dist.is_main:
+        # A kill while a checkpoint (or final/, or a log) was being written leaves its temporary.
+        for stale in [
+            *remove_stale_temporaries(run_dir / "checkpoints"),
+            *remove_stale_temporaries(run_dir),
+        ]:
+            cb.on_message(f"removed {stale}, left half-written by a run that was killed")
+    session = _setup(resolved, run_dir, cb, dist)
     cb.on_start(_start_info(session))
     if resolved.config.rollout.quantize_bits:
         cb.on_message(
@@ -123,6 +125,21 @@ def train(
     return _loop(session, cb, should_stop)
 
 
+def _run_dir_of(cfg: Any) -> Path:
+    return run_directory(cfg.run.output_dir, cfg.run.run_name, cfg.run.resume)
+
+
+def _prepare_run_dir(resolved: ResolvedConfig, run_dir: Path, loggers: list[Callback]) -> None:
+    cfg = resolved.config
+    with io_errors(run_dir, "create the run directory", "pick a writable run.output_dir (-o)"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _write_resolved_config(resolved, run_dir)
+    if cfg.logging.jsonl:
+        loggers.append(JsonlLogger(run_dir / "metrics.jsonl"))
+    if cfg.logging.log_completions:
+        loggers.append(CompletionsLogger(run_dir / "completions.jsonl"))
+
+
 def _write_resolved_config(resolved: ResolvedConfig, run_dir: Path) -> None:
     import tomli_w
 
@@ -130,11 +147,12 @@ def _write_resolved_config(resolved: ResolvedConfig, run_dir: Path) -> None:
     safe_io.write_text(run_dir / "config.resolved.toml", text)
 
 
-def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
+def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = None) -> Session:
     import mlx.optimizers as optim
 
     from mlxgrpo.backend import seed_everything, set_memory_limits
     from mlxgrpo.data import PromptStream, num_updates
+    from mlxgrpo.engine.distributed import Dist
     from mlxgrpo.engine.finetune import prepare_trainable
     from mlxgrpo.engine.update import UpdateContext
     from mlxgrpo.models.loading import load_model
@@ -199,6 +217,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
         optimizer=optimizer,
         codec=text_codec(tokenizer, cfg),
         ref_model=ref_model,
+        dist=dist or Dist(),
     )
     session = Session(
         resolved,
@@ -212,6 +231,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback) -> Session:
         ctx,
         total,
         trainable,
+        dist=ctx.dist,
     )
     _maybe_resume(session, cb)
     return session
@@ -228,10 +248,21 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
     if resume == "never":
         return
     finetune_type = session.resolved.config.finetune.type
+    dist = session.dist
     if resume == "auto":
         # Broken checkpoints (a kill, a full disk) are skipped and named, not fatal.
-        loaded = newest_valid_checkpoint(session.run_dir, finetune_type, cb.on_message)
+        # Rank 0 picks; the others load the very checkpoint it named ("" = none).
+        loaded = (
+            newest_valid_checkpoint(session.run_dir, finetune_type, cb.on_message)
+            if dist.is_main
+            else None
+        )
+        chosen = dist.broadcast_text(str(loaded.path) if loaded is not None else "")
+        if chosen and loaded is None:
+            loaded = read_checkpoint(Path(chosen), finetune_type)
         if loaded is None:
+            if not dist.is_main:
+                return
             # Nothing to resume, so this run starts at update 0: the records of an earlier
             # attempt killed before its first checkpoint would otherwise be doubled.
             for name in ("metrics.jsonl", "completions.jsonl"):
@@ -251,6 +282,8 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
     state = apply_checkpoint(loaded, session.model, session.optimizer)
     session.stream.load_state(state["data"])
     session.start_update = int(state["update"])
+    if not dist.is_main:
+        return
     for name in ("metrics.jsonl", "completions.jsonl"):
         truncate_jsonl(session.run_dir / name, session.start_update)
     cb.on_message(f"resumed from {path} at update {session.start_update}")
@@ -297,6 +330,7 @@ def _start_info(s: Session) -> dict[str, Any]:
 
 
 def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    from mlxgrpo.engine.distributed import record_weights
     from mlxgrpo.engine.guards import RunGuards
     from mlxgrpo.engine.schedule import learning_rate_at
     from mlxgrpo.engine.update import run_update
@@ -321,6 +355,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
         result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr, more)
         update += 1
+        record_weights(s.dist, s.model, update)
         guards.report(update, result, cb)
         cb.on_update(update, result.metrics)
         cb.on_completions(update, result.completions)
@@ -329,13 +364,14 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         last = result.metrics["reward_mean"]
         if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.eval_examples:
             cb.on_eval(update, _evaluate(s))
-        stopping = should_stop()
+        stopping = s.dist.any(should_stop())  # one rank's Ctrl-C stops all at this update
         if stopping or (cfg.checkpoint.save_steps and update % cfg.checkpoint.save_steps == 0):
-            cb.on_checkpoint(update, _checkpoint(s, update))
+            if s.dist.is_main:
+                cb.on_checkpoint(update, _checkpoint(s, update))
         if stopping:
             interrupted = True
             break
-    final = _save_final(s) if not interrupted else None
+    final = _save_final(s) if not interrupted and s.dist.is_main else None
     summary = {
         "run_dir": str(s.run_dir),
         "updates": update,
@@ -354,7 +390,9 @@ def _evaluate(s: Session) -> dict[str, Any]:
     from mlxgrpo.evaluation import evaluate_task
 
     cfg = s.resolved.config
-    return evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg).metrics
+    # Several ranks share the eval prompts; every rank gets the global figures.
+    result = evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg, dist=s.dist)
+    return result.metrics
 
 
 def _adapter_cfg(s: Session) -> dict[str, Any]:

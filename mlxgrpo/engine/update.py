@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxgrpo.data import Example
-from mlxgrpo.engine import dynamic_sampling, grpo
+from mlxgrpo.engine import distributed, dynamic_sampling, grpo
 from mlxgrpo.engine.checkpointing import checkpointed_blocks
 from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.microbatch import plan_microbatches
@@ -40,6 +40,7 @@ class UpdateContext:
     optimizer: Any
     codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
+    dist: distributed.Dist = field(default_factory=distributed.Dist)  # size 1: one process
     _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,9 +123,12 @@ def run_update(
     With ``algorithm.dynamic_sampling``, ``more_examples()`` supplies further batches of
     prompts (None when the data ran out) until the update holds enough informative groups.
     """
-    cfg, started = ctx.cfg, time.perf_counter()
+    cfg, started, dist = ctx.cfg, time.perf_counter(), ctx.dist
+    comm_before = dist.comm_seconds
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
-    sample = _sample(ctx, examples, seed)
+    # Several ranks: this rank's contiguous share; sampling is keyed by global prompt index.
+    local, offset = dist.shard(examples)
+    sample = _sample(ctx, local, seed, offset)
     scored_parts = [sample.scored]
     extra: dict[str, float] = {}
     trained_groups = list(range(sample.num_groups))
@@ -151,36 +155,51 @@ def run_update(
         }
     else:
         trained = sample
-    advantages, keep = _advantages(trained.rewards, trained.rollout, cfg)
+    # Advantages from the whole update's rewards (batch-scaled std is global), then our rows.
+    rows = distributed.global_rows(dist, trained)
+    all_advantages, all_keep = _advantages(rows.rewards, rows.truncated, cfg)
+    advantages, keep = distributed.local_part(rows, len(trained.rewards), all_advantages, all_keep)
+    shown = rows if trained is sample else distributed.global_rows(dist, sample)
     mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
     ctx.optimizer.learning_rate = lr
     train_started = time.perf_counter()
     train_metrics, trained_tokens = _learn(ctx, trained.rollout, advantages, keep)
     train_seconds = time.perf_counter() - train_started
     rollout, group = sample.rollout, cfg.rollout.num_generations
+    # Tokens summed over ranks, seconds of the slowest: the throughput of the whole run.
+    (rollout_rate, rollout_seconds), (train_rate, train_seconds) = distributed.global_rates(
+        dist,
+        [
+            (rollout.generated_tokens, rollout.seconds),
+            (trained_tokens, train_seconds),
+        ],
+    )
     metrics = {
-        **_reward_metrics(sample.scored, sample.rewards, group),
-        **_advantage_metrics(advantages, keep),
-        **_completion_metrics(rollout),
+        **_reward_metrics(shown.scored, shown.rewards, group),
+        **_advantage_metrics(all_advantages, all_keep),
+        **_completion_metrics(shown.lengths, shown.truncated),
         **train_metrics,
         **extra,
         "learning_rate": lr,
-        "rollout_tokens_per_sec": rollout.tokens_per_second,
-        "rollout_seconds": rollout.seconds,
-        "train_tokens_per_sec": trained_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "rollout_tokens_per_sec": rollout_rate,
+        "rollout_seconds": rollout_seconds,
+        "train_tokens_per_sec": train_rate,
         "train_seconds": train_seconds,
         "step_seconds": time.perf_counter() - started,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
+    if dist.active:  # rank 0's time in collectives this update (data moved, peers waited for)
+        metrics["comm_seconds"] = dist.comm_seconds - comm_before
     # Every sampled completion is logged; those of groups the update did not train on carry
     # advantage 0.
     per_row = [0.0] * len(sample.rewards)
     for position, g in enumerate(trained_groups):
         for j in range(group):
             per_row[g * group + j] = advantages[position * group + j]
-    records = _completion_records(sample, per_row)
+    records = distributed.join_records(dist, _completion_records(sample, per_row))
     errors = {name: f.first_message for name, f in sample.scored.errors.items() if f.count == 1}
-    return UpdateResult(metrics, records, errors, _failed_every_call(scored_parts))
+    failures = distributed.common_failures(dist, _failed_every_call(scored_parts))
+    return UpdateResult(metrics, records, errors, failures)
 
 
 def _failed_every_call(parts: Sequence[RewardResult]) -> dict[str, str]:
@@ -189,17 +208,19 @@ def _failed_every_call(parts: Sequence[RewardResult]) -> dict[str, str]:
     return {name: parts[-1].errors[name].last_message for name in sorted(names)}
 
 
-def _sample(ctx: UpdateContext, examples: Sequence[Example], seed: int):
-    """Roll out and score one batch of prompts."""
+def _sample(ctx: UpdateContext, examples: Sequence[Example], seed: int, prompt_offset: int = 0):
+    """Roll out and score one batch of prompts (the first is the update's prompt_offset-th)."""
     prompts = [ctx.codec.encode(ex) for ex in examples]
-    rollout = _rollout(ctx, prompts, seed)
+    rollout = _rollout(ctx, prompts, seed, prompt_offset)
     texts = [ctx.codec.decode(strip_eos(ids, ctx.codec.eos_ids)) for ids in rollout.completion_ids]
     scored = _score(ctx.reward_set, examples, rollout, texts)
     rewards = _with_overlong_penalty(scored.totals, rollout, ctx.cfg)
     return dynamic_sampling.ScoredRollout(list(examples), rollout, texts, scored, rewards)
 
 
-def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout:
+def _rollout(
+    ctx: UpdateContext, prompts: list[list[int]], seed: int, prompt_offset: int = 0
+) -> Rollout:
     r = ctx.cfg.rollout
     sampling = SamplingConfig(
         temperature=r.temperature,
@@ -220,6 +241,7 @@ def _rollout(ctx: UpdateContext, prompts: list[list[int]], seed: int) -> Rollout
         seed=seed,
         record_logprobs=True,
         record_entropies=ctx.cfg.algorithm.top_entropy_quantile < 1.0,
+        prompt_offset=prompt_offset,
     )
 
 
@@ -242,13 +264,13 @@ def _with_overlong_penalty(totals: Sequence[float], rollout: Rollout, cfg: Any) 
     ]
 
 
-def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
+def _advantages(rewards: list[float], truncated: list[bool], cfg: Any):
     """Per-completion advantages and the indices of the completions that train."""
     algo, group = cfg.algorithm, cfg.rollout.num_generations
     r = mx.array(rewards, dtype=mx.float32)
     adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
     if algo.mask_truncated_completions:
-        adv = grpo.mask_truncated_advantages(adv, mx.array(rollout.truncated))
+        adv = grpo.mask_truncated_advantages(adv, mx.array(truncated))
     zero_std = grpo.zero_std_group_mask(r, group).tolist()
     # Filtered completions leave the update entirely: no policy or KL term, and they do not
     # count in the loss normalisers (a zero advantage alone would still dilute them).
@@ -256,15 +278,16 @@ def _advantages(rewards: list[float], rollout: Rollout, cfg: Any):
         i
         for i in range(len(rewards))
         if not (algo.filter_zero_std_groups and zero_std[i // group])
-        and not (algo.mask_truncated_completions and rollout.truncated[i])
+        and not (algo.mask_truncated_completions and truncated[i])
     ]
     return adv.tolist(), keep
 
 
 def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
     """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
-    cfg = ctx.cfg
-    if not keep:
+    cfg, dist = ctx.cfg, ctx.dist
+    # Every rank takes the same branch: a rank with nothing to train still joins the sums.
+    if not dist.sum_floats([len(keep)])[0]:
         return {"skipped": 1.0, "nonfinite_skipped": 0.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
     lengths = [
         len(rollout.prompt_ids[p]) + len(c)
@@ -276,11 +299,10 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
         parts=cfg.optim.gradient_accumulation_steps,
         max_tokens=cfg.optim.max_tokens_per_microbatch,
     )
+    chunks = [c for c in chunks if c]  # none at all on a rank that kept nothing
     batches = [rollout.training_batch(c, pad_id=ctx.codec.pad_id) for c in chunks]
     advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
-    norm = grpo.LossNorm.for_update(
-        [b.completion_mask for b in batches], cfg.rollout.max_new_tokens
-    )
+    norm = distributed.global_norm(dist, _local_norm(batches, cfg.rollout.max_new_tokens))
     policy_masks = _top_entropy_masks(batches, cfg.algorithm.top_entropy_quantile)
     refs = [_reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
@@ -302,6 +324,9 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
             loss_sum += loss.item()
             for name, value in metrics.items():
                 metrics_sum[name] = metrics_sum.get(name, 0.0) + value.item()
+        # Each rank's loss and metrics are its shares of the global ones (global normalisers).
+        grads = dist.sum_gradients(_zero_grads(ctx) if grads is None else grads)
+        loss_sum, metrics_sum = _summed(dist, loss_sum, metrics_sum)
         grad_norm, applied = _step(ctx, grads, loss_sum)
         for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
             totals[name] = totals.get(name, 0.0) + value / passes
@@ -314,10 +339,30 @@ def _learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: 
     return {
         "skipped": 0.0,
         "nonfinite_skipped": float(nonfinite),
-        "micro_batches": float(len(batches)),
+        "micro_batches": dist.sum_floats([len(batches)])[0],
         **totals,
-        **mismatch.metrics(),
+        **mismatch.metrics(dist),
     }, tokens
+
+
+def _local_norm(batches: list[MicroBatch], max_new_tokens: int) -> grpo.LossNorm:
+    if not batches:  # this rank kept nothing; the other ranks' counts make the normaliser
+        return grpo.LossNorm(0, 0, 0, max_new_tokens)
+    return grpo.LossNorm.for_update([b.completion_mask for b in batches], max_new_tokens)
+
+
+def _zero_grads(ctx: UpdateContext) -> Any:
+    return tree_map(mx.zeros_like, ctx.model.trainable_parameters())
+
+
+def _summed(dist: distributed.Dist, loss: float, metrics: dict[str, float]):
+    if not dist.active:
+        return loss, metrics
+    # JSON, not a fixed vector: a rank that kept no completion has no metric names at all.
+    parts = dist.gather_json({"loss": loss, "metrics": metrics})
+    names = sorted({n for p in parts for n in p["metrics"]})
+    summed = {n: sum(p["metrics"].get(n, 0.0) for p in parts) for n in names}
+    return sum(p["loss"] for p in parts), summed
 
 
 class _Mismatch:
@@ -335,7 +380,12 @@ class _Mismatch:
         self.largest = max(self.largest, mx.max(gap).item())
         self.tokens += int(mx.sum(mask).item())
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, dist: distributed.Dist | None = None) -> dict[str, float]:
+        if dist is not None and dist.active:
+            parts = dist.gather_floats([self.total, self.largest, self.tokens])
+            self.total = sum(p[0] for p in parts)
+            self.largest = max(p[1] for p in parts)
+            self.tokens = int(sum(p[2] for p in parts))
         if not self.tokens:
             return {}
         return {
@@ -454,13 +504,12 @@ def _advantage_metrics(advantages: list[float], keep: list[int]) -> dict[str, fl
     }
 
 
-def _completion_metrics(rollout: Rollout) -> dict[str, float]:
-    lengths = [len(ids) for ids in rollout.completion_ids]
+def _completion_metrics(lengths: list[int], truncated: list[bool]) -> dict[str, float]:
     return {
         "completion_length_mean": sum(lengths) / len(lengths),
         "completion_length_min": float(min(lengths)),
         "completion_length_max": float(max(lengths)),
-        "truncated_share": sum(rollout.truncated) / len(lengths),
+        "truncated_share": sum(truncated) / len(lengths),
     }
 
 
