@@ -21,6 +21,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("rollout (c) mlxgrpo generate_groups", _tps(roll["mlxgrpo"]), where),
             ("  (c) / (a)", f"{roll['ratio_vs_single']:.2f}x", "target >= 8x"),
             ("  (c) / (b)", f"{roll['ratio_vs_batch_generate']:.2f}x", "target >= 1.3x"),
+            *_tool_loop_rows(roll, where),
         ]
     if step := result.get("train_step"):
         s = step["settings"]
@@ -66,6 +67,16 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         )
     return rows
+
+
+def _tool_loop_rows(roll: dict[str, Any], where: str) -> list[tuple[str, str, str]]:
+    """Reference files from before the tool loop have no (d)."""
+    if "mlxgrpo_tools" not in roll:
+        return []
+    return [
+        ("rollout (d) (c) with the tool loop, no call", _tps(roll["mlxgrpo_tools"]), where),
+        ("  (d) / (c)", f"{roll['tool_loop_ratio']:.2f}x", "target >= 0.95x"),
+    ]
 
 
 def _tps(figure: dict[str, Any]) -> str:

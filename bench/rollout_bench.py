@@ -5,7 +5,10 @@
 (b) `batch_generate`: mlx-lm `batch_generate` with each prompt repeated G times (the usual
     peer design), one completion batch of B*G rows;
 (c) `mlxgrpo`: `mlxgrpo.engine.rollout.generate_groups` (each prompt prefilled once, B*G rows
-    decoded together).
+    decoded together);
+(d) `mlxgrpo_tools`: (c) with the tool loop on (`rollout.tools`) but no call made (its
+    markers are ids no row can sample): the cost of reading every step back and of the
+    per-row bookkeeping.
 
 All three sample at temperature 1 and stop at the tokenizer's EOS. Tokens are completion
 tokens, the EOS included (batch_generate drops it from its ids; it is added back), over the
@@ -27,7 +30,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
 
-DESIGNS = ("single", "batch_generate", "mlxgrpo")
+DESIGNS = ("single", "batch_generate", "mlxgrpo", "mlxgrpo_tools")
 
 
 def _single_calls(model, tokenizer, prompts, calls: int, max_new_tokens: int) -> tuple[int, float]:
@@ -62,7 +65,17 @@ def _batch_generate(model, tokenizer, prompts, group: int, max_new_tokens: int):
     return tokens, seconds
 
 
-def _mlxgrpo(model, tokenizer, prompts, group: int, max_new_tokens: int, seed: int):
+def _unused_tools() -> Any:
+    """A tool runner whose call markers are ids no row can sample: the loop runs, no call."""
+    from mlxgrpo.engine.tools import ToolRunner
+    from mlxgrpo.tools import Tool
+    from mlxgrpo.tools.formats import ToolFormat
+
+    fmt = ToolFormat("nanochat", -1, -2, {}, lambda text: [], ([], []))
+    return ToolRunner(fmt, [Tool("none", str)], lambda ids: "")
+
+
+def _mlxgrpo(model, tokenizer, prompts, group: int, max_new_tokens: int, seed: int, tools=None):
     started = time.perf_counter()
     rollout = generate_groups(
         model,
@@ -72,6 +85,7 @@ def _mlxgrpo(model, tokenizer, prompts, group: int, max_new_tokens: int, seed: i
         sampling=SamplingConfig(temperature=1.0),
         eos_token_ids=tokenizer.eos_token_ids,
         seed=seed,
+        tools=tools,
     )
     return rollout.generated_tokens, time.perf_counter() - started
 
@@ -99,6 +113,9 @@ def measure_rollouts(
             "single": _single_calls(model, tokenizer, prompts, single_calls, max_new_tokens),
             "batch_generate": _batch_generate(model, tokenizer, prompts, group, max_new_tokens),
             "mlxgrpo": _mlxgrpo(model, tokenizer, prompts, group, max_new_tokens, seed=r),
+            "mlxgrpo_tools": _mlxgrpo(
+                model, tokenizer, prompts, group, max_new_tokens, seed=r, tools=_unused_tools()
+            ),
         }
         for name, (tokens, seconds) in runs.items():
             rounds[name].append(
@@ -123,4 +140,5 @@ def measure_rollouts(
     ours = result["mlxgrpo"]["tokens_per_sec"]
     result["ratio_vs_single"] = ours / result["single"]["tokens_per_sec"]
     result["ratio_vs_batch_generate"] = ours / result["batch_generate"]["tokens_per_sec"]
+    result["tool_loop_ratio"] = result["mlxgrpo_tools"]["tokens_per_sec"] / ours
     return result

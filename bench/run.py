@@ -49,6 +49,7 @@ SCHEMA_VERSION = 1
 TARGETS = {
     "rollout_vs_single": (">=", 8.0),
     "rollout_vs_batch_generate": (">=", 1.3),
+    "tool_loop_vs_plain": (">=", 0.95),
     "train_share_of_matmul": (">=", 0.55),
     "kl_memory_ratio": ("<=", 1.15),
 }
@@ -292,6 +293,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if "rollout" in result:
         values["rollout_vs_single"] = result["rollout"]["ratio_vs_single"]
         values["rollout_vs_batch_generate"] = result["rollout"]["ratio_vs_batch_generate"]
+        if "tool_loop_ratio" in result["rollout"]:
+            values["tool_loop_vs_plain"] = result["rollout"]["tool_loop_ratio"]
     if "train_step" in result:
         values["train_share_of_matmul"] = result["train_step"]["full"]["share_of_matmul_1024"]
     if "memory" in result:

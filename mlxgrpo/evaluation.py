@@ -16,7 +16,7 @@ from typing import Any
 from mlxgrpo.data import Example
 from mlxgrpo.rewards import RewardSet
 
-ACCURACY_REWARDS = ("correctness", "exact_match")
+ACCURACY_REWARDS = ("correctness", "exact_match", "final_number")
 FORMAT_REWARDS = ("strict_format", "soft_format")
 
 
@@ -56,6 +56,7 @@ def evaluate(
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
     dist: Any = None,
+    tools: Any = None,
 ) -> EvalResult:
     """Greedy accuracy (and pass@k when k > 1) with per-sample records.
 
@@ -63,7 +64,8 @@ def evaluate(
     With `dist` (an :class:`~mlxgrpo.engine.distributed.Dist` of several ranks) each rank
     generates a contiguous share of the prompts, and every rank returns the figures and
     records of all of them. A completion's samples depend on its prompt's index in
-    `examples`, not on the share or batch it was generated in.
+    `examples`, not on the share or batch it was generated in. `tools` (a ToolRunner) runs
+    the completions' tool calls, as training does.
     """
     from mlxgrpo.engine.distributed import Dist
 
@@ -81,6 +83,7 @@ def evaluate(
         batch_size=batch_size,
         offset=offset,
         on_batch=on_batch,
+        tools=tools,
     )
     greedy = generate(temperature=0.0, k=1, seed=seed)
     scored = _score(reward_set, local, greedy, 1)
@@ -155,6 +158,7 @@ def _generate(
     seed,
     offset=0,
     on_batch=None,
+    tools=None,
 ) -> list[tuple[list[int], str, bool]]:
     """(ids, text without EOS, truncated) for k samples of every example, in order; the
     first example is the `offset`-th of the whole evaluation (its sampling keys say so)."""
@@ -175,6 +179,7 @@ def _generate(
             eos_token_ids=eos_ids,
             seed=seed,
             prompt_offset=offset + begin,
+            tools=tools,
         )
         for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
             out.append((ids, decode(strip_eos(ids, eos_ids)), truncated))
@@ -221,7 +226,13 @@ def evaluate_config(
     from mlxgrpo.engine.finetune import adapters_disabled
     from mlxgrpo.errors import ConfigError
     from mlxgrpo.models.loading import check_adapter_dir, load_model, resolve_load_target
-    from mlxgrpo.task import build_reward_set, load_eval_examples, text_codec
+    from mlxgrpo.task import (
+        build_reward_set,
+        build_tool_runner,
+        check_tool_task,
+        load_eval_examples,
+        text_codec,
+    )
 
     cfg = resolved.config
     if compare_base and adapter_dir is None:
@@ -232,6 +243,7 @@ def evaluate_config(
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     resolve_load_target(cfg.model.path)
+    check_tool_task(resolved)
     examples = load_eval_examples(resolved, limit)
     reward_set = build_reward_set(resolved)
     model, tokenizer = load_model(
@@ -240,14 +252,17 @@ def evaluate_config(
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    codec = text_codec(tokenizer, cfg)
+    tools = build_tool_runner(resolved, tokenizer)
+    codec = text_codec(tokenizer, cfg, tools)
     dist = distributed.init()
     if on_start is not None:  # this rank's share of the generations
         share = len(dist.split(examples)[0])
         on_start(share * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
 
     def run() -> EvalResult:
-        return evaluate_task(model, examples, reward_set, codec, cfg, batch_size, on_batch, dist)
+        return evaluate_task(
+            model, examples, reward_set, codec, cfg, batch_size, on_batch, dist, tools
+        )
 
     results = []
     if compare_base:
@@ -266,6 +281,7 @@ def evaluate_task(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
     dist: Any = None,
+    tools: Any = None,
 ) -> EvalResult:
     """`evaluate` with the settings of a config's [eval] section and a task's text codec."""
     return evaluate(
@@ -282,4 +298,5 @@ def evaluate_task(
         seed=cfg.run.seed,
         on_batch=on_batch,
         dist=dist,
+        tools=tools,
     )

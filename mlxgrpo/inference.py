@@ -75,6 +75,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string), "length" or "interrupted"
     seconds: float = 0.0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # with tools: each call
 
     @property
     def tokens_per_second(self) -> float:
@@ -82,9 +83,15 @@ class Answer:
 
 
 def encode_prompt(
-    tokenizer: Any, prompt: Prompt, *, system: str | None = None, chat_template: bool = True
+    tokenizer: Any,
+    prompt: Prompt,
+    *,
+    system: str | None = None,
+    chat_template: bool = True,
+    tools: Any = None,
 ) -> list[int]:
-    """Token ids of a prompt: chat-rendered (with `system` first) or the raw text."""
+    """Token ids of a prompt: chat-rendered (with `system` first, and the schemas of `tools`,
+    a ToolRunner, for templates that list them) or the raw text."""
     if not chat_template:
         if not isinstance(prompt, str):
             raise ConfigError(
@@ -96,10 +103,18 @@ def encode_prompt(
         messages = normalize_messages(prompt)
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
-        ids = render_prompt(tokenizer, messages)
+        ids = render_prompt(tokenizer, messages, tools=_schemas(tools))
     if not ids:
         raise ConfigError("the prompt is empty", hint="give a prompt with some text")
     return ids
+
+
+def _schemas(tools: Any) -> list[dict[str, Any]] | None:
+    if tools is None or tools.format.kind != "chat-template":
+        return None
+    from mlxgrpo.tools.formats import tool_schemas
+
+    return tool_schemas(tools.tools)
 
 
 def generate_answers(
@@ -112,16 +127,19 @@ def generate_answers(
     chat_template: bool = True,
     batch_size: int = 8,
     on_batch: Any = None,
+    tools: Any = None,
 ) -> list[Answer]:
     """Answers for many prompts, `batch_size` prompts per decode batch, in prompt order.
 
     `on_batch(answers, done, total)` gets each batch's answers as soon as they exist (for
-    progress, or to write them out before the next batch starts).
+    progress, or to write them out before the next batch starts). `tools` (a ToolRunner)
+    runs the answers' tool calls as training rollouts do.
     """
     from mlxgrpo.engine.rollout import generate_groups
 
     encoded = [
-        encode_prompt(tokenizer, p, system=system, chat_template=chat_template) for p in prompts
+        encode_prompt(tokenizer, p, system=system, chat_template=chat_template, tools=tools)
+        for p in prompts
     ]
     eos = eos_token_ids(tokenizer)
     sampling = options.sampling()
@@ -139,8 +157,10 @@ def generate_answers(
             stop_strings=list(options.stop) or None,
             decode=lambda ids: decode(tokenizer, ids),
             seed=options.seed + begin,
+            tools=tools,
         )
         seconds = time.perf_counter() - started
+        calls = rollout.tool_calls or [[] for _ in chunk]
         batch = [
             Answer(
                 _cut_at_stop(decode(tokenizer, strip_eos(ids, eos)), options.stop),
@@ -148,9 +168,10 @@ def generate_answers(
                 len(ids),
                 reason,
                 seconds,
+                [c.as_record() for c in made],
             )
-            for prompt_ids, ids, reason in zip(
-                chunk, rollout.completion_ids, rollout.finish_reason, strict=True
+            for prompt_ids, ids, reason, made in zip(
+                chunk, rollout.completion_ids, rollout.finish_reason, calls, strict=True
             )
         ]
         answers += batch
@@ -219,7 +240,13 @@ def _token_stream(
             seen[0, token.astype(mx.int32)] = True
         upcoming, key = advance(token[:, None], key)
         mx.async_eval(upcoming)
-        yield int(token.item())
+        forced = yield int(token.item())
+        if forced:  # a tool's result: it goes into the cache, and replaces what was drawn
+            run = mx.array(forced, dtype=mx.uint32)[None]
+            if penalize:
+                seen[0, run[0].astype(mx.int32)] = True
+            upcoming, key = advance(run, key)
+            mx.async_eval(upcoming)
         token = upcoming
 
 
@@ -270,11 +297,14 @@ def stream_answer(
     cache: list[Any] | None = None,
     context_ids: Sequence[int] = (),
     state: StreamState | None = None,
+    tools: Any = None,
 ) -> Iterator[str]:
     """Yield the answer's text piece by piece; fills `state` when the stream ends.
 
     `cache` (optional) already holds `context_ids`; `feed` is what to run on top of it. Without
-    a cache a fresh one is used, so `feed` must then be the whole prompt.
+    a cache a fresh one is used, so `feed` must then be the whole prompt. With `tools` (a
+    ToolRunner) a call the answer closes is run, and its result is shown and run through the
+    model (prefilled into the cache) before the answer goes on.
     """
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -288,21 +318,30 @@ def stream_answer(
     stop_text = _StopText(options.stop)
     started = time.perf_counter()
     reason = "length"
+    calls = tools.opened_in([*context_ids, *feed]) if tools is not None else None
+    stream = _token_stream(model, feed, cache, options, context_ids)
     try:
-        for token in _token_stream(model, feed, cache, options, context_ids):
+        token = next(stream)
+        while True:
             state.generated.append(token)
             if token in eos:
                 reason = "stop"
                 break
-            detok.add_token(token)
-            piece = stop_text.add(detok.last_segment)
-            if piece:
-                yield piece
+            forced = tools.follow(calls, token) if tools is not None else []
+            # The result is shown as the model reads it; the budget counts it too.
+            forced = forced[: max(0, options.max_tokens - len(state.generated))]
+            state.generated.extend(forced)
+            for shown in [token, *forced]:
+                detok.add_token(shown)
+                piece = stop_text.add(detok.last_segment)
+                if piece:
+                    yield piece
             if stop_text.stopped:
                 reason = "stop"
                 break
             if len(state.generated) >= options.max_tokens:
                 break
+            token = stream.send(forced) if forced else next(stream)
         if not stop_text.stopped:
             detok.finalize()
             tail = stop_text.add(detok.last_segment) + stop_text.flush()
@@ -318,6 +357,7 @@ def stream_answer(
             len(state.generated),
             reason,
             time.perf_counter() - started,
+            [] if calls is None else [c.as_record() for c in calls.calls],
         )
 
 
@@ -340,12 +380,14 @@ class ChatSession:
         *,
         system: str | None = None,
         chat_template: bool = True,
+        tools: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
         self.system = system
         self.chat_template = chat_template
+        self.tools = tools  # a ToolRunner: the answers' tool calls run
         self.messages: list[dict[str, str]] = []
         self.turns = 0
         self.last_prefill = 0
@@ -373,7 +415,8 @@ class ChatSession:
 
     def _prompt_ids(self, user_text: str) -> list[int]:
         if self.chat_template:
-            return render_prompt(self.tokenizer, self._conversation(user_text))
+            conversation = self._conversation(user_text)
+            return render_prompt(self.tokenizer, conversation, tools=_schemas(self.tools))
         # Without a template the history is plain text, one turn after another.
         return encode_prompt(
             self.tokenizer, render_fallback_text(self._conversation(user_text)), chat_template=False
@@ -417,6 +460,7 @@ class ChatSession:
                 cache=self.cache,
                 context_ids=self.cached_ids,
                 state=state,
+                tools=self.tools,
             )
             completed = True
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxgrpo.config import ResolvedConfig
+from mlxgrpo.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,41 @@ def build_reward_set(resolved: ResolvedConfig) -> Any:
     )
 
 
-def text_codec(tokenizer: Any, cfg: Any) -> TextCodec:
+def build_tool_runner(resolved: ResolvedConfig, tokenizer: Any) -> Any:
+    """The rollout's tool runner (engine.tools.ToolRunner), None when rollout.tools is empty."""
+    cfg = resolved.config.rollout
+    if not cfg.tools:
+        return None
+    from mlxgrpo.engine.tools import ToolRunner
+    from mlxgrpo.models.tokenizer import decode as decode_ids
+    from mlxgrpo.tools import resolve_tools
+    from mlxgrpo.tools.formats import tool_format
+
+    return ToolRunner(
+        tool_format(tokenizer),
+        resolve_tools(cfg.tools, resolved.base_dir()),
+        lambda ids: decode_ids(tokenizer, ids, skip_special_tokens=True),
+        max_calls=cfg.max_tool_calls,
+        timeout_s=cfg.tool_timeout_s,
+    )
+
+
+def check_tool_task(resolved: ResolvedConfig) -> None:
+    """A synthetic tool task needs the tool: without it no answer can be right."""
+    dataset, tools = resolved.config.data.dataset, resolved.config.rollout.tools
+    if dataset.startswith("synthetic:") and "tool=" in dataset and not tools:
+        raise ConfigError(
+            f"{dataset} is a tool task, but rollout.tools is empty",
+            hint="set rollout.tools = ['calculator'] (configs/calculator_demo.toml does)",
+        )
+
+
+def text_codec(tokenizer: Any, cfg: Any, tools: Any = None) -> TextCodec:
     """Chat-rendered prompts left-cut to rollout.max_prompt_length; completions decode without
-    special tokens, so a reward never scores the letters of a token such as <|endoftext|>."""
-    from mlxgrpo.data import build_messages, default_system_prompt
+    special tokens, so a reward never scores the letters of a token such as <|endoftext|>.
+    With `tools` (a ToolRunner), a chat template lists them in the prompt, and a completion's
+    text keeps its tool-call markers (a call's expression and its result stay apart)."""
+    from mlxgrpo.data import build_messages, call_prefill, default_system_prompt
     from mlxgrpo.models.tokenizer import decode as decode_ids
     from mlxgrpo.models.tokenizer import eos_token_ids, render_prompt
 
@@ -86,13 +118,22 @@ def text_codec(tokenizer: Any, cfg: Any) -> TextCodec:
     if system is None:
         system = default_system_prompt(cfg.data.dataset)
     limit = cfg.rollout.max_prompt_length
+    schemas = None
+    if tools is not None and tools.format.kind == "chat-template":
+        from mlxgrpo.tools.formats import tool_schemas
+
+        schemas = tool_schemas(tools.tools)
 
     def encode(example: Any) -> list[int]:
-        ids = render_prompt(tokenizer, build_messages(example, system))
+        ids = render_prompt(tokenizer, build_messages(example, system), tools=schemas)
+        ids += call_prefill(example, tools)
         return ids[-limit:]  # keep the end: it holds the question and the generation prompt
 
-    def decode(ids: list[int]) -> str:
+    def plain(ids: list[int]) -> str:
         return decode_ids(tokenizer, ids, skip_special_tokens=True)
+
+    def decode(ids: list[int]) -> str:
+        return plain(ids) if tools is None else tools.format.render(ids, plain)
 
     eos = eos_token_ids(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -78,6 +78,7 @@ def test_rollout_figures_are_complete_and_consistent(quick) -> None:
         "single": settings["single_calls_per_round"] * budget,
         "batch_generate": settings["prompts"] * settings["num_generations"] * budget,
         "mlxgrpo": settings["prompts"] * settings["num_generations"] * budget,
+        "mlxgrpo_tools": settings["prompts"] * settings["num_generations"] * budget,
     }
     medians = {}
     for design, limit in limits.items():
@@ -91,6 +92,7 @@ def test_rollout_figures_are_complete_and_consistent(quick) -> None:
         assert close(rollout[design]["tokens_per_sec"], medians[design])
     assert close(rollout["ratio_vs_single"], medians["mlxgrpo"] / medians["single"])
     assert close(rollout["ratio_vs_batch_generate"], medians["mlxgrpo"] / medians["batch_generate"])
+    assert close(rollout["tool_loop_ratio"], medians["mlxgrpo_tools"] / medians["mlxgrpo"])
 
 
 def test_train_step_flops_and_shares(quick) -> None:
@@ -147,10 +149,12 @@ def test_targets_are_judged_from_the_figures(quick) -> None:
         "rollout_vs_batch_generate": result["rollout"]["ratio_vs_batch_generate"],
         "train_share_of_matmul": result["train_step"]["full"]["share_of_matmul_1024"],
         "kl_memory_ratio": result["memory"]["kl_memory_ratio"],
+        "tool_loop_vs_plain": result["rollout"]["tool_loop_ratio"],
     }
     bounds = {
         "rollout_vs_single": 8.0,
         "rollout_vs_batch_generate": 1.3,
+        "tool_loop_vs_plain": 0.95,
         "train_share_of_matmul": 0.55,
         "kl_memory_ratio": 1.15,
     }

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load
+from nanochat_fixtures import StorageCounter, contiguous, write_pt
 from random_models import add_random_adapters
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
@@ -28,6 +29,7 @@ from mlxgrpo.models.builtin import (
     VOCAB_SIZE,
     build_char_tokenizer,
     build_tiny_model,
+    describe_builtin_models,
     list_builtin_models,
     resolve_model_path,
     tiny_nanochat_encoding,
@@ -39,6 +41,8 @@ from mlxgrpo.models.loading import (
     load_model,
     load_model_with_config,
 )
+from mlxgrpo.models.nanochat_convert import convert_nanochat
+from mlxgrpo.models.nanochat_tokenizer import is_nanochat_model_dir
 from mlxgrpo.models.tokenizer import decode, eos_token_ids, render_prompt, render_prompt_text
 
 ALPHABET = "".join(TOKENIZER_CHARS)
@@ -72,7 +76,9 @@ def loaded(built_dirs):
 def test_list_builtin_models_starts_with_default():
     names = list_builtin_models()
     assert names[0] == "tiny-qwen2"
-    assert {"tiny-qwen2", "tiny-llama", "small-qwen2"} <= set(names)
+    assert {"tiny-qwen2", "tiny-llama", "small-qwen2", "tiny-nanochat"} <= set(names)
+    assert list(describe_builtin_models()) == names
+    assert "tool-use demo" in describe_builtin_models()["tiny-nanochat"]
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
@@ -404,3 +410,158 @@ def test_hub_fetch_failure_is_a_runtime_error(monkeypatch):
         load_model("someorg/not-cached-model")
     assert not isinstance(info.value, ConfigError)
     assert "someorg/not-cached-model" in info.value.message and info.value.hint
+
+
+# --- builtin:tiny-nanochat -----------------------------------------------------------------
+
+NANOCHAT_ENC = tiny_nanochat_encoding()
+NANOCHAT_IDS = {token: NANOCHAT_ENC.encode_single_token(token) for token in NANOCHAT_SPECIAL_TOKENS}
+# What `mlxgrpo convert nanochat` writes (mlx-lm's save_model adds the index).
+CONVERTED_NANOCHAT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.pkl",
+]
+
+
+@pytest.fixture
+def tiny_nanochat():
+    """`(model, tokenizer, config)` of builtin:tiny-nanochat, through the normal loader."""
+    return load_model_with_config("builtin:tiny-nanochat", dtype="float32")
+
+
+def test_tiny_nanochat_builds_offline_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGRPO_CACHE_DIR", str(tmp_path))
+    path = Path(resolve_model_path("builtin:tiny-nanochat"))
+    assert path.parent == tmp_path / "builtin" and path.name.startswith("tiny-nanochat-")
+    assert sorted(os.listdir(path)) == CONVERTED_NANOCHAT_FILES
+    assert is_nanochat_model_dir(path)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached model was rebuilt")
+
+    # Complete by nanochat's files (no tokenizer.json), so the cached copy is reused.
+    monkeypatch.setattr(builtin, "build_tiny_model", no_rebuild)
+    assert Path(resolve_model_path("builtin:tiny-nanochat")) == path
+    assert os.listdir(tmp_path / "builtin") == [path.name]
+
+
+def test_tiny_nanochat_is_what_convert_nanochat_writes(built_dirs, tmp_path):
+    """Its weights as a nanochat checkpoint, converted, give the builtin directory byte for
+    byte: same files, same config.json, same weights file, same tokenizer.pkl."""
+    spec = builtin.get_builtin_spec("tiny-nanochat")
+    keys = StorageCounter()
+    state = {name: contiguous(values, keys) for name, values in builtin.init_weights(spec).items()}
+    checkpoint = tmp_path / "chatsft_checkpoints" / "d2"
+    checkpoint.mkdir(parents=True)
+    write_pt(checkpoint / "model_000001.pt", state)
+    meta = {"step": 1, "model_config": builtin.nanochat_model_config(spec)}
+    (checkpoint / "meta_000001.json").write_text(json.dumps(meta))
+    write_nanochat_tokenizer(tmp_path / "tokenizer")
+    converted = Path(convert_nanochat(checkpoint, tmp_path / "converted")["output"])
+
+    built = built_dirs["tiny-nanochat"]
+    assert sorted(os.listdir(built)) == sorted(os.listdir(converted)) == CONVERTED_NANOCHAT_FILES
+    for name in CONVERTED_NANOCHAT_FILES:
+        assert (built / name).read_bytes() == (converted / name).read_bytes(), name
+
+
+def test_tiny_nanochat_builds_are_deterministic(built_dirs, tmp_path):
+    first = built_dirs["tiny-nanochat"]
+    again = build_tiny_model(tmp_path / "again", "tiny-nanochat")
+    a = mx.load(str(first / "model.safetensors"))
+    b = mx.load(str(again / "model.safetensors"))
+    assert sorted(a) == sorted(b) and len(a) == 2 + 2 * 6  # wte, lm_head, 6 per block
+    assert all(mx.array_equal(a[name], b[name]) for name in a)
+    for name in CONVERTED_NANOCHAT_FILES:
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+
+
+def test_tiny_nanochat_weights_follow_the_builtin_init(built_dirs):
+    weights = mx.load(str(built_dirs["tiny-nanochat"] / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {mx.float32}
+    wte = np.array(weights["transformer.wte.weight"])
+    assert wte.shape == (NANOCHAT_ENC.n_vocab, 64)
+    assert abs(wte.std() - EMBED_STD) < 0.02
+    c_fc = np.array(weights["transformer.h.1.mlp.c_fc.weight"])
+    assert c_fc.shape == (256, 64) and abs(c_fc.std() - 64**-0.5) < 0.01
+    c_k = weights["transformer.h.0.attn.c_k.weight"]
+    assert c_k.shape == (2 * 16, 64)  # 2 kv heads of head_dim 16: grouped-query attention
+    lm_head = np.array(weights["lm_head.weight"])
+    assert lm_head.shape == (NANOCHAT_ENC.n_vocab, 64) and abs(lm_head.std() - 0.125) < 0.01
+
+
+def test_tiny_nanochat_loads_with_the_nanochat_tokenizer_and_eos(tiny_nanochat, built_dirs):
+    _, tokenizer, config = tiny_nanochat
+    assert config["model_type"] == "nanochat"
+    assert config["num_key_value_heads"] == 2 and config["max_position_embeddings"] == 512
+    assert config["vocab_size"] == len(tokenizer) == NANOCHAT_ENC.n_vocab == 281
+    end, bos = NANOCHAT_IDS["<|assistant_end|>"], NANOCHAT_IDS["<|bos|>"]
+    assert config["eos_token_id"] == [end, bos] and config["bos_token_id"] == bos
+    assert eos_token_ids(tokenizer) == {end, bos}
+    assert tokenizer.eos_token_id == end and tokenizer.eos_token == "<|assistant_end|>"
+    on_disk = json.loads((built_dirs["tiny-nanochat"] / "config.json").read_text())
+    assert on_disk["eos_token_id"] == [end, bos]
+
+
+@pytest.mark.parametrize(
+    "token", ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+)
+def test_tiny_nanochat_tool_tokens_are_single_special_ids(tiny_nanochat, token):
+    _, tokenizer, _ = tiny_nanochat
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    assert ids == [NANOCHAT_IDS[token]]
+    assert ids[0] in tokenizer.all_special_ids
+    assert tokenizer.decode(ids) == token
+    call = f"{token}2+3"
+    assert decode(tokenizer, tokenizer.encode(call, add_special_tokens=False)) == call
+
+
+def test_tiny_nanochat_chat_template_ends_with_assistant_start(tiny_nanochat):
+    _, tokenizer, _ = tiny_nanochat
+    question = "What is 2+3?"
+    ids = render_prompt(tokenizer, [{"role": "user", "content": question}])
+    expected = [
+        NANOCHAT_IDS["<|bos|>"],
+        NANOCHAT_IDS["<|user_start|>"],
+        *NANOCHAT_ENC.encode_ordinary(question),
+        NANOCHAT_IDS["<|user_end|>"],
+        NANOCHAT_IDS["<|assistant_start|>"],
+    ]
+    assert ids == expected
+    assert render_prompt_text(tokenizer, question) == (
+        f"<|bos|><|user_start|>{question}<|user_end|><|assistant_start|>"
+    )
+
+
+def test_tiny_nanochat_forward_gives_vocab_logits(tiny_nanochat):
+    model, tokenizer, _ = tiny_nanochat
+    ids = tokenizer.encode("<|assistant_start|><|python_start|>2+3<|python_end|>")
+    assert len(ids) == 7  # bos, three specials, "2", "+", "3"
+    logits = model(mx.array([ids]))
+    assert logits.shape == (1, len(ids), NANOCHAT_ENC.n_vocab)
+    assert logits.dtype == mx.float32 and bool(mx.all(mx.isfinite(logits)))
+    assert float(mx.std(logits[0, -1]).item()) > 0.5  # not a uniform policy
+
+
+def test_tiny_nanochat_trains_one_update_offline(cli, tmp_path):
+    code, out, err = cli(
+        "train", "-m", "builtin:tiny-nanochat", "-o", tmp_path / "runs",
+        "--set", "data.dataset=synthetic:repeat?letters=x",
+        "--set", "rollout.max_new_tokens=8",
+        "--set", "rollout.num_generations=2",
+        "--set", "optim.batch_size=2",
+        "--max-steps", "1",
+    )  # fmt: skip
+    assert code == 0, out + err
+    (run,) = (tmp_path / "runs").iterdir()
+    updates = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("kind") == "train"
+    ]
+    assert [u["update"] for u in updates] == [1]
+    training = json.loads((run / "final" / "training.json").read_text())
+    assert training["base_model"] == "builtin:tiny-nanochat"
+    assert (run / "final" / "adapters.safetensors").is_file()

@@ -22,6 +22,7 @@ def chat(
     repetition_penalty: g.RepetitionPenalty = None,
     seed: g.Seed = None,
     no_chat_template: g.NoChatTemplate = False,
+    tool: g.Tools = None,
 ) -> int:
     """Chat with a model (and adapters). Commands: /reset, /system TEXT, /help, /exit.
 
@@ -31,10 +32,16 @@ def chat(
     from mlxgrpo.inference import ChatSession
 
     flags = g.generation_flags(locals())
-    resolved, model_, tokenizer, options = g.load_for_generation(config, set_, flags, adapter)
+    loaded = g.load_for_generation(config, set_, flags, adapter)
+    resolved, model_, tokenizer, options, tools = loaded
     gen = resolved.config.generate
     session = ChatSession(
-        model_, tokenizer, options, system=gen.system_prompt, chat_template=gen.chat_template
+        model_,
+        tokenizer,
+        options,
+        system=gen.system_prompt,
+        chat_template=gen.chat_template,
+        tools=tools,
     )
     interactive = sys.stdin.isatty()
     ui.chat_banner(resolved.config.model.path, interactive)

@@ -31,6 +31,15 @@ RepetitionPenalty = Annotated[
     float | None, typer.Option("--repetition-penalty", help="generate.repetition_penalty")
 ]
 Seed = Annotated[int | None, typer.Option("--seed", help="generate.seed")]
+Tools = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tool",
+        help="rollout.tools: a tool the answers may call (calculator, file.py:function); "
+        "repeat for several. Default: the config's, as training used them.",
+        show_default=False,
+    ),
+]
 NoChatTemplate = Annotated[
     bool,
     typer.Option("--no-chat-template", help="Feed the raw text (generate.chat_template = false)."),
@@ -56,6 +65,7 @@ def generation_flags(params: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     flags = {key: (flag, params[name]) for name, (key, flag) in _FLAG_KEYS.items()}
     no_template = params["no_chat_template"]
     flags["generate.chat_template"] = ("--no-chat-template", False if no_template else None)
+    flags["rollout.tools"] = ("--tool", list(params["tool"]) if params["tool"] else None)
     return flags
 
 
@@ -64,10 +74,12 @@ def load_for_generation(
     overrides: list[str] | None,
     flags: dict[str, tuple[str, Any]],
     adapter: str | None,
-) -> tuple[Any, Any, Any, Any]:
-    """(resolved config, model, tokenizer, generation options) for infer and chat."""
+) -> tuple[Any, Any, Any, Any, Any]:
+    """(resolved config, model, tokenizer, generation options, tool runner or None) for infer
+    and chat; the tools are `rollout.tools`, so a trained model calls what it was trained with."""
     from mlxgrpo.inference import GenerationOptions
     from mlxgrpo.models.loading import load_model
+    from mlxgrpo.task import build_tool_runner
 
     resolved = load_config(config, overrides, flags)
     cfg = resolved.config
@@ -77,4 +89,5 @@ def load_for_generation(
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    return resolved, model, tokenizer, GenerationOptions.from_config(cfg.generate)
+    tools = build_tool_runner(resolved, tokenizer)
+    return resolved, model, tokenizer, GenerationOptions.from_config(cfg.generate), tools

@@ -45,6 +45,7 @@ def infer(
         bool, typer.Option("--stream", help="Print the answer as it is made.")
     ] = False,
     no_chat_template: g.NoChatTemplate = False,
+    tool: g.Tools = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of text.")
     ] = False,
@@ -62,9 +63,10 @@ def infer(
     prompts = _read_prompts(file) if file is not None else None
     target = _output_path(file, output, force) if file is not None else None
     flags = g.generation_flags(locals())
-    resolved, model_, tokenizer, options = g.load_for_generation(config, set_, flags, adapter)
+    loaded = g.load_for_generation(config, set_, flags, adapter)
+    resolved, model_, tokenizer, options, tools = loaded
     gen = resolved.config.generate
-    common = dict(system=gen.system_prompt, chat_template=gen.chat_template)
+    common = dict(system=gen.system_prompt, chat_template=gen.chat_template, tools=tools)
     if prompts is not None:
         return _answer_file(model_, tokenizer, options, prompts, target, batch_size, common)
     return _answer_one(model_, tokenizer, options, prompt, stream, json_output, common)
@@ -89,7 +91,7 @@ def _answer_one(model, tokenizer, options, prompt, stream, json_output, common) 
         return 0
     ids = encode_prompt(tokenizer, prompt, **common)
     state = StreamState()
-    for piece in stream_answer(model, tokenizer, ids, options, state=state):
+    for piece in stream_answer(model, tokenizer, ids, options, state=state, tools=common["tools"]):
         ui.stream_piece(piece)
     ui.end_of_answer()
     ui.generation_stats(state.answer, peak_memory_bytes())
@@ -137,6 +139,7 @@ def _answer_record(answer: Any) -> dict[str, Any]:
         "finish_reason": answer.finish_reason,
         "prompt_tokens": answer.prompt_tokens,
         "completion_tokens": answer.completion_tokens,
+        **({"tool_calls": answer.tool_calls} if answer.tool_calls else {}),
     }
 
 

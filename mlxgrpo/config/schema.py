@@ -119,6 +119,15 @@ class RolloutConfig:
     min_p: float = opt(0.0, "Drop tokens below min_p x the top probability; 0 = off.", min=0, max=1)
     repetition_penalty: float = opt(1.0, "Penalty on already generated tokens; 1 = off.", gt=0)
     stop: list[str] = opt([], "Extra stop strings (EOS always stops).")
+    tools: list[str] = opt(
+        [],
+        "Tools completions may call while they generate: calculator, 'file.py:function' or "
+        "'module:function' (text in, text out). The call format comes from the tokenizer "
+        "(nanochat's python blocks, a chat template's <tool_call>); results are forced in and "
+        "left out of the loss.",
+    )
+    max_tool_calls: int = opt(4, "Tool calls per completion; later calls get an error.", min=0)
+    tool_timeout_s: float = opt(5.0, "Time limit of one tool call (seconds).", gt=0)
     quantize_bits: int = opt(
         0,
         "Accepted for configs of the original (quantize_for_rollouts); rollouts always use the "

@@ -16,6 +16,7 @@ from mlxgrpo.data.stream import PromptStream, StreamCursor, batches, num_updates
 from mlxgrpo.data.synthetic import (
     SYNTHETIC_TASKS,
     SyntheticTask,
+    call_prefill,
     generate_synthetic,
     is_synthetic,
     parse_synthetic_spec,
@@ -33,6 +34,7 @@ __all__ = [
     "StreamCursor",
     "SyntheticTask",
     "batches",
+    "call_prefill",
     "build_messages",
     "default_rewards",
     "default_system_prompt",

@@ -74,16 +74,16 @@ def load_examples(
 def default_rewards(dataset: str) -> list[str]:
     """Reward functions to use when the config lists none: the task's own, else the GSM8K set."""
     if is_synthetic(dataset):
-        task, _ = parse_synthetic_spec(dataset)
-        return list(task.default_rewards)
+        task, options = parse_synthetic_spec(dataset)
+        return list(task.rewards(options))
     return list(GSM8K_REWARDS)
 
 
 def default_system_prompt(dataset: str) -> str | None:
     """The system prompt a dataset is meant to be trained with (None: no system message)."""
     if is_synthetic(dataset):
-        task, _ = parse_synthetic_spec(dataset)
-        return task.system_prompt
+        task, options = parse_synthetic_spec(dataset)
+        return task.system(options)
     return GSM8K_SYSTEM_PROMPT
 
 

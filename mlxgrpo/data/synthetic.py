@@ -10,6 +10,7 @@ import random
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlxgrpo.data.example import GSM8K_SYSTEM_PROMPT, Example
 from mlxgrpo.errors import ConfigError
@@ -33,6 +34,13 @@ class SyntheticTask:
     default_rewards: tuple[str, ...]
     system_prompt: str | None = None
     options: Mapping[str, str] = field(default_factory=dict)
+    tool_rewards: tuple[str, ...] = ()  # with the option tool=...: rewards for tool use
+
+    def rewards(self, options: Mapping[str, str]) -> tuple[str, ...]:
+        return self.tool_rewards if options.get("tool") else self.default_rewards
+
+    def system(self, options: Mapping[str, str]) -> str | None:
+        return None if options.get("tool") else self.system_prompt
 
 
 _NAMES = ["Tom", "Mia", "Sam", "Ana", "Leo", "Ivy", "Ben", "Zoe"]
@@ -87,7 +95,37 @@ def _arithmetic_problem(rng: random.Random) -> tuple[str, int, str]:
     return question, total, f"{steps}\n#### {total}"
 
 
+TOOL_CALL_KEY = "tool_call"  # Example.extra: a call the prompt pre-fills (tool, argument)
+
+
+def _tool_problems(rng: random.Random, n: int, options: Mapping[str, str]) -> list[Example]:
+    """Products of two `digits`-digit numbers: beyond a small model, one calculator call away.
+    With prefill=call the prompt ends inside the call (its expression written), so even a
+    random-init model can learn the rest: close the call, keep the result, stop."""
+    if options["tool"] != "calculator":
+        raise ConfigError(
+            f"synthetic:arithmetic: tool={options['tool']!r} is not a built-in tool",
+            hint="use tool=calculator",
+        )
+    digits = _int_option(options, "digits", 4, "arithmetic")
+    prefill = options.get("prefill", "none")
+    if not 1 <= digits <= 12 or prefill not in ("none", "call"):
+        raise ConfigError(
+            f"synthetic:arithmetic: need 1 <= digits <= 12 and prefill none|call, got "
+            f"digits={digits}, prefill={prefill}"
+        )
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    examples = []
+    for _ in range(n):
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        extra = {TOOL_CALL_KEY: ("calculator", f"{a}*{b}")} if prefill == "call" else {}
+        examples.append(Example(f"What is {a} * {b}?", str(a * b), extra))
+    return examples
+
+
 def _generate_arithmetic(rng: random.Random, n: int, options: Mapping[str, str]) -> list[Example]:
+    if options.get("tool"):
+        return _tool_problems(rng, n, options)
     examples = []
     for _ in range(n):
         question, answer, solution = _arithmetic_problem(rng)
@@ -138,6 +176,12 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
             generate=_generate_arithmetic,
             default_rewards=GSM8K_REWARDS,
             system_prompt=GSM8K_SYSTEM_PROMPT,
+            options={
+                "tool": "calculator: products of large numbers, for runs with rollout.tools",
+                "digits": "with tool: digits of each factor (default 4)",
+                "prefill": "with tool: call = the prompt opens the call (none = it does not)",
+            },
+            tool_rewards=("final_number",),
         ),
         SyntheticTask(
             name="repeat",
@@ -210,3 +254,12 @@ def _int_option(options: Mapping[str, str], key: str, default: int, task: str) -
         raise ConfigError(
             f"synthetic:{task}: option {key}={options[key]!r} is not an integer."
         ) from None
+
+
+def call_prefill(example: Example, tools: Any) -> list[int]:
+    """Token ids a prompt ends with when its example pre-fills a tool call (none otherwise)."""
+    call = example.extra.get(TOOL_CALL_KEY) if tools is not None else None
+    if not call:
+        return []
+    name, argument = call
+    return tools.format.prefill_ids(name, argument)

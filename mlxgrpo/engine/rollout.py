@@ -102,11 +102,14 @@ def build_micro_batch(
     pad_id: int = 0,
     sampler_logprobs: Sequence[Sequence[float]] | None = None,
     sampler_entropies: Sequence[Sequence[float]] | None = None,
+    forced: Sequence[Sequence[bool]] | None = None,
 ) -> MicroBatch:
     """Concatenate each prompt with its completion (one prompt per completion, same order).
 
     ``sampler_logprobs`` / ``sampler_entropies``: one value per completion token, as the
-    rollout recorded them.
+    rollout recorded them. ``forced``: per completion token, True where a tool's result was
+    put in rather than sampled; those positions get mask 0, so no loss term, normaliser or
+    metric counts them.
     """
     if len(prompt_ids) != len(completion_ids) or not prompt_ids:
         raise MlxgrpoError(
@@ -116,10 +119,18 @@ def build_micro_batch(
         )
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
     rows, masks = [], []
-    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
         pad = width - len(prompt) - len(completion)
         rows.append([*prompt, *completion] + [pad_id] * pad)
-        masks.append([0.0] * len(prompt) + [1.0] * len(completion) + [0.0] * pad)
+        sampled = [1.0] * len(completion)
+        if forced is not None:
+            if len(forced[row]) != len(completion):
+                raise ValueError(
+                    f"row {row}: {len(forced[row])} forced flags for a completion of "
+                    f"{len(completion)} tokens"
+                )
+            sampled = [0.0 if f else 1.0 for f in forced[row]]
+        masks.append([0.0] * len(prompt) + sampled + [0.0] * pad)
     lengths = [len(p) for p in prompt_ids]
     start = min(lengths)
     return MicroBatch(
@@ -171,6 +182,10 @@ class Rollout:
     # of the distribution it was drawn from.
     completion_logprobs: list[list[float]] | None = None
     completion_entropies: list[list[float]] | None = None
+    # With tools: per completion token, True where a tool's result was forced in (no loss
+    # there), and each completion's calls (engine.tools.ToolCall).
+    completion_forced: list[list[bool]] | None = None
+    tool_calls: list[list[Any]] | None = None
 
     @property
     def num_completions(self) -> int:
@@ -189,12 +204,14 @@ class Rollout:
         """The MicroBatch of the completions at `indices` (all when None)."""
         chosen = list(range(self.num_completions)) if indices is None else list(indices)
         logprobs, entropies = self.completion_logprobs, self.completion_entropies
+        forced = self.completion_forced
         return build_micro_batch(
             [self.prompt_ids[self.prompt_index[i]] for i in chosen],
             [self.completion_ids[i] for i in chosen],
             pad_id=pad_id,
             sampler_logprobs=None if logprobs is None else [logprobs[i] for i in chosen],
             sampler_entropies=None if entropies is None else [entropies[i] for i in chosen],
+            forced=None if forced is None else [forced[i] for i in chosen],
         )
 
 
@@ -375,6 +392,17 @@ class _StopTracker:
             if not self.finished(row):
                 self._extend(row, tokens, None if new_stats is None else new_stats[i])
 
+    def force(self, row: int, token: int, stats: list[float] | None) -> None:
+        """A token the rollout put in (a tool's result): kept without stop checks, so an end
+        token inside a chat template's tool turn does not end the completion."""
+        if self.finished(row):
+            return
+        self.ids[row].append(token)
+        if stats is not None:
+            self.stats[row].append(stats)
+        if len(self.ids[row]) >= self.max_new_tokens:
+            self.reason[row] = FINISH_LENGTH
+
     def close(self) -> None:
         for row, reason in enumerate(self.reason):
             if reason is None:
@@ -541,6 +569,7 @@ def generate_groups(
     record_logprobs: bool = False,
     record_entropies: bool = False,
     prompt_offset: int = 0,
+    tools: Any = None,
 ) -> Rollout:
     """Sample `num_generations` completions for every prompt (token ids in, token ids out).
 
@@ -558,6 +587,10 @@ def generate_groups(
     before top-k/top-p/min-p truncation (:func:`tempered_scores`); ``record_entropies`` also
     keeps that distribution's entropy. They are ``Rollout.completion_logprobs`` and
     ``completion_entropies``.
+
+    ``tools`` (an :class:`~mlxgrpo.engine.tools.ToolRunner`) runs the tool calls completions
+    make and forces their results in (:mod:`mlxgrpo.engine.tools`); the rollout then has
+    ``completion_forced`` and ``tool_calls``.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
     prompts = [list(p) for p in prompts]
@@ -583,7 +616,14 @@ def generate_groups(
         prefilled = time.perf_counter()
         record = record_entropies if (record_logprobs or record_entropies) else None
         batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys, record)
-        steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
+        loop = None
+        if tools is not None:
+            from mlxgrpo.engine.tools import ToolLoop
+
+            loop = ToolLoop(tools, prompts, num_generations)
+            steps = loop.decode(model, batch, tracker, max_new_tokens, sampling, step_keys)
+        else:
+            steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
         finished = time.perf_counter()
     tracker.close()
     stats = tracker.stats if record is not None else None
@@ -603,6 +643,8 @@ def generate_groups(
         completion_entropies=(
             [[t[1] for t in row] for row in stats] if stats is not None and record else None
         ),
+        completion_forced=None if loop is None else loop.forced,
+        tool_calls=None if loop is None else loop.calls,
     )
 
 

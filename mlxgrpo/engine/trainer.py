@@ -156,9 +156,17 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     from mlxgrpo.engine.finetune import prepare_trainable
     from mlxgrpo.engine.update import UpdateContext
     from mlxgrpo.models.loading import load_model
-    from mlxgrpo.task import build_reward_set, load_eval_examples, load_train_examples, text_codec
+    from mlxgrpo.task import (
+        build_reward_set,
+        build_tool_runner,
+        check_tool_task,
+        load_eval_examples,
+        load_train_examples,
+        text_codec,
+    )
 
     cfg = resolved.config
+    check_tool_task(resolved)
     seed_everything(cfg.run.seed)
     set_memory_limits()
     train_examples = load_train_examples(resolved)
@@ -178,6 +186,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     # module): seed again so that new adapters start the same whether or not it did.
     seed_everything(cfg.run.seed)
     trainable = prepare_trainable(model, cfg.finetune)
+    tools = build_tool_runner(resolved, tokenizer)
     ref_model = None
     if cfg.algorithm.kl_coeff > 0 and full:
         ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **source)
@@ -215,9 +224,10 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         cfg=cfg,
         reward_set=reward_set,
         optimizer=optimizer,
-        codec=text_codec(tokenizer, cfg),
+        codec=text_codec(tokenizer, cfg, tools),
         ref_model=ref_model,
         dist=dist or Dist(),
+        tools=tools,
     )
     session = Session(
         resolved,
@@ -391,7 +401,10 @@ def _evaluate(s: Session) -> dict[str, Any]:
 
     cfg = s.resolved.config
     # Several ranks share the eval prompts; every rank gets the global figures.
-    result = evaluate_task(s.model, s.eval_examples, s.reward_set, s.ctx.codec, cfg, dist=s.dist)
+    ctx = s.ctx
+    result = evaluate_task(
+        s.model, s.eval_examples, s.reward_set, ctx.codec, cfg, dist=s.dist, tools=ctx.tools
+    )
     return result.metrics
 
 

@@ -40,6 +40,7 @@ class UpdateContext:
     optimizer: Any
     codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
+    tools: Any = None  # engine.tools.ToolRunner when rollout.tools is set
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # size 1: one process
     _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
 
@@ -178,6 +179,7 @@ def run_update(
         **_reward_metrics(shown.scored, shown.rewards, group),
         **_advantage_metrics(all_advantages, all_keep),
         **_completion_metrics(shown.lengths, shown.truncated),
+        **_tool_metrics(dist, sample.rollout),
         **train_metrics,
         **extra,
         "learning_rate": lr,
@@ -242,6 +244,7 @@ def _rollout(
         record_logprobs=True,
         record_entropies=ctx.cfg.algorithm.top_entropy_quantile < 1.0,
         prompt_offset=prompt_offset,
+        tools=ctx.tools,
     )
 
 
@@ -513,6 +516,27 @@ def _completion_metrics(lengths: list[int], truncated: list[bool]) -> dict[str, 
     }
 
 
+def _tool_metrics(dist: distributed.Dist, rollout: Rollout) -> dict[str, float]:
+    """Tool calls per completion, failed calls per completion, and the share of completions
+    that call a tool at least once (over all ranks)."""
+    if rollout.tool_calls is None:
+        return {}
+    calls = rollout.tool_calls
+    made, failed, using, count = dist.sum_floats(
+        [
+            sum(len(c) for c in calls),
+            sum(not call.ok for c in calls for call in c),
+            sum(bool(c) for c in calls),
+            len(calls),
+        ]
+    )
+    return {
+        "tool_calls_mean": made / count,
+        "tool_errors_mean": failed / count,
+        "tool_use_share": using / count,
+    }
+
+
 def _completion_records(sample, advantages: list[float]) -> list[dict]:
     records = []
     rollout, scored = sample.rollout, sample.scored
@@ -529,4 +553,6 @@ def _completion_records(sample, advantages: list[float]) -> list[dict]:
                 "truncated": rollout.truncated[i],
             }
         )
+        if rollout.tool_calls is not None:
+            records[-1]["tool_calls"] = [c.as_record() for c in rollout.tool_calls[i]]
     return records

@@ -1,8 +1,11 @@
 """Tiny random-init models and tokenizers built on the spot, for offline tests and demos.
 
 `builtin:NAME` model specs resolve to a directory that mlx-lm loads like any converted model
-(config.json + model.safetensors + tokenizer files). The directory is built once into the cache
-and reused. Builders are deterministic: the same spec always produces the same bytes.
+(config.json + model.safetensors + tokenizer files). nanochat-kind specs are laid out exactly as
+`mlxgrpo convert nanochat` writes a converted checkpoint (config.json, model.safetensors and its
+index, nanochat's tokenizer.pkl), so they load through the nanochat path. The directory is built
+once into the cache and reused. Builders are deterministic: the same spec always produces the
+same bytes.
 
 Heavy libraries (mlx, transformers, tokenizers, tiktoken) are imported inside the functions that
 need them, so listing or validating builtin names stays cheap.
@@ -19,7 +22,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mlxgrpo.errors import ConfigError
 
@@ -84,15 +87,26 @@ NANOCHAT_MERGES: tuple[bytes, ...] = (
 )  # fmt: skip
 NANOCHAT_ENCODING_NAME = "mlxgrpo-tiny-nanochat"
 
+# How a builtin model is written: an mlx-lm model with the char tokenizer, or a nanochat model
+# (mlx-lm's `nanochat` type) with the tiny nanochat tokenizer, as a converted checkpoint.
+BuiltinKind = Literal["mlx-lm", "nanochat"]
+MLX_LM: BuiltinKind = "mlx-lm"
+NANOCHAT: BuiltinKind = "nanochat"
+
 
 @dataclass(frozen=True)
 class BuiltinSpec:
-    """What a builtin model is: its mlx-lm config (vocab/eos are filled in) and its init seed."""
+    """What a builtin model is: its config, its init seed and its kind.
+
+    `config` is mlx-lm's config.json for kind "mlx-lm", nanochat's `model_config` (n_embd,
+    n_layer, n_head, n_kv_head, sequence_len) for kind "nanochat"; vocab and eos are filled in.
+    """
 
     name: str
     description: str
     config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    kind: BuiltinKind = MLX_LM
 
 
 def _qwen2_config(hidden: int, layers: int, heads: int, kv_heads: int, inter: int) -> dict:
@@ -148,6 +162,14 @@ _SPECS: dict[str, BuiltinSpec] = {
             _qwen2_config(hidden=256, layers=4, heads=4, kv_heads=2, inter=768),
             seed=2,
         ),
+        BuiltinSpec(
+            "tiny-nanochat",
+            "nanochat, n_embd 64, 2 layers, nanochat tokenizer with python/output tokens "
+            "(tool-use demo)",
+            {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "sequence_len": 512},
+            seed=3,
+            kind=NANOCHAT,
+        ),
     )
 }
 
@@ -178,8 +200,18 @@ def get_builtin_spec(name: str) -> BuiltinSpec:
     return _SPECS[bare]
 
 
+def nanochat_model_config(spec: BuiltinSpec) -> dict[str, int]:
+    """nanochat's `model_config` (as in a checkpoint's meta json) for a nanochat-kind spec."""
+    return {**spec.config, "vocab_size": tiny_nanochat_encoding().n_vocab}
+
+
 def model_config(spec: BuiltinSpec) -> dict[str, Any]:
     """The config.json contents for a builtin model."""
+    if spec.kind == NANOCHAT:
+        from mlxgrpo.models.nanochat_convert import mlx_config
+        from mlxgrpo.models.nanochat_tokenizer import NanochatTokenizer
+
+        return mlx_config(nanochat_model_config(spec), NanochatTokenizer(tiny_nanochat_encoding()))
     return {
         **spec.config,
         "vocab_size": VOCAB_SIZE,
@@ -196,13 +228,26 @@ def spec_fingerprint(spec: BuiltinSpec) -> str:
         "config": model_config(spec),
         "seed": spec.seed,
         "init": f"fan-in matrices, embed std {EMBED_STD}",
+        **_tokenizer_fingerprint(spec),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:12]
+
+
+def _tokenizer_fingerprint(spec: BuiltinSpec) -> dict[str, Any]:
+    if spec.kind == NANOCHAT:
+        return {
+            "tokenizer": NANOCHAT_ENCODING_NAME,
+            "merges": [merge.hex() for merge in NANOCHAT_MERGES],
+            "split_pattern": NANOCHAT_SPLIT_PATTERN,
+            "special_tokens": NANOCHAT_SPECIAL_TOKENS,
+        }
+    return {
         "chars": "".join(TOKENIZER_CHARS),
         "split_pattern": CHAR_TOKENIZER_SPLIT_PATTERN,
         "special_tokens": SPECIAL_TOKENS,
         "chat_template": CHATML_TEMPLATE,
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8"))
-    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +322,11 @@ def _parameter_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
 
 
+def _is_embedding(name: str) -> bool:
+    """mlx-lm's `embed_tokens` or nanochat's `transformer.wte`."""
+    return "embed" in name or name.endswith("wte.weight")
+
+
 def init_weights(spec: BuiltinSpec) -> dict[str, Any]:
     """Deterministic float32 numpy weights: N(0, 1/fan_in) matrices, N(0, EMBED_STD²)
     embeddings, unit norms, zero biases.
@@ -294,7 +344,7 @@ def init_weights(spec: BuiltinSpec) -> dict[str, Any]:
             weights[name] = np.ones(shape, dtype=np.float32)
         else:
             rng = np.random.default_rng([spec.seed, zlib.crc32(name.encode("utf-8"))])
-            std = EMBED_STD if "embed" in name else shape[-1] ** -0.5
+            std = EMBED_STD if _is_embedding(name) else shape[-1] ** -0.5
             weights[name] = (rng.standard_normal(shape) * std).astype(np.float32)
     return weights
 
@@ -308,6 +358,9 @@ def build_tiny_model(dest_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
     dest.mkdir(parents=True, exist_ok=True)
     config = model_config(spec)
     arrays = {key: mx.array(value) for key, value in init_weights(spec).items()}
+    if spec.kind == NANOCHAT:
+        _write_nanochat_model(dest, config, arrays)
+        return dest
     mx.save_safetensors(str(dest / "model.safetensors"), arrays, metadata={"format": "mlx"})
     _write_json(dest / "config.json", config)
     _write_json(
@@ -320,6 +373,16 @@ def build_tiny_model(dest_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
         {"name": spec.name, "fingerprint": spec_fingerprint(spec), "seed": spec.seed},
     )
     return dest
+
+
+def _write_nanochat_model(dest: Path, config: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """What `mlxgrpo convert nanochat` writes, with the same writer: config.json,
+    model.safetensors (+ index), tokenizer.pkl. No other file: a Hugging Face tokenizer file
+    beside tokenizer.pkl would stop the directory being recognised as nanochat."""
+    from mlxgrpo.models.nanochat_convert import write_model_files
+
+    write_model_files(dest, config, arrays)
+    write_nanochat_tokenizer(dest)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -338,11 +401,14 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "mlxgrpo"
 
 
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_REQUIRED_FILES: dict[BuiltinKind, tuple[str, ...]] = {
+    MLX_LM: ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+    NANOCHAT: ("config.json", "model.safetensors", "tokenizer.pkl"),
+}
 
 
-def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / name).is_file() for name in _REQUIRED_FILES)
+def _is_complete(model_dir: Path, spec: BuiltinSpec) -> bool:
+    return all((model_dir / name).is_file() for name in _REQUIRED_FILES[spec.kind])
 
 
 def builtin_model_dir(name: str) -> Path:
@@ -357,20 +423,21 @@ def ensure_builtin_model(name: str) -> Path:
     The model is written to a temporary sibling directory and renamed into place, so a reader
     never sees a half-written model and two racing builders leave one complete copy.
     """
+    spec = get_builtin_spec(name)
     final = builtin_model_dir(name)
-    if _is_complete(final):
+    if _is_complete(final, spec):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         build_tiny_model(tmp, name)
         os.chmod(tmp, 0o755)
-        if final.exists() and not _is_complete(final):
+        if final.exists() and not _is_complete(final, spec):
             shutil.rmtree(final, ignore_errors=True)  # damaged entry: replace it
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _is_complete(final):  # lost a race only if the winner left a full copy
+            if not _is_complete(final, spec):  # lost a race only if the winner left a full copy
                 raise
     finally:
         if tmp.exists():

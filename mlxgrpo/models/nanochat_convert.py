@@ -230,9 +230,10 @@ def _read_weights(model_path: Path, config: dict[str, int], dtype: str) -> dict[
     return {name: value.astype(target) for name, value in weights.items()}
 
 
-def _write_model(
-    dest: Path, config: dict[str, Any], weights: dict[str, Any], tokenizer_path: Path
-) -> None:
+def write_model_files(dest: Path, config: dict[str, Any], weights: dict[str, Any]) -> None:
+    """The weights and config.json of an MLX nanochat model directory (everything but the
+    tokenizer): `config` as `mlx_config` makes it, `weights` every parameter (mlx arrays,
+    checked strictly against mlx-lm's model). Empties `weights` to free memory early."""
     from mlx_lm.models.nanochat import Model, ModelArgs
     from mlx_lm.utils import save_config, save_model
 
@@ -241,6 +242,12 @@ def _write_model(
     weights.clear()
     save_model(dest, model, donate_model=True)
     save_config(dict(config), dest / "config.json")
+
+
+def _write_model(
+    dest: Path, config: dict[str, Any], weights: dict[str, Any], tokenizer_path: Path
+) -> None:
+    write_model_files(dest, config, weights)
     shutil.copyfile(tokenizer_path, dest / TOKENIZER_FILE)
 
 

@@ -56,12 +56,15 @@ def render_prompt(
     messages: str | Sequence[Message],
     *,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of a conversation, through the chat template when the tokenizer has one."""
+    """Token ids of a conversation, through the chat template when the tokenizer has one
+    (`tools`: JSON schemas the template lists for tool-calling models)."""
     conversation = normalize_messages(messages)
     if has_chat_template(tokenizer):
+        extra = {"tools": list(tools)} if tools else {}
         rendered = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
         )
         return _as_id_list(rendered)
     text = render_fallback_text(conversation, add_generation_prompt=add_generation_prompt)

@@ -77,39 +77,48 @@ def resolve_reward(spec: str, base_dir: str | Path | None = None) -> ResolvedRew
         return _REGISTRY[_ALIASES[spec]]
     if ":" not in spec:
         raise _unknown_name_error(spec)
+    attr, fn = load_callable(spec, "Reward", base_dir)
+    return ResolvedReward(name=attr, fn=fn, spec=spec, description=_first_doc_line(fn))
+
+
+def load_callable(
+    spec: str, kind: str, base_dir: str | Path | None = None
+) -> tuple[str, Callable[..., Any]]:
+    """``'path/to/file.py:name'`` or ``'package.module:name'`` -> (name, the callable);
+    ``ConfigError`` naming ``kind`` ("Reward", "Tool") when it cannot be loaded."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise ConfigError(
-            f"Cannot parse reward spec {spec!r}.",
+            f"Cannot parse {kind.lower()} spec {spec!r}.",
             hint="use a registered name, 'package.module:function' or 'path/to/file.py:function'",
         )
     search_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     if target.endswith(".py"):
-        module = _load_file(spec, target, search_dir)
+        module = _load_file(spec, target, search_dir, kind)
     else:
-        module = _import_module(spec, target, search_dir)
+        module = _import_module(spec, target, search_dir, kind)
     fn = getattr(module, attr, None)
     if fn is None:
         available = sorted(
             n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
         )
         raise ConfigError(
-            f"Reward spec {spec!r}: {target!r} has no attribute {attr!r}.",
+            f"{kind} spec {spec!r}: {target!r} has no attribute {attr!r}.",
             hint=f"callables defined there: {', '.join(available) or '(none)'}",
         )
     if not callable(fn):
-        raise ConfigError(f"Reward spec {spec!r}: {attr!r} is not callable.")
-    return ResolvedReward(name=attr, fn=fn, spec=spec, description=_first_doc_line(fn))
+        raise ConfigError(f"{kind} spec {spec!r}: {attr!r} is not callable.")
+    return attr, fn
 
 
-def _load_file(spec: str, target: str, search_dir: Path) -> Any:
+def _load_file(spec: str, target: str, search_dir: Path, kind: str = "Reward") -> Any:
     path = Path(target).expanduser()
     if not path.is_absolute():
         path = search_dir / path
     path = path.resolve()
     if not path.is_file():
         raise ConfigError(
-            f"Reward spec {spec!r}: file not found: {path}",
+            f"{kind} spec {spec!r}: file not found: {path}",
             hint="relative paths are resolved against the config file's directory or the "
             "current directory",
         )
@@ -120,7 +129,7 @@ def _load_file(spec: str, target: str, search_dir: Path) -> Any:
     module_name = f"mlxgrpo_user_rewards.{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"Reward spec {spec!r}: cannot load {path} as a Python module.")
+        raise ConfigError(f"{kind} spec {spec!r}: cannot load {path} as a Python module.")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
@@ -128,14 +137,14 @@ def _load_file(spec: str, target: str, search_dir: Path) -> Any:
     except Exception as exc:  # user code: any failure is a config problem to report
         sys.modules.pop(module_name, None)
         raise ConfigError(
-            f"Reward spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}",
-            hint="fix the error in the reward file",
+            f"{kind} spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}",
+            hint=f"fix the error in the {kind.lower()} file",
         ) from exc
     _LOADED_FILES[path] = module
     return module
 
 
-def _import_module(spec: str, target: str, search_dir: Path) -> Any:
+def _import_module(spec: str, target: str, search_dir: Path, kind: str = "Reward") -> Any:
     # A console script does not have the working directory on sys.path; add it for the import.
     added = str(search_dir.resolve())
     sys.path.insert(0, added)
@@ -143,13 +152,12 @@ def _import_module(spec: str, target: str, search_dir: Path) -> Any:
         return importlib.import_module(target)
     except ImportError as exc:
         raise ConfigError(
-            f"Reward spec {spec!r}: cannot import module {target!r}: {exc}",
-            hint="check the module name, or use 'path/to/file.py:function'; "
-            f"registered rewards: {', '.join(sorted(_REGISTRY))}",
+            f"{kind} spec {spec!r}: cannot import module {target!r}: {exc}",
+            hint="check the module name, or use 'path/to/file.py:function'",
         ) from exc
     except Exception as exc:
         raise ConfigError(
-            f"Reward spec {spec!r}: importing {target!r} failed: {type(exc).__name__}: {exc}",
+            f"{kind} spec {spec!r}: importing {target!r} failed: {type(exc).__name__}: {exc}",
         ) from exc
     finally:
         try:

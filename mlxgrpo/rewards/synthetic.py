@@ -6,6 +6,7 @@ varies within a group — the condition for GRPO to learn anything.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,5 +72,30 @@ def exact_match(
 ) -> list[float | None]:
     return [
         None if answer is None else float(completion.strip() == str(answer).strip())
+        for completion, answer in zip(completions, answers, strict=True)
+    ]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number_score(completion: str, answer: str) -> float:
+    """1.0 when the completion's last number equals the answer (commas ignored), else 0.0."""
+    numbers = _NUMBER.findall(completion)
+    return float(bool(numbers) and numbers[-1].replace(",", "") == answer.replace(",", "").strip())
+
+
+@register_reward(
+    "final_number",
+    "1.0 when the last number in the completion (a tool's result counts) equals the answer",
+)
+def final_number(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    answers: Sequence[str | None],
+    **_: Any,
+) -> list[float | None]:
+    return [
+        None if answer is None else final_number_score(completion, str(answer))
         for completion, answer in zip(completions, answers, strict=True)
     ]
