@@ -347,3 +347,86 @@ def test_tools_on_a_model_without_tool_tokens_is_one_line(cli, tmp_path):
         "--set", "rollout.tools=['calculator']", "--set", "data.dataset=synthetic:repeat",
     )  # fmt: skip
     assert code == 2 and "no tool-call tokens" in err and "Traceback" not in err
+
+
+# --- the streaming loop of infer and chat ---------------------------------------------------
+
+
+def _closing_format(tokenizer, prompt_ids, first_token) -> ToolRunner:
+    """A format whose call opens at the prompt's last token and closes on `first_token`, so
+    the greedy answer's first token runs the call at once."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    fmt = ToolFormat("nanochat", prompt_ids[-1], first_token, {}, encode, ([], []))
+    return ToolRunner(fmt, [Tool("echo", lambda text: "xyz")], lambda ids: "")
+
+
+def test_streamed_and_chat_answers_prefill_the_result_like_a_full_forward():
+    """infer --stream and chat: after a call, the result goes through the model into the
+    cache, and the answer goes on exactly as a cache-free greedy loop over
+    prompt + call + result does."""
+    from test_inference import greedy_reference
+    from test_rollout import _strengthen
+
+    from mlxgrpo.inference import (
+        ChatSession,
+        GenerationOptions,
+        StreamState,
+        encode_prompt,
+        stream_answer,
+    )
+    from mlxgrpo.models.loading import load_model
+    from mlxgrpo.models.tokenizer import eos_token_ids
+
+    model, tokenizer = load_model("builtin:tiny-qwen2")
+    _strengthen(model)  # so that the answer depends on more than the last token
+    options = GenerationOptions(max_tokens=10, temperature=0.0)
+    eos = eos_token_ids(tokenizer)
+    ids = encode_prompt(tokenizer, "What is 2+2?")
+    first = greedy_reference(model, ids, 1, set())[0]
+    tools = _closing_format(tokenizer, ids, first)
+    result = tokenizer.encode("xyz", add_special_tokens=False)
+    expected = [first, *result]
+    expected += greedy_reference(model, ids + expected, 10 - len(expected), eos)
+
+    state = StreamState()
+    text = "".join(stream_answer(model, tokenizer, ids, options, state=state, tools=tools))
+    assert state.generated == expected
+    assert state.answer.tool_calls == [{"tool": "echo", "input": "", "output": "xyz", "ok": True}]
+    assert "xyz" in text
+
+    session = ChatSession(model, tokenizer, options, tools=tools)
+    chat_state = StreamState()
+    "".join(session.send("What is 2+2?", chat_state))
+    assert chat_state.generated == expected
+
+
+def test_batched_rollout_continues_after_a_result_like_a_full_forward():
+    """The batched loop's forced tokens go through the model one per step: the greedy
+    completion after a call equals a cache-free loop over prompt + call + result."""
+    from test_inference import greedy_reference
+    from test_rollout import _strengthen
+
+    from mlxgrpo.inference import encode_prompt
+    from mlxgrpo.models.loading import load_model
+
+    model, tokenizer = load_model("builtin:tiny-qwen2")
+    _strengthen(model)
+    prompts = [encode_prompt(tokenizer, q) for q in ("What is 2+2?", "Say hi")]
+    first = greedy_reference(model, prompts[0], 1, set())[0]
+    tools = _closing_format(tokenizer, prompts[0], first)
+    rollout = generate_groups(
+        model,
+        prompts,
+        num_generations=1,
+        max_new_tokens=10,
+        sampling=SamplingConfig(temperature=0.0),
+        eos_token_ids=[],
+        tools=tools,
+    )
+    result = tokenizer.encode("xyz", add_special_tokens=False)
+    expected = [first, *result]
+    expected += greedy_reference(model, prompts[0] + expected, 10 - len(expected), set())
+    assert rollout.completion_ids[0] == expected
+    assert rollout.completion_forced[0] == [False] + [True] * len(result) + [False] * (
+        10 - 1 - len(result)
+    )
