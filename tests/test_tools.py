@@ -430,3 +430,42 @@ def test_batched_rollout_continues_after_a_result_like_a_full_forward():
     assert rollout.completion_forced[0] == [False] + [True] * len(result) + [False] * (
         10 - 1 - len(result)
     )
+
+
+def test_taking_and_joining_rollouts_keep_every_per_completion_field():
+    """Dynamic sampling takes groups out of rollouts and joins them: forced-token flags and
+    tool calls must travel with their completions (else forced tokens would be trained on)."""
+    from dataclasses import fields
+
+    from mlxgrpo.engine.rollout import PER_COMPLETION_FIELDS, Rollout, join_rollouts
+
+    per_rollout = {
+        "prompt_ids", "num_generations", "prompt_index", "prefill_tokens", "generated_tokens",
+        "decode_steps", "prefill_seconds", "decode_seconds",
+    }  # fmt: skip
+    # A new field must be sorted into one kind or the other.
+    assert {f.name for f in fields(Rollout)} == per_rollout | set(PER_COMPLETION_FIELDS)
+    rows = range(4)
+    rollout = Rollout(
+        prompt_ids=[[1, 2], [3]],
+        num_generations=2,
+        prompt_index=[0, 0, 1, 1],
+        completion_ids=[[10 + i, 20 + i] for i in rows],
+        truncated=[False, True, False, True],
+        finish_reason=["stop", "length", "stop", "length"],
+        completion_logprobs=[[-0.1 * i, -0.2] for i in rows],
+        completion_entropies=[[0.5, 0.5 * i] for i in rows],
+        completion_forced=[[False, i % 2 == 0] for i in rows],
+        tool_calls=[[f"call {i}"] for i in rows],
+    )
+    second = rollout.take_groups([1])
+    assert second.prompt_ids == [[3]] and second.prompt_index == [0, 0]
+    for name in PER_COMPLETION_FIELDS:
+        assert getattr(second, name) == getattr(rollout, name)[2:], name
+    joined = join_rollouts([rollout.take_groups([0]), second])
+    for name in PER_COMPLETION_FIELDS:
+        assert getattr(joined, name) == getattr(rollout, name), name
+    assert (
+        joined.training_batch().completion_mask.tolist()
+        == rollout.training_batch().completion_mask.tolist()
+    )

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxgrpo.engine import grpo
-from mlxgrpo.engine.rollout import Rollout
+from mlxgrpo.engine.rollout import Rollout, join_rollouts
 from mlxgrpo.rewards import RewardResult
 
 
@@ -50,32 +50,14 @@ def informative_groups(rewards: Sequence[float], group: int) -> list[int]:
     return [g for g, flat in enumerate(zero_std.tolist()) if not flat]
 
 
-def _select(values: list | None, rows: list[int]) -> list | None:
-    return None if values is None else [values[i] for i in rows]
-
-
 def select_groups(part: ScoredRollout, groups: Sequence[int]) -> ScoredRollout:
     """The part of ``part`` made of ``groups`` (in that order)."""
-    r, group = part.rollout, part.rollout.num_generations
+    group = part.rollout.num_generations
     rows = [g * group + j for g in groups for j in range(group)]
     scored = part.scored
     return ScoredRollout(
         examples=[part.examples[g] for g in groups],
-        rollout=Rollout(
-            prompt_ids=[r.prompt_ids[g] for g in groups],
-            num_generations=group,
-            prompt_index=[i // group for i in range(len(rows))],
-            completion_ids=[r.completion_ids[i] for i in rows],
-            truncated=[r.truncated[i] for i in rows],
-            finish_reason=[r.finish_reason[i] for i in rows],
-            prefill_tokens=sum(len(r.prompt_ids[g]) for g in groups),
-            generated_tokens=sum(len(r.completion_ids[i]) for i in rows),
-            decode_steps=r.decode_steps,
-            prefill_seconds=r.prefill_seconds,
-            decode_seconds=r.decode_seconds,
-            completion_logprobs=_select(r.completion_logprobs, rows),
-            completion_entropies=_select(r.completion_entropies, rows),
-        ),
+        rollout=part.rollout.take_groups(groups),
         texts=[part.texts[i] for i in rows],
         scored=RewardResult(
             names=scored.names,
@@ -88,38 +70,17 @@ def select_groups(part: ScoredRollout, groups: Sequence[int]) -> ScoredRollout:
     )
 
 
-def _joined(parts: Sequence[list | None]) -> list | None:
-    return None if any(p is None for p in parts) else [x for p in parts for x in p]  # type: ignore[union-attr]
-
-
 def concatenate(parts: Sequence[ScoredRollout]) -> ScoredRollout:
     """One ScoredRollout holding ``parts`` one after another (timings and counts summed)."""
     if len(parts) == 1:
         return parts[0]
-    rollouts = [p.rollout for p in parts]
-    group = rollouts[0].num_generations
     errors: dict[str, Any] = {}
     for p in parts:
         for name, failure in p.scored.errors.items():
             errors.setdefault(name, failure)
-    count = sum(len(r.completion_ids) for r in rollouts)
     return ScoredRollout(
         examples=[e for p in parts for e in p.examples],
-        rollout=Rollout(
-            prompt_ids=[ids for r in rollouts for ids in r.prompt_ids],
-            num_generations=group,
-            prompt_index=[i // group for i in range(count)],
-            completion_ids=[c for r in rollouts for c in r.completion_ids],
-            truncated=[t for r in rollouts for t in r.truncated],
-            finish_reason=[f for r in rollouts for f in r.finish_reason],
-            prefill_tokens=sum(r.prefill_tokens for r in rollouts),
-            generated_tokens=sum(r.generated_tokens for r in rollouts),
-            decode_steps=sum(r.decode_steps for r in rollouts),
-            prefill_seconds=sum(r.prefill_seconds for r in rollouts),
-            decode_seconds=sum(r.decode_seconds for r in rollouts),
-            completion_logprobs=_joined([r.completion_logprobs for r in rollouts]),
-            completion_entropies=_joined([r.completion_entropies for r in rollouts]),
-        ),
+        rollout=join_rollouts([p.rollout for p in parts]),
         texts=[t for p in parts for t in p.texts],
         scored=RewardResult(
             names=parts[0].scored.names,

@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -159,6 +159,48 @@ def _aligned(prompt_ids, completion_ids, values, start: int, width: int) -> mx.a
     return mx.array(out, dtype=mx.float32)
 
 
+# Rollout fields with one entry per completion (None when not recorded): what taking groups
+# out of a rollout, or joining rollouts, must carry along.
+PER_COMPLETION_FIELDS = (
+    "completion_ids",
+    "truncated",
+    "finish_reason",
+    "completion_logprobs",
+    "completion_entropies",
+    "completion_forced",
+    "tool_calls",
+)
+
+
+def _pick(values: list | None, rows: Sequence[int]) -> list | None:
+    return None if values is None else [values[i] for i in rows]
+
+
+def join_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """One rollout holding ``parts`` one after another (counts and timings summed); a
+    per-completion field recorded in only some parts is dropped."""
+    if len(parts) == 1:
+        return parts[0]
+    group = parts[0].num_generations
+    count = sum(r.num_completions for r in parts)
+
+    def joined(name: str) -> list | None:
+        values = [getattr(r, name) for r in parts]
+        return None if any(v is None for v in values) else [x for v in values for x in v]
+
+    return Rollout(
+        prompt_ids=[ids for r in parts for ids in r.prompt_ids],
+        num_generations=group,
+        prompt_index=[i // group for i in range(count)],
+        prefill_tokens=sum(r.prefill_tokens for r in parts),
+        generated_tokens=sum(r.generated_tokens for r in parts),
+        decode_steps=sum(r.decode_steps for r in parts),
+        prefill_seconds=sum(r.prefill_seconds for r in parts),
+        decode_seconds=sum(r.decode_seconds for r in parts),
+        **{name: joined(name) for name in PER_COMPLETION_FIELDS},
+    )
+
+
 @dataclass
 class Rollout:
     """Completions of one rollout, flat and grouped: prompt 0's G samples come first.
@@ -199,6 +241,20 @@ class Rollout:
     def tokens_per_second(self) -> float:
         """Kept completion tokens per second of the whole rollout (prefill included)."""
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def take_groups(self, groups: Sequence[int]) -> Rollout:
+        """The rollout of prompts ``groups`` only (in that order), every per-completion field
+        with it; timings stay those of the whole rollout."""
+        group = self.num_generations
+        rows = [g * group + j for g in groups for j in range(group)]
+        return replace(
+            self,
+            prompt_ids=[self.prompt_ids[g] for g in groups],
+            prompt_index=[i // group for i in range(len(rows))],
+            prefill_tokens=sum(len(self.prompt_ids[g]) for g in groups),
+            generated_tokens=sum(len(self.completion_ids[i]) for i in rows),
+            **{name: _pick(getattr(self, name), rows) for name in PER_COMPLETION_FIELDS},
+        )
 
     def training_batch(self, indices: Sequence[int] | None = None, pad_id: int = 0) -> MicroBatch:
         """The MicroBatch of the completions at `indices` (all when None)."""
