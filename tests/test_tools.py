@@ -469,3 +469,41 @@ def test_taking_and_joining_rollouts_keep_every_per_completion_field():
         joined.training_batch().completion_mask.tolist()
         == rollout.training_batch().completion_mask.tolist()
     )
+
+
+def test_a_chat_template_call_in_the_loop_forces_the_tool_turn():
+    """`<tool_call>{json}</tool_call>` written token by token: the named tool runs on the
+    argument, and the template's tool turn (with the result) is queued to be forced in."""
+    from mlxgrpo.engine.tools import ToolLoop
+
+    tokenizer = _qwen_like_tokenizer()
+    fmt = tool_format(tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    tools = [Tool("echo", str.upper), Tool("calculator", resolve_tools(["calculator"])[0].fn)]
+    loop = ToolLoop(ToolRunner(fmt, tools, decode), [[1, 2]], group=1)
+    call = '{"name": "calculator", "arguments": {"expression": "6*7"}}'
+    written = [fmt.call_start, *tokenizer.encode(call, add_special_tokens=False), fmt.call_end]
+    for token in written:
+        loop.observe(0, token)
+    (made,) = loop.calls[0]
+    assert (made.tool, made.input, made.output, made.ok) == ("calculator", "6*7", "42", True)
+    forced = [loop.take(0, -1)[0] for _ in range(len(loop.rows[0].queue))]
+    assert tokenizer.decode(forced) == (
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert loop.take(0, 99) == (99, False)  # then it samples again
+
+
+def test_chat_template_prompts_list_the_tools():
+    from mlxgrpo.data import Example
+    from mlxgrpo.task import text_codec
+
+    tokenizer = _qwen_like_tokenizer()
+    (calc,) = resolve_tools(["calculator"])
+    runner = ToolRunner(tool_format(tokenizer), [calc], str)
+    cfg = resolve_config((), ("data.dataset=synthetic:repeat",), {}).config
+    with_tools = tokenizer.decode(text_codec(tokenizer, cfg, runner).encode(Example("q", "a")))
+    without = tokenizer.decode(text_codec(tokenizer, cfg).encode(Example("q", "a")))
+    assert '"name": "calculator"' in with_tools and '"expression"' in with_tools
+    assert "calculator" not in without
