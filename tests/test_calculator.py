@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from mlxgrpo.tools.calculator import ToolError, calculator, run_with_timeout
+from mlxgrpo.tools import ToolError, run_with_timeout
+from mlxgrpo.tools.calculator import calculator
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.tools import Tool
+from mlxgrpo.tools import Tool, ToolError, run_with_timeout
 from mlxgrpo.tools.formats import ToolFormat
 
 
@@ -65,8 +65,6 @@ class ToolRunner:
 
     def call(self, call_ids: list[int], made: int) -> ToolCall:
         """Run one call (the tokens between its markers); failures become error strings."""
-        from mlxgrpo.tools.calculator import ToolError, run_with_timeout
-
         text = self.decode(call_ids)
         try:
             name, argument = self.format.parse_call(text)

@@ -15,7 +15,8 @@ are dropped first, as nanochat does (``1,000*3`` is ``3000``).
 
 Size bounds keep every evaluation fast: the expression is at most ``MAX_EXPRESSION_CHARS`` long,
 and ``**`` and ``*`` are refused before computing when the result would have more than about
-``MAX_RESULT_DIGITS`` digits. :func:`run_with_timeout` is a backstop for any tool function.
+``MAX_RESULT_DIGITS`` digits. ``mlxgrpo.tools.run_with_timeout`` is a backstop for any tool
+function.
 
 Every refusal or failure raises :class:`ToolError` with a one-line message.
 """
@@ -26,9 +27,10 @@ import ast
 import math
 import operator
 import re
-import threading
 import warnings
 from collections.abc import Callable
+
+from mlxgrpo.tools import ToolError, one_line
 
 MAX_EXPRESSION_CHARS = 500
 MAX_STRING_CHARS = 1000
@@ -36,8 +38,6 @@ MAX_EXPONENT = 100
 MAX_RESULT_DIGITS = 1000
 # Deep enough for any sensible formula, shallow enough that recursion never nears Python's limit.
 MAX_NESTING = 100
-# Longer messages are cut: they end up as tokens in the model's sequence.
-MAX_MESSAGE_CHARS = 200
 
 Number = int | float
 
@@ -77,10 +77,6 @@ _REFUSED_NODE_NAMES: dict[type[ast.AST], str] = {
 _STRING_OR_DIGIT_COMMA = re.compile(r"""("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')|(?<=\d),(?=\d)""")
 
 
-class ToolError(Exception):
-    """A tool call was refused or failed; the message is one short line."""
-
-
 def calculator(expression: str) -> str:
     """Evaluate a whitelisted arithmetic or ``.count`` expression and return the result as text."""
     if not isinstance(expression, str):
@@ -97,60 +93,16 @@ def calculator(expression: str) -> str:
             warnings.simplefilter("ignore", SyntaxWarning)
             tree = ast.parse(source, mode="eval")
     except SyntaxError as error:
-        raise ToolError(_one_line(f"syntax error: {error.msg}")) from None
+        raise ToolError(one_line(f"syntax error: {error.msg}")) from None
     except (ValueError, RecursionError, MemoryError) as error:
         # ValueError: null bytes; the other two: pathological nesting inside the parser.
         raise ToolError(f"cannot parse expression ({type(error).__name__})") from None
     return _format_result(_evaluate(tree.body, depth=0))
 
 
-def run_with_timeout(fn: Callable[[str], str], argument: str, timeout_s: float) -> str:
-    """Call ``fn(argument)`` in a daemon thread and return its text within ``timeout_s`` seconds.
-
-    Raises ToolError on timeout, when ``fn`` raises (naming the exception's type and message) and
-    when it returns something other than a str. A thread cannot be killed, so one that times out
-    runs on in the background; daemon=True keeps it from holding the process open at exit.
-    """
-    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
-        raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
-    returned: list[object] = []
-    raised: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            returned.append(fn(argument))
-        except BaseException as error:  # anything, so the caller hears of it instead of a hang
-            raised.append(error)
-
-    worker = threading.Thread(target=call, name="mlxgrpo-tool-call", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        raise ToolError(f"timed out after {timeout_s:g} s")
-    if raised:
-        error = raised[0]
-        detail = _one_line(str(error))
-        if isinstance(error, ToolError):
-            raise ToolError(detail) from error
-        raise ToolError(
-            f"{type(error).__name__}: {detail}" if detail else type(error).__name__
-        ) from error
-    if not returned:
-        raise ToolError("tool finished without a result")
-    value = returned[0]
-    if not isinstance(value, str):
-        raise ToolError(f"tool returned {type(value).__name__}, expected str")
-    return value
-
-
 def _drop_digit_commas(expression: str) -> str:
     """Remove thousands separators like nanochat, but leave commas inside string literals alone."""
     return _STRING_OR_DIGIT_COMMA.sub(lambda match: match.group(1) or "", expression)
-
-
-def _one_line(message: str) -> str:
-    text = " ".join(message.split())
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def _evaluate(node: ast.AST, depth: int) -> Number | str:
