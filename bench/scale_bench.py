@@ -68,7 +68,7 @@ def measure_prod_micro_batch(model: Path, shape: ModelShape, s: Settings) -> dic
     import train_bench
 
     from mlxgrpo.engine import grpo
-    from mlxgrpo.engine.update import _reference_logprobs
+    from mlxgrpo.engine.training_pass import reference_logprobs
 
     sets = [
         "finetune.type=lora",
@@ -87,7 +87,7 @@ def measure_prod_micro_batch(model: Path, shape: ModelShape, s: Settings) -> dic
     )
     advantages = mx.array([(-1.0) ** i for i in range(s.prod_rows)], dtype=mx.float32)
     norm = grpo.LossNorm.for_update([batch.completion_mask], s.prod_completion_tokens)
-    ref = _reference_logprobs(ctx, batch)
+    ref = reference_logprobs(ctx, batch)
     gc.collect()
     mx.clear_cache()
     before = mx.get_active_memory()

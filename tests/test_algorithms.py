@@ -244,7 +244,7 @@ def test_entropy_threshold_by_hand() -> None:
 
 def test_top_entropy_mask_is_the_same_under_any_split() -> None:
     from mlxgrpo.engine.rollout import build_micro_batch
-    from mlxgrpo.engine.update import _top_entropy_masks
+    from mlxgrpo.engine.training_pass import _top_entropy_masks
 
     rng = np.random.default_rng(3)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 2

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from test_train import LEARN
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo, update
+from mlxgrpo.engine import grpo, training_pass, update
 from mlxgrpo.engine.callbacks import Callback
 from mlxgrpo.engine.trainer import train
 from mlxgrpo.errors import TrainingDivergedError
@@ -113,7 +113,7 @@ def test_huge_learning_rate_stops_with_one_line_and_no_final(cli, tmp_path):
 
 def test_final_save_refuses_nonfinite_weights(tmp_path, monkeypatch):
     """The last line of defence, whatever put the NaN there."""
-    real_step = update._step
+    real_step = training_pass.step
 
     def step_then_poison(ctx, grads, loss):
         result = real_step(ctx, grads, loss)
@@ -121,7 +121,7 @@ def test_final_save_refuses_nonfinite_weights(tmp_path, monkeypatch):
         ctx.model.update(_nested(name, value * mx.nan))
         return result
 
-    monkeypatch.setattr(update, "_step", step_then_poison)
+    monkeypatch.setattr(training_pass, "step", step_then_poison)
     with pytest.raises(TrainingDivergedError, match="refusing to write final/"):
         _run(tmp_path, "run.max_steps=1")
     assert not (tmp_path / "run" / "final").exists()

@@ -445,7 +445,7 @@ def _checkpoint(s: Session, update: int) -> Path:
 def _save_final(s: Session) -> Path:
     """final/: adapters in mlx-lm's format, or a complete model directory for full training."""
     from mlxgrpo.engine.checkpoint import write_weights
-    from mlxgrpo.engine.update import all_finite
+    from mlxgrpo.engine.training_pass import all_finite
 
     cfg = s.resolved.config
     final = s.run_dir / "final"
