@@ -81,22 +81,57 @@ def main(args: list[str]) -> int:
         return 2
     # Ctrl-C reaches the launcher and the ranks through the terminal; this process only waits
     # for them to stop (a handler, not SIG_IGN, which the launcher would inherit).
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     first_failure: int | None = None
+    held = _HeldTraceback()
     try:
         with subprocess.Popen(
             [*launcher_command(), *args], stderr=subprocess.PIPE, text=True, errors="replace"
         ) as proc:
             assert proc.stderr is not None
             for line in proc.stderr:
-                sys.stderr.write(line)
+                for shown in held.feed(line, bool(interrupted)):
+                    sys.stderr.write(shown)
                 sys.stderr.flush()
                 code = failed_rank_code(line)
                 if code is not None and first_failure is None:
                     first_failure = code
+            for shown in held.flush():
+                sys.stderr.write(shown)
             returncode = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
     if first_failure is not None:
         return first_failure
     return returncode if returncode >= 0 else 128 - returncode  # the launcher got a signal
+
+
+class _HeldTraceback:
+    """After Ctrl-C, mlx.launch dies with a KeyboardInterrupt traceback of its own while the
+    ranks stop cleanly. Its traceback lines are held back and dropped when they end in
+    KeyboardInterrupt; any other traceback, and the ranks' lines, pass through."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def feed(self, line: str, interrupted: bool) -> list[str]:
+        if not self.lines:
+            if interrupted and line.startswith("Traceback (most recent call last):"):
+                self.lines = [line]
+                return []
+            return [line]
+        if line.startswith("KeyboardInterrupt"):
+            kept = [x for x in self.lines[1:] if not _traceback_line(x)]
+            self.lines = []
+            return kept
+        self.lines.append(line)
+        return []
+
+    def flush(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def _traceback_line(line: str) -> bool:
+    return line.startswith(" ") or line.strip() == ""

@@ -535,3 +535,24 @@ def test_rank_with_a_missing_hostfile_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"MLX_HOSTFILE '{tmp_path / 'hosts.json'}' does not exist" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_launcher_drops_its_own_ctrl_c_traceback_only():
+    from mlxgrpo.launcher import _HeldTraceback
+
+    held = _HeldTraceback()
+    lines = [
+        "update 3\n",
+        "Traceback (most recent call last):\n",
+        '  File "launch.py", line 267, in _launch_with_io\n',
+        "    stdin_buffer = os.read(fd, 8192)\n",
+        "[WARN] Node with rank 1 exited with code 130\n",
+        "KeyboardInterrupt\n",
+        "[WARN] Node with rank 0 exited with code 130\n",
+    ]
+    shown = [out for line in lines for out in held.feed(line, interrupted=True)]
+    assert shown == [lines[0], lines[4], lines[6]]
+    # Before Ctrl-C, or a traceback of another error: everything passes through.
+    assert held.feed(lines[1], interrupted=False) == [lines[1]]
+    other = ["Traceback (most recent call last):\n", '  File "x.py"\n', "ValueError: bad\n"]
+    assert [out for line in other for out in held.feed(line, True)] + held.flush() == other
