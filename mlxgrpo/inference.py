@@ -388,7 +388,7 @@ class ChatSession:
         self.system = system
         self.chat_template = chat_template
         self.tools = tools  # a ToolRunner: the answers' tool calls run
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
         self.turns = 0
         self.last_prefill = 0
         self._fresh_cache()
@@ -464,7 +464,11 @@ class ChatSession:
             )
             completed = True
         finally:
-            answer = state.answer.text if state.answer else ""
+            answer: Any = state.answer.text if state.answer else ""
+            if self.tools is not None and self.chat_template and state.generated:
+                # Calls and results as the model wrote and read them, not as plain text.
+                ids = strip_eos(state.generated, eos_token_ids(self.tokenizer))
+                answer = self.tools.format.history_content(ids, self.tools.decode)
             self.messages += [
                 {"role": "user", "content": user_text},
                 {"role": "assistant", "content": answer},

@@ -25,7 +25,9 @@ START, END, OUT_START, OUT_END = 5, 7, 8, 9
 
 
 def _encode(text: str) -> list[int]:
-    return [20 + ord(ch) % 30 for ch in text]
+    # Ids 10..29: inside the test model's vocabulary of 32 (an id past it would read garbage
+    # from the embedding), clear of EOS and the markers.
+    return [10 + ord(ch) % 20 for ch in text]
 
 
 def _format() -> ToolFormat:
@@ -507,3 +509,31 @@ def test_chat_template_prompts_list_the_tools():
     without = tokenizer.decode(text_codec(tokenizer, cfg).encode(Example("q", "a")))
     assert '"name": "calculator"' in with_tools and '"expression"' in with_tools
     assert "calculator" not in without
+
+
+def test_nanochat_history_keeps_calls_as_the_model_wrote_them():
+    """A chat answer with a call goes into the history as nanochat's parts, so the next turn
+    renders exactly the tokens the model produced (not the markers as plain text)."""
+    from mlxgrpo.models.loading import load_model
+
+    _, tokenizer = load_model("builtin:tiny-nanochat")
+    fmt = tool_format(tokenizer)
+    plain = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    answer = tokenizer.encode(
+        "so <|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> it is 42",
+        add_special_tokens=False,
+    )
+    content = fmt.history_content(answer, plain)
+    assert content == [
+        {"type": "text", "text": "so "},
+        {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"},
+        {"type": "text", "text": " it is 42"},
+    ]
+    from mlxgrpo.models.tokenizer import render_prompt
+
+    user = [{"role": "user", "content": "q"}]
+    head = render_prompt(tokenizer, user)
+    turns = [*user, {"role": "assistant", "content": content}, {"role": "user", "content": "r"}]
+    both = render_prompt(tokenizer, turns)
+    assert both[len(head) : len(head) + len(answer)] == answer

@@ -17,8 +17,9 @@ Message = Mapping[str, str]
 FALLBACK_ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def normalize_messages(messages: str | Sequence[Message]) -> list[dict[str, str]]:
-    """A conversation as a list of {"role", "content"} dicts; a bare string is one user turn."""
+def normalize_messages(messages: str | Sequence[Message]) -> list[dict[str, Any]]:
+    """A conversation as a list of {"role", "content"} dicts; a bare string is one user turn.
+    Content is text, or a list of parts (nanochat's tool-call parts) kept as it is."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     normalized = []
@@ -28,7 +29,10 @@ def normalize_messages(messages: str | Sequence[Message]) -> list[dict[str, str]
                 f"message {index} is not a chat message: {message!r}",
                 hint='give each message as {"role": "user", "content": "..."}',
             )
-        normalized.append({"role": str(message["role"]), "content": str(message["content"])})
+        content = message["content"]
+        if not (isinstance(content, list) and all(isinstance(p, Mapping) for p in content)):
+            content = str(content)
+        normalized.append({"role": str(message["role"]), "content": content})
     return normalized
 
 

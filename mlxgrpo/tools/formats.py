@@ -54,6 +54,28 @@ class ToolFormat:
         call = json.dumps({"name": tool, "arguments": {"expression": argument}})
         return [self.call_start, *self.encode(f"\n{call}\n")]
 
+    def history_content(
+        self, ids: Sequence[int], decode: Callable[[list[int]], str]
+    ) -> str | list[dict[str, str]]:
+        """An answer's content for the chat history, so the next turn renders its calls as
+        the model wrote them: nanochat's parts (text, python, python_output), else the text
+        with the markers."""
+        opens = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+        kinds = {i: opens.get(m, "text") for i, m in self.markers.items()}
+        if self.kind != "nanochat" or len(kinds) != len(NANOCHAT_MARKERS):
+            return self.render(ids, decode)
+        parts: list[dict[str, str]] = []
+        kind, run = "text", []
+        for token in [*ids, None]:
+            if token is None or token in kinds:
+                if run or kind != "text":
+                    parts.append({"type": kind, "text": decode(run)})
+                if token is not None:
+                    kind, run = kinds[token], []
+            else:
+                run.append(token)
+        return parts
+
     def render(self, ids: Sequence[int], decode: Callable[[list[int]], str]) -> str:
         """A completion's text with the call markers visible (a plain decode drops special
         tokens, which would glue a call's expression to its result)."""
