@@ -229,7 +229,7 @@ def evaluate_config(
     from mlxgrpo.task import (
         build_reward_set,
         build_tool_runner,
-        check_tool_task,
+        check_tools,
         load_eval_examples,
         text_codec,
     )
@@ -243,7 +243,7 @@ def evaluate_config(
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     resolve_load_target(cfg.model.path)
-    check_tool_task(resolved)
+    check_tools(resolved)
     examples = load_eval_examples(resolved, limit)
     reward_set = build_reward_set(resolved)
     model, tokenizer = load_model(

@@ -95,14 +95,18 @@ def build_tool_runner(resolved: ResolvedConfig, tokenizer: Any) -> Any:
     )
 
 
-def check_tool_task(resolved: ResolvedConfig) -> None:
-    """A synthetic tool task needs the tool: without it no answer can be right."""
+def check_tools(resolved: ResolvedConfig, *, task: bool = True) -> None:
+    """Before a model loads: every tool in rollout.tools can be loaded, and (with `task`) a
+    synthetic tool task has its tool, without which no answer can be right."""
+    from mlxgrpo.tools import resolve_tools
+
     dataset, tools = resolved.config.data.dataset, resolved.config.rollout.tools
-    if dataset.startswith("synthetic:") and "tool=" in dataset and not tools:
+    if task and dataset.startswith("synthetic:") and "tool=" in dataset and not tools:
         raise ConfigError(
             f"{dataset} is a tool task, but rollout.tools is empty",
             hint="set rollout.tools = ['calculator'] (configs/calculator_demo.toml does)",
         )
+    resolve_tools(tools, resolved.base_dir())
 
 
 def text_codec(tokenizer: Any, cfg: Any, tools: Any = None) -> TextCodec:

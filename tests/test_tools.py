@@ -537,3 +537,15 @@ def test_nanochat_history_keeps_calls_as_the_model_wrote_them():
     turns = [*user, {"role": "assistant", "content": content}, {"role": "user", "content": "r"}]
     both = render_prompt(tokenizer, turns)
     assert both[len(head) : len(head) + len(answer)] == answer
+
+
+def test_a_bad_tool_fails_before_any_model_loads(cli, tmp_path):
+    """Cheap checks first: the model named here (a hub id, offline) is never fetched."""
+    missing = "mlxgrpo-tests/no-such-model"
+    code, _, err = cli("infer", "-m", missing, "--tool", "abacus", "hi")
+    assert code == 2 and "unknown tool 'abacus'" in err and "Traceback" not in err
+    code, _, err = cli(
+        "train", "-m", missing, "-o", tmp_path, "--set", "rollout.tools=['abacus']",
+        "--set", "data.dataset=synthetic:repeat",
+    )  # fmt: skip
+    assert code == 2 and "unknown tool 'abacus'" in err

@@ -79,10 +79,11 @@ def load_for_generation(
     and chat; the tools are `rollout.tools`, so a trained model calls what it was trained with."""
     from mlxgrpo.inference import GenerationOptions
     from mlxgrpo.models.loading import load_model
-    from mlxgrpo.task import build_tool_runner
+    from mlxgrpo.task import build_tool_runner, check_tools
 
     resolved = load_config(config, overrides, flags)
     cfg = resolved.config
+    check_tools(resolved, task=False)  # a bad --tool fails before the model loads
     model, tokenizer = load_model(
         cfg.model.path,
         adapter_path=adapter_dir(adapter, cfg),

@@ -159,14 +159,14 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     from mlxgrpo.task import (
         build_reward_set,
         build_tool_runner,
-        check_tool_task,
+        check_tools,
         load_eval_examples,
         load_train_examples,
         text_codec,
     )
 
     cfg = resolved.config
-    check_tool_task(resolved)
+    check_tools(resolved)
     seed_everything(cfg.run.seed)
     set_memory_limits()
     train_examples = load_train_examples(resolved)
