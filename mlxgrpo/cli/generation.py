@@ -35,6 +35,7 @@ Tools = Annotated[
     list[str] | None,
     typer.Option(
         "--tool",
+        metavar="NAME",
         help="rollout.tools: a tool the answers may call (calculator, file.py:function); "
         "repeat for several. Default: the config's, as training used them.",
         show_default=False,
