@@ -556,3 +556,41 @@ def test_launcher_drops_its_own_ctrl_c_traceback_only():
     assert held.feed(lines[1], interrupted=False) == [lines[1]]
     other = ["Traceback (most recent call last):\n", '  File "x.py"\n', "ValueError: bad\n"]
     assert [out for line in other for out in held.feed(line, True)] + held.flush() == other
+
+
+@pytest.mark.slow
+def test_tool_runs_on_two_ranks_match_one(tmp_path):
+    """The calculator task on 2 ranks (each with the micro-batch one process forms): the same
+    tool calls, forced-token masks and updates, so bit-identical adapters and metrics."""
+    task = ["-m", "builtin:tiny-nanochat", "--max-steps", "3", "--run-name", "r"]
+    for item in (
+        "data.dataset=synthetic:arithmetic?tool=calculator&prefill=call",
+        "rollout.tools=['calculator']",
+        "rollout.num_generations=8",
+        "rollout.max_new_tokens=16",
+        "rollout.temperature=1.0",
+        "optim.batch_size=4",
+        "optim.learning_rate=1e-2",
+        "checkpoint.save_steps=0",
+    ):
+        task += ["--set", item]
+    runs = {}
+    for name, ranks, accumulation in (("one", 1, 2), ("two", 2, 1)):
+        cmd = [sys.executable, "-m", "mlxgrpo", "train", *task, "-o", str(tmp_path / name)]
+        cmd += ["--set", f"optim.gradient_accumulation_steps={accumulation}"]
+        if ranks > 1:
+            cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--", *cmd]
+        done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = _train_records(tmp_path / name / "r")
+    for key in (
+        "reward_mean",
+        "tool_calls_mean",
+        "tool_errors_mean",
+        "tool_use_share",
+        "grad_norm",
+    ):
+        assert [r[key] for r in runs["two"]] == [r[key] for r in runs["one"]], key
+    assert any(r["tool_calls_mean"] > 0 for r in runs["one"])
+    a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
+    assert all(mx.array_equal(a1[k], a2[k]).item() for k in a1)
