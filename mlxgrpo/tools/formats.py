@@ -64,31 +64,30 @@ class ToolFormat:
         kinds = {i: opens.get(m, "text") for i, m in self.markers.items()}
         if self.kind != "nanochat" or len(kinds) != len(NANOCHAT_MARKERS):
             return self.render(ids, decode)
-        parts: list[dict[str, str]] = []
-        kind, run = "text", []
-        for token in [*ids, None]:
-            if token is None or token in kinds:
-                if run or kind != "text":
-                    parts.append({"type": kind, "text": decode(run)})
-                if token is not None:
-                    kind, run = kinds[token], []
-            else:
-                run.append(token)
+        parts = []
+        for marker, run in self._runs(ids):
+            kind = "text" if marker is None else kinds[marker]
+            if run or kind != "text":
+                parts.append({"type": kind, "text": decode(run)})
         return parts
 
     def render(self, ids: Sequence[int], decode: Callable[[list[int]], str]) -> str:
         """A completion's text with the call markers visible (a plain decode drops special
         tokens, which would glue a call's expression to its result)."""
-        parts, run = [], []
+        return "".join(
+            ("" if marker is None else self.markers[marker]) + decode(run)
+            for marker, run in self._runs(ids)
+        )
+
+    def _runs(self, ids: Sequence[int]) -> list[tuple[int | None, list[int]]]:
+        """The tokens between markers, each with the marker before it (None for the first)."""
+        runs: list[tuple[int | None, list[int]]] = [(None, [])]
         for token in ids:
             if token in self.markers:
-                parts.append(decode(run))
-                parts.append(self.markers[token])
-                run = []
+                runs.append((token, []))
             else:
-                run.append(token)
-        parts.append(decode(run))
-        return "".join(parts)
+                runs[-1][1].append(token)
+        return runs
 
 
 def parse_json_call(text: str) -> tuple[str | None, str]:
