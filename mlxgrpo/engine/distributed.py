@@ -53,11 +53,19 @@ class Dist:
 
     @contextlib.contextmanager
     def _collective(self, what: str) -> Iterator[None]:
+        """Wait for a collective under the watchdog, timed into comm_seconds; the ring
+        backend's failure becomes one line."""
         started = time.perf_counter()
+        _WATCHDOG.arm(what)
         try:
-            with _collective(what):
-                yield
+            yield
+        except RuntimeError as exc:
+            raise DistributedError(
+                f"could not {what} across ranks: {exc} (another rank stopped or crashed)",
+                hint="look at the other ranks' output for the first error",
+            ) from None
         finally:
+            _WATCHDOG.disarm()
             self.comm_seconds += time.perf_counter() - started
 
     @property
@@ -235,21 +243,6 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
-
-
-@contextlib.contextmanager
-def _collective(what: str) -> Iterator[None]:
-    """Wait for a collective under the watchdog; the ring backend's failure becomes one line."""
-    _WATCHDOG.arm(what)
-    try:
-        yield
-    except RuntimeError as exc:
-        raise DistributedError(
-            f"could not {what} across ranks: {exc} (another rank stopped or crashed)",
-            hint="look at the other ranks' output for the first error",
-        ) from None
-    finally:
-        _WATCHDOG.disarm()
 
 
 _CURRENT: Dist | None = None
