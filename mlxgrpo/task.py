@@ -98,10 +98,12 @@ def build_tool_runner(resolved: ResolvedConfig, tokenizer: Any) -> Any:
 def check_tools(resolved: ResolvedConfig, *, task: bool = True) -> None:
     """Before a model loads: every tool in rollout.tools can be loaded, and (with `task`) a
     synthetic tool task has its tool, without which no answer can be right."""
+    from mlxgrpo.data import is_synthetic, parse_synthetic_spec
     from mlxgrpo.tools import resolve_tools
 
     dataset, tools = resolved.config.data.dataset, resolved.config.rollout.tools
-    if task and dataset.startswith("synthetic:") and "tool=" in dataset and not tools:
+    wants_tool = is_synthetic(dataset) and bool(parse_synthetic_spec(dataset)[1].get("tool"))
+    if task and wants_tool and not tools:
         raise ConfigError(
             f"{dataset} is a tool task, but rollout.tools is empty",
             hint="set rollout.tools = ['calculator'] (configs/calculator_demo.toml does)",
