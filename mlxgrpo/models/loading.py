@@ -269,6 +269,10 @@ def load_model_with_config(
         model = _apply_adapters(model, adapter_dir, path_spec)
     if not lazy:
         mx.eval(model.parameters())
+    if mx.default_device() == mx.cpu:
+        from mlxgrpo.models.cpu_kernels import use_cpu_kernels
+
+        use_cpu_kernels(model)
     return model, tokenizer, config
 
 

@@ -1,0 +1,183 @@
+"""Faster exp, SwiGLU and decode attention for MLX's CPU backend (DESIGN §8).
+
+MLX's CPU backend evaluates ``exp`` and ``sigmoid`` one element at a time on one core (about
+10 and 15 ns per float32 here), while ``power(2, x)`` runs about 2.5-3x faster with the same
+float32 accuracy. At Qwen2.5-0.5B's shape a GRPO update spent ~13 s of ~100 in SwiGLU alone,
+and a decode step ~1.5 ms per layer in the fused attention's generic CPU fallback.
+
+- :func:`exp` and :func:`swiglu` (hand-written gradient) use ``power`` on CPU.
+- :func:`use_cpu_kernels` points a loaded mlx-lm model's MLP and attention classes at them:
+  each class gets a copy of its own ``__call__`` whose globals name these functions instead
+  of mlx-lm's ``swiglu`` and ``scaled_dot_product_attention``. The model code stays mlx-lm's.
+
+Every function here falls back to MLX's own on other devices, so a GPU run is unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOG2E = 1.4426950408889634
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def exp(x: mx.array) -> mx.array:
+    """exp(x), as ``2 ** (x * log2 e)`` on CPU: ~3x faster there, same float32 accuracy."""
+    return mx.power(2.0, x * LOG2E) if on_cpu() else mx.exp(x)
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    # 2 ** (-x log2 e) overflows to inf for x < -88 and underflows to 0 for x > 88: exactly
+    # the limits 0 and 1 that sigmoid rounds to there.
+    return mx.reciprocal(1.0 + mx.power(2.0, x * -LOG2E))
+
+
+@mx.custom_function
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return gate * _sigmoid(gate) * up
+
+
+@_swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    """d/dgate = up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d/dup = silu(gate)."""
+    gate, up = primals
+    s = _sigmoid(gate)
+    silu = gate * s
+    return cotangent * up * (s + silu * (1.0 - s)), cotangent * silu
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up``, the gated MLP activation of Llama/Qwen-style models."""
+    if on_cpu():
+        return _swiglu(gate, up)
+    return nn.silu(gate) * up
+
+
+def _expanded_mask(mask: Any, batch: int, kv_heads: int, repeats: int) -> Any:
+    """A [B, 1|H, L, S] attention mask laid out as the grouped scores [B, KV, rep, L, S]."""
+    if mask is None or not isinstance(mask, mx.array) or mask.ndim != 4:
+        return mask
+    if mask.shape[1] == 1:
+        return mask[:, :, None]
+    return mask.reshape(mask.shape[0], kv_heads, repeats, *mask.shape[2:])
+
+
+def decode_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: mx.array | None,
+) -> mx.array:
+    """Grouped-query attention of few queries against a KV cache, softmax through :func:`exp`.
+
+    ``queries`` [B, H, L, D], ``keys``/``values`` [B, KV, S, D]; ``mask`` None, or a boolean
+    (True = attend) or additive array broadcastable to [B, H, L, S].
+    """
+    batch, heads, length, dim = queries.shape
+    kv_heads = keys.shape[1]
+    repeats = heads // kv_heads
+    grouped = (queries * scale).reshape(batch, kv_heads, repeats, length, dim)
+    scores = grouped @ keys[:, :, None].swapaxes(-1, -2)
+    mask = _expanded_mask(mask, batch, kv_heads, repeats)
+    if isinstance(mask, mx.array):
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf)
+        else:
+            scores = scores + mask
+    peak = mx.max(scores, axis=-1, keepdims=True)
+    weights = exp(scores - peak)
+    weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    out = weights.astype(values.dtype) @ values[:, :, None]
+    return out.reshape(batch, heads, length, dim)
+
+
+def _attention_router(original: Callable) -> Callable:
+    """mlx-lm's ``scaled_dot_product_attention`` signature: single-query decode steps on CPU
+    take :func:`decode_attention`; everything else (prefill, training, quantized caches,
+    attention sinks, GPUs) the original."""
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if (
+            on_cpu()
+            and queries.shape[2] == 1
+            and sinks is None
+            and not hasattr(cache, "bits")
+            and (mask is None or isinstance(mask, mx.array))
+            and queries.shape[1] % keys.shape[1] == 0
+        ):
+            return decode_attention(queries, keys, values, scale, mask)
+        if sinks is None:
+            return original(queries, keys, values, cache, scale=scale, mask=mask)
+        return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+    return scaled_dot_product_attention
+
+
+def _rebound_call(cls: type) -> Callable | None:
+    """``cls.__call__`` with mlx-lm's swiglu / attention globals replaced, or None."""
+    call = cls.__dict__.get("__call__")
+    if not isinstance(call, types.FunctionType):
+        return None
+    names = set(call.__code__.co_names)
+    replaced: dict[str, Any] = {}
+    g = call.__globals__
+    if "swiglu" in names and g.get("swiglu") is _mlx_lm_swiglu():
+        replaced["swiglu"] = swiglu
+    attention = g.get("scaled_dot_product_attention")
+    if "scaled_dot_product_attention" in names and attention is _mlx_lm_attention():
+        replaced["scaled_dot_product_attention"] = _attention_router(attention)
+    if not replaced:
+        return None
+    rebound = types.FunctionType(
+        call.__code__, {**g, **replaced}, call.__name__, call.__defaults__, call.__closure__
+    )
+    rebound.__kwdefaults__ = call.__kwdefaults__
+    return rebound
+
+
+def _mlx_lm_swiglu() -> Any:
+    from mlx_lm.models import activations
+
+    return getattr(activations, "swiglu", None)
+
+
+def _mlx_lm_attention() -> Any:
+    from mlx_lm.models import base
+
+    return getattr(base, "scaled_dot_product_attention", None)
+
+
+def _fast_class(cls: type) -> type | None:
+    """The class to switch ``cls`` to, None when it stays (a switched class stays too)."""
+    if cls not in _FAST_CLASSES:
+        call = _rebound_call(cls) if cls.__module__.startswith("mlx_lm.models.") else None
+        _FAST_CLASSES[cls] = type(f"Cpu{cls.__name__}", (cls,), {"__call__": call}) if call else cls
+    fast = _FAST_CLASSES[cls]
+    return fast if fast is not cls else None
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Point the model's mlx-lm MLP and attention modules at this module's functions.
+
+    Only classes whose ``__call__`` calls mlx-lm's own ``swiglu`` or
+    ``scaled_dot_product_attention`` change (Llama, Qwen2/3, OLMo 2, Phi-3, ...); others are
+    left alone. Safe to call twice. Returns the number of modules changed.
+    """
+    changed = 0
+    for _, module in model.named_modules():
+        fast = _fast_class(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            changed += 1
+    return changed

@@ -1,0 +1,157 @@
+"""CPU kernels (mlxgrpo.models.cpu_kernels): the same numbers as MLX's own, faster on CPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlxgrpo.engine.finetune import prepare_trainable
+from mlxgrpo.models import cpu_kernels
+from mlxgrpo.models.loading import load_model
+
+
+def _silu64(g: np.ndarray) -> np.ndarray:
+    return g / (1.0 + np.exp(-g))
+
+
+def test_exp_matches_float64():
+    x = mx.array(np.linspace(-87.0, 87.0, 20001, dtype=np.float32))
+    want = np.exp(np.asarray(x).astype(np.float64))
+    got = np.asarray(cpu_kernels.exp(x)).astype(np.float64)
+    # |x| log2(e) rounds to float32 before the power: a relative error up to ~|x| * 2^-24.
+    assert np.max(np.abs(got - want) / want) < 1e-5
+    assert np.max(np.abs(got - want) / want)[()] > 0  # a different route from np.exp's
+    assert cpu_kernels.exp(mx.array([-mx.inf]))[0].item() == 0.0
+
+
+def test_swiglu_values_and_gradients_match_float64():
+    rng = np.random.default_rng(0)
+    gate = np.concatenate([rng.normal(0, 4, 2000), [-100.0, -89.0, -88.0, 0.0, 88.0, 89.0, 100.0]])
+    up = rng.normal(0, 1, gate.size)
+    cot = rng.normal(0, 1, gate.size)
+    g, u, c = (mx.array(a.astype(np.float32)) for a in (gate, up, cot))
+    out, (d_gate, d_up) = mx.vjp(cpu_kernels.swiglu, [g, u], [c])
+    g64, u64, c64 = (np.asarray(a).astype(np.float64) for a in (g, u, c))
+    s = 1.0 / (1.0 + np.exp(-g64))
+    want = _silu64(g64) * u64
+    np.testing.assert_allclose(np.asarray(out[0]), want, rtol=2e-6, atol=1e-30)
+    want_d_gate = c64 * u64 * (s + g64 * s * (1 - s))
+    # The derivative crosses zero near gate = -1.28, where float32 cancels: an absolute bound.
+    np.testing.assert_allclose(
+        np.asarray(d_gate), want_d_gate, rtol=2e-6, atol=1e-7 * np.max(np.abs(want_d_gate))
+    )
+    np.testing.assert_allclose(np.asarray(d_up), c64 * _silu64(g64), rtol=2e-6, atol=1e-30)
+    # and as close to MLX's own as MLX's own is to float64
+    mlx_own = nn.silu(g) * u
+    assert mx.max(mx.abs(out[0] - mlx_own)).item() <= 1e-5 * mx.max(mx.abs(mlx_own)).item()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
+@pytest.mark.parametrize("length", [1, 3])
+def test_decode_attention_matches_fused_attention(mask_kind, length):
+    batch, heads, kv_heads, keys_len, dim = 3, 6, 2, 11, 8
+    k = mx.random.key(1)
+    kv_shape = (batch, kv_heads, keys_len, dim)
+    shapes = [(batch, heads, length, dim), kv_shape, kv_shape]
+    q, kk, v = (
+        mx.random.normal(shape, key=key)
+        for shape, key in zip(shapes, mx.random.split(k, 3), strict=True)
+    )
+    left_padding = mx.array([0, 2, 5])
+    columns = mx.arange(keys_len)
+    visible = (left_padding[:, None, None, None] <= columns) & (
+        mx.arange(keys_len - length, keys_len)[:, None] >= columns
+    )  # [B, 1, L, S]: left padding and causal
+    mask = {
+        "none": None,
+        "bool": visible,
+        "additive": mx.where(visible, 0.0, -1e9),
+        "per_head": mx.broadcast_to(visible, (batch, heads, length, keys_len)),
+    }[mask_kind]
+    want = mx.fast.scaled_dot_product_attention(q, kk, v, scale=dim**-0.5, mask=mask)
+    got = cpu_kernels.decode_attention(q, kk, v, dim**-0.5, mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=2e-6).item()
+
+
+def test_attention_router_sends_only_cpu_decode_steps_to_decode_attention(monkeypatch):
+    calls = []
+
+    def original(queries, keys, values, cache, scale, mask, sinks=None):
+        calls.append(queries.shape[2])
+        return queries
+
+    route = cpu_kernels._attention_router(original)
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: "decode")
+    q1, q4 = mx.zeros((1, 4, 1, 8)), mx.zeros((1, 4, 4, 8))
+    kv = mx.zeros((1, 2, 6, 8))
+    assert route(q1, kv, kv, cache=None, scale=1.0, mask=None) == "decode"
+    assert route(q4, kv, kv, cache=None, scale=1.0, mask="causal") is q4  # prefill: original
+    assert route(q1, kv, kv, cache=None, scale=1.0, mask=None, sinks=mx.zeros((4,))) is q1
+    assert calls == [4, 1]
+
+
+def _tiny(with_kernels: bool):
+    """builtin:tiny-qwen2 with LoRA on every block (B non-zero, so the adapters count)."""
+    from mlx.utils import tree_map_with_path
+
+    from mlxgrpo.config import resolve_config
+
+    model, _ = load_model("builtin:tiny-qwen2")
+    if not with_kernels:  # back to the plain mlx-lm classes
+        for _, module in model.named_modules():
+            if type(module).__name__.startswith("Cpu"):
+                module.__class__ = type(module).__bases__[0]
+    cfg = resolve_config((), ["finetune.lora_layers=-1"], environ={}).config
+    prepare_trainable(model, cfg.finetune)
+    model.update(
+        tree_map_with_path(
+            lambda path, v: (
+                mx.random.normal(v.shape, key=mx.random.key(len(path))) * 0.05
+                if path.endswith("lora_b")
+                else v
+            ),
+            model.trainable_parameters(),
+        )
+    )
+    return model
+
+
+def test_loaded_models_use_the_kernels_and_switching_twice_changes_nothing():
+    model, _ = load_model("builtin:tiny-qwen2")
+    names = {type(m).__name__ for _, m in model.named_modules()}
+    assert {"CpuMLP", "CpuAttention"} <= names
+    assert cpu_kernels.use_cpu_kernels(model) == 0
+
+
+def test_model_with_kernels_gives_the_plain_models_numbers():
+    fast, plain = _tiny(True), _tiny(False)
+    plain.update(fast.parameters())  # the same weights and adapters in both
+    plain_classes = {type(m).__name__ for _, m in plain.named_modules()}
+    assert plain_classes.isdisjoint({"CpuMLP", "CpuAttention"})
+    tokens = mx.array([[5, 9, 17, 3, 22, 8, 1, 30], [2, 4, 6, 8, 10, 12, 14, 16]])
+    assert mx.allclose(fast(tokens), plain(tokens), atol=1e-5).item()
+
+    def loss(model):
+        return nn.value_and_grad(model, lambda *_: (model(tokens) ** 2).mean())()
+
+    (lf, gf), (lp, gp) = loss(fast), loss(plain)
+    assert abs(lf.item() - lp.item()) <= 1e-5 * abs(lp.item())
+    flat_f, flat_p = dict(tree_flatten(gf)), dict(tree_flatten(gp))
+    assert flat_f.keys() == flat_p.keys() and flat_f
+    for key in flat_f:
+        scale = mx.max(mx.abs(flat_p[key])).item()
+        assert mx.max(mx.abs(flat_f[key] - flat_p[key])).item() <= 1e-5 * scale, key
+
+    # cached decoding: the prompt, then one token at a time through decode_attention
+    caches = [make_prompt_cache(m) for m in (fast, plain)]
+    for m, c in zip((fast, plain), caches, strict=True):
+        m(tokens[:, :5], cache=c)
+    for step in range(5, 8):
+        a = fast(tokens[:, step : step + 1], cache=caches[0])
+        b = plain(tokens[:, step : step + 1], cache=caches[1])
+        assert mx.allclose(a, b, atol=1e-5).item(), step
