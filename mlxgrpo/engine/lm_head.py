@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxgrpo.engine import chunked_head, shared_prefix
+from mlxgrpo.engine.frozen_head import FROZEN_HEAD_BUFFERS, frozen_head_logprobs, target_rows
 from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
@@ -53,9 +54,11 @@ def split_lm_head(model: nn.Module) -> tuple[Callable, Callable] | None:
     return (trunk, head) if head is not None else None
 
 
-def head_chunk_positions(vocab_size: int, budget_bytes: int = HEAD_BUDGET_BYTES) -> int:
+def head_chunk_positions(
+    vocab_size: int, budget_bytes: int = HEAD_BUDGET_BYTES, buffers: int = _BUFFERS_PER_CHUNK
+) -> int:
     """Positions per head chunk so that one chunk's float32 buffers stay within the budget."""
-    return max(1, budget_bytes // (_BUFFERS_PER_CHUNK * 4 * max(1, vocab_size)))
+    return max(1, budget_bytes // (buffers * 4 * max(1, vocab_size)))
 
 
 def _identity(x: mx.array) -> mx.array:
@@ -105,9 +108,22 @@ def _apply_head(
     """Log-probs (and entropies) of flat ``features`` [P, H] -> [P], chunk by chunk."""
     owner = _head_owner(head)
     positions = int(targets.shape[0])
+    params = owner.trainable_parameters() if owner is not None else {}
+    if not params and not (with_entropy and entropy_grad) and target_rows(head) is not None:
+        # A frozen linear head: the written-out path holds half the buffers per chunk.
+        vocab = _vocab_size(owner, positions)
+        step = chunk_size or head_chunk_positions(vocab, buffers=FROZEN_HEAD_BUFFERS)
+        return frozen_head_logprobs(
+            head,
+            features,
+            targets,
+            step=step,
+            with_entropy=with_entropy,
+            differentiable=differentiable,
+            temperature=temperature,
+        )
     step = chunk_size or head_chunk_positions(_vocab_size(owner, positions))
     run = _chunk_function(head, owner, with_entropy, entropy_grad, temperature)
-    params = owner.trainable_parameters() if owner is not None else {}
     try:
         if positions <= step:  # one chunk: keep its logits for the backward pass
             return run(params, features, targets)

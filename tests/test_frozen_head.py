@@ -1,0 +1,121 @@
+"""The written-out frozen-head log-probs equal autodiff through full logits (values, gradient)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlxgrpo.engine import frozen_head, lm_head
+from mlxgrpo.engine.logprobs import tempered, token_logprobs_and_entropy
+from mlxgrpo.models import cpu_kernels
+
+VOCAB, HIDDEN, POSITIONS = 97, 16, 11
+
+
+def _heads() -> dict[str, object]:
+    mx.random.seed(3)
+    embedding = nn.Embedding(VOCAB, HIDDEN)
+    embedding.weight = embedding.weight * 3.0  # logits of a few units, like a trained model
+    linear = nn.Linear(HIDDEN, VOCAB, bias=True)
+    linear.weight = linear.weight * 3.0
+    q_embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(VOCAB, 32), 32, 4)
+    q_linear = nn.QuantizedLinear.from_linear(nn.Linear(32, VOCAB, bias=False), 32, 4)
+    return {
+        "tied": embedding.as_linear,
+        "linear": linear,
+        "quantized_tied": q_embedding.as_linear,
+        "quantized_linear": q_linear,
+    }
+
+
+def _inputs(head):
+    width = HIDDEN if getattr(head, "__self__", head).__class__ in (nn.Embedding, nn.Linear) else 32
+    k1, k2 = mx.random.split(mx.random.key(5))
+    features = mx.random.normal((POSITIONS, width), key=k1)
+    targets = mx.random.randint(0, VOCAB, (POSITIONS,), key=k2)
+    return features, targets
+
+
+def _reference(head, features, targets, temperature):
+    """Full logits and autodiff: what the written-out path must reproduce."""
+    logits = tempered(head(features), temperature)
+    return token_logprobs_and_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("name", ["tied", "linear", "quantized_tied", "quantized_linear"])
+@pytest.mark.parametrize("step", [1, 4, POSITIONS])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_values_and_gradient_match_autodiff(name, step, parallel, monkeypatch):
+    if parallel:  # tiny inputs: force the two-stream split
+        monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_ELEMENTS", 0)
+    head = _heads()[name]
+    features, targets = _inputs(head)
+    weights = mx.random.normal((POSITIONS,), key=mx.random.key(9))
+    temperature = 0.7
+
+    def ours(f):
+        return frozen_head.frozen_head_logprobs(
+            head,
+            f,
+            targets,
+            step=step,
+            with_entropy=True,
+            differentiable=True,
+            temperature=temperature,
+        )
+
+    logp, entropy = ours(features)
+    want_logp, want_entropy = _reference(head, features, targets, temperature)
+    assert mx.allclose(logp, want_logp, atol=1e-5).item()
+    assert mx.allclose(entropy, want_entropy, atol=1e-5).item()
+    grad = mx.grad(lambda f: (ours(f)[0] * weights).sum())(features)
+    want = mx.grad(lambda f: (_reference(head, f, targets, temperature)[0] * weights).sum())(
+        features
+    )
+    assert mx.allclose(grad, want, atol=2e-5).item()
+    # the entropy is a value: no gradient flows through it
+    through_entropy = mx.grad(lambda f: ours(f)[1].sum())(features)
+    assert mx.array_equal(through_entropy, mx.zeros_like(features)).item()
+
+
+def test_reference_pass_values_without_gradient():
+    head = _heads()["tied"]
+    features, targets = _inputs(head)
+    (logp,) = frozen_head.frozen_head_logprobs(
+        head, features, targets, step=3, with_entropy=False, differentiable=False, temperature=1.0
+    )
+    assert mx.allclose(logp, _reference(head, features, targets, 1.0)[0], atol=1e-5).item()
+
+
+def test_lm_head_takes_the_written_out_path_only_for_frozen_linear_heads(monkeypatch):
+    calls = []
+    original = lm_head.frozen_head_logprobs
+    monkeypatch.setattr(
+        lm_head, "frozen_head_logprobs", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    embedding = nn.Embedding(VOCAB, HIDDEN)
+    features, targets = _inputs(embedding.as_linear)
+    kwargs = dict(chunk_size=4, with_entropy=True, differentiable=True, temperature=1.0)
+    embedding.freeze()
+    lm_head._apply_head(embedding.as_linear, features, targets, entropy_grad=False, **kwargs)
+    assert calls == [1]
+    # a differentiated entropy, or a trainable head, take the autodiff paths
+    lm_head._apply_head(embedding.as_linear, features, targets, entropy_grad=True, **kwargs)
+    embedding.unfreeze()
+    lm_head._apply_head(embedding.as_linear, features, targets, entropy_grad=False, **kwargs)
+    assert calls == [1]
+
+
+def test_unknown_heads_are_refused():
+    assert frozen_head.target_rows(lambda x: x) is None
+    with pytest.raises(ValueError, match="linear head"):
+        frozen_head.frozen_head_logprobs(
+            lambda x: x,
+            mx.zeros((2, VOCAB)),
+            mx.zeros((2,), dtype=mx.int32),
+            step=1,
+            with_entropy=False,
+            differentiable=False,
+            temperature=1.0,
+        )
