@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -300,6 +301,8 @@ def sample_recorded(
     """``(tokens [N], stats [N, k])``: a token per row as :func:`sample_tokens` draws it, with
     its log-prob (and, when ``with_entropy``, the entropy) under :func:`tempered_scores`."""
     scores = tempered_scores(logits, sampling)
+    if not (sampling.greedy or with_entropy or _truncates(sampling)):
+        return _race_with_logprobs(scores, key)
     if sampling.greedy:
         tokens = mx.argmax(scores, axis=-1).astype(mx.uint32)
     else:
@@ -311,10 +314,14 @@ def sample_recorded(
     return tokens, token_logprobs(scores, targets)[:, None]
 
 
+def _truncates(sampling: SamplingConfig) -> bool:
+    return 0 < sampling.top_k or 0.0 < sampling.top_p < 1.0 or sampling.min_p > 0.0
+
+
 def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
     """Truncate the tempered ``scores`` as configured and draw one token per row."""
-    # Categorical sampling needs no normalisation; top-p exponentiates, so shift by the max
-    # (much cheaper than logsumexp on CPU) to keep exp() from overflowing.
+    # top-p exponentiates, so shift by the max (much cheaper than logsumexp on CPU) to keep
+    # exp() from overflowing.
     if 0.0 < sampling.top_p < 1.0:
         scores = scores - mx.max(scores, axis=-1, keepdims=True)
     if 0 < sampling.top_k < scores.shape[-1]:
@@ -323,15 +330,49 @@ def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> m
         scores = apply_top_p(scores, sampling.top_p)
     if sampling.min_p > 0.0:
         scores = apply_min_p(scores, sampling.min_p)
-    # Gumbel-max, as mx.random.categorical does, but written out: about half its cost on CPU.
-    # uniform() is in [0, 1), so the noise is finite or -inf (a token that cannot win).
-    if key is not None and key.ndim == 2:  # one key per row: each row's draw is its own
-        vocab = scores.shape[-1]
-        uniform = mx.vmap(lambda k: mx.random.uniform(shape=(vocab,), key=k))(key)
-    else:
-        uniform = mx.random.uniform(shape=scores.shape, key=key)
-    noise = -mx.log(-mx.log(uniform))
-    return mx.argmax(scores + noise, axis=-1).astype(mx.uint32)
+    if key is not None and key.ndim == 2:  # one key per row: rows split over CPU streams
+        (tokens,) = _joined(parallel_row_parts(lambda z, k: (_race(z, k)[0],), scores, key))
+        return tokens
+    return _race(scores, key)[0]
+
+
+def _uniform(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
+    """Uniform [0, 1) draws: one key per row (key [N, 2]) or one for the whole shape."""
+    if key is not None and key.ndim == 2:
+        vocab = shape[-1]
+        return mx.vmap(lambda k: mx.random.uniform(shape=(vocab,), key=k))(key)
+    return mx.random.uniform(shape=shape, key=key)
+
+
+def _race(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
+    """``(tokens, shifted scores, exps)``: the exponential race, the Gumbel-max trick without
+    its logs of logs. Token v wins with ``exp(s_v) / E_v`` largest, ``E_v = -log(u_v)`` being
+    exponential draws: the same winner as ``argmax(s_v - log E_v)``, the Gumbel-max draw of
+    ``mx.random.categorical`` (one log per entry instead of two, and the exponentials serve a
+    log-prob too). ``u = 0`` gives ``E = inf``: that entry cannot win."""
+    shifted = scores - mx.max(scores, axis=-1, keepdims=True)
+    e = exp(shifted)
+    race = e / -mx.log(_uniform(scores.shape, key))
+    return mx.argmax(race, axis=-1).astype(mx.uint32), shifted, e
+
+
+def _race_with_logprobs(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """``(tokens [N], stats [N, 1])``: a draw of :func:`_race` and its log-prob under scores."""
+
+    def draw(z: mx.array, k: mx.array | None) -> tuple[mx.array, mx.array]:
+        tokens, shifted, e = _race(z, k)
+        picked = mx.take_along_axis(shifted, tokens[:, None].astype(mx.int32), axis=-1)
+        return tokens, picked - mx.log(mx.sum(e, axis=-1, keepdims=True))
+
+    if key is not None and key.ndim == 2:
+        return _joined(parallel_row_parts(draw, scores, key))
+    return draw(scores, key)
+
+
+def _joined(parts: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(mx.concatenate(pair) for pair in zip(*parts, strict=True))
 
 
 def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:
