@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.pop("MLX_GRPO_CONFIG", None)
-# datasets caches every local file it reads; keep that out of the user's home.
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mlxgrpo-hf-datasets-"))
+# datasets caches every local file it reads; keep that out of the user's home, and remove it
+# when the session ends (subprocesses the tests start share it).
+if "HF_DATASETS_CACHE" not in os.environ:
+    _DATASETS_CACHE = tempfile.mkdtemp(prefix="mlxgrpo-hf-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+    atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

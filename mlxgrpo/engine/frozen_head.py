@@ -23,9 +23,10 @@ import mlx.nn as nn
 from mlxgrpo.engine.chunked_head import _bounds
 from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
 
-# float32 [chunk, V] buffers one chunk holds at its peak (logits, shifted logits, exponentials
-# and their float copy for the product), half of the autodiff path's.
-FROZEN_HEAD_BUFFERS = 4
+# float32 [chunk, V] buffers one chunk holds at its peak: logits, shifted logits, the two
+# halves' exponentials, their joined copy for the product and a temporary. (Counted 4, the
+# 0.5B update's peak rose by two chunks' buffers, 170 MB.)
+FROZEN_HEAD_BUFFERS = 6
 
 
 def target_rows(head: Callable) -> Callable[[mx.array], mx.array] | None:

@@ -6,6 +6,8 @@ float32 accuracy. At Qwen2.5-0.5B's shape a GRPO update spent ~13 s of ~100 in S
 and a decode step ~1.5 ms per layer in the fused attention's generic CPU fallback.
 
 - :func:`exp` and :func:`swiglu` (hand-written gradient) use ``power`` on CPU.
+- :func:`parallel_row_parts` runs row-wise work on two CPU streams: MLX runs an elementwise
+  op on one core, however many the machine has (the LM head and the sampler use it).
 - :func:`use_cpu_kernels` points a loaded mlx-lm model's MLP and attention classes at them:
   each class gets a copy of its own ``__call__`` whose globals name these functions instead
   of mlx-lm's ``swiglu`` and ``scaled_dot_product_attention``. The model code stays mlx-lm's.
