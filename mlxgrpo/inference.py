@@ -210,7 +210,7 @@ def _token_stream(
     """
     import mlx.core as mx
 
-    from mlxgrpo.engine.rollout import apply_repetition_penalty, sample_tokens
+    from mlxgrpo.engine.sampling import apply_repetition_penalty, sample_tokens
 
     sampling = options.sampling()
     penalize = sampling.repetition_penalty != 1.0

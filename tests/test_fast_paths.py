@@ -10,7 +10,7 @@ import pytest
 from random_models import random_lm
 
 from mlxgrpo.engine.grpo import sequence_logprobs, split_lm_head, token_logprobs_and_entropy
-from mlxgrpo.engine.rollout import SamplingConfig, sample_tokens
+from mlxgrpo.engine.sampling import SamplingConfig, sample_tokens
 
 
 def _qwen2(tied: bool) -> nn.Module:

@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxgrpo.engine import rollout
+from mlxgrpo.engine import sampling as sampling_module
 from mlxgrpo.engine.logprobs import token_logprobs
-from mlxgrpo.engine.rollout import SamplingConfig, sample_recorded, sample_tokens
+from mlxgrpo.engine.sampling import SamplingConfig, sample_recorded, sample_tokens
 from mlxgrpo.models import cpu_kernels
 
 ROWS, VOCAB = 6, 50
@@ -50,8 +50,10 @@ def test_the_stream_split_changes_no_draw(monkeypatch):
     whole = sample_recorded(logits, keys, sampling, with_entropy=False)
     monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_ELEMENTS", 0)
     calls = []
-    original = rollout.parallel_row_parts
-    monkeypatch.setattr(rollout, "parallel_row_parts", lambda *a: calls.append(1) or original(*a))
+    original = sampling_module.parallel_row_parts
+    monkeypatch.setattr(
+        sampling_module, "parallel_row_parts", lambda *a: calls.append(1) or original(*a)
+    )
     halves = sample_recorded(logits, keys, sampling, with_entropy=False)
     assert calls  # the split path ran
     assert mx.array_equal(whole[0], halves[0]).item()

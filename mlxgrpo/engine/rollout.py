@@ -21,11 +21,16 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
+from mlxgrpo.engine.sampling import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    mark_seen,
+    prompt_presence,
+    sample_recorded,
+    sample_tokens,
+)
 from mlxgrpo.errors import ConfigError, MlxgrpoError
-from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -34,47 +39,6 @@ FINISH_LENGTH = "length"
 _STOP_STRING_TOKEN_MARGIN = 16
 # Drop finished rows from the decode batch once at least this share of it is finished.
 _COMPACT_FINISHED_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How each next token is drawn. temperature 0 means greedy (argmax).
-
-    Filters follow the Hugging Face / vLLM order: temperature first, then top-k, top-p and
-    min-p on the tempered distribution. top_p of 0 or 1 and top_k of 0 disable those filters.
-    repetition_penalty divides positive (multiplies negative) logits of every token already
-    present in the prompt or the completion so far; 1.0 disables it.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(
-                f"temperature must be >= 0, got {self.temperature}",
-                hint="use 0 for greedy decoding or a positive value such as 0.7",
-            )
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(
-                f"top_p must be in [0, 1], got {self.top_p}", hint="use 1.0 to disable top-p"
-            )
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}", hint="use 0 to disable")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", hint="use 0.0")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
-                hint="use 1.0 to disable it",
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass(frozen=True)
@@ -270,121 +234,6 @@ class Rollout:
             sampler_entropies=None if entropies is None else [entropies[i] for i in chosen],
             forced=None if forced is None else [forced[i] for i in chosen],
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling (pure functions over batched logits)
-
-
-def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
-    """CTRL-style penalty per row: seen [N, V] bool marks tokens already in that row's context."""
-    penalized = mx.where(logits < 0, logits * penalty, logits / penalty)
-    return mx.where(seen, penalized, logits)
-
-
-def sample_tokens(logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
-    """Draw one token per row of logits [N, V] with an mx.random key; returns [N] uint32."""
-    if sampling.greedy:
-        return mx.argmax(logits, axis=-1).astype(mx.uint32)
-    return _draw(tempered_scores(logits, sampling), key, sampling)
-
-
-def tempered_scores(logits: mx.array, sampling: SamplingConfig) -> mx.array:
-    """float32 ``logits / temperature`` (temperature 1 when greedy): the distribution sampled
-    from before any top-k/top-p/min-p truncation, and the one the trainer's log-probs use."""
-    return tempered(logits, 1.0 if sampling.greedy else sampling.temperature)
-
-
-def sample_recorded(
-    logits: mx.array, key: mx.array | None, sampling: SamplingConfig, with_entropy: bool
-) -> tuple[mx.array, mx.array]:
-    """``(tokens [N], stats [N, k])``: a token per row as :func:`sample_tokens` draws it, with
-    its log-prob (and, when ``with_entropy``, the entropy) under :func:`tempered_scores`."""
-    scores = tempered_scores(logits, sampling)
-    if not (sampling.greedy or with_entropy or _truncates(sampling)):
-        return _race_with_logprobs(scores, key)
-    if sampling.greedy:
-        tokens = mx.argmax(scores, axis=-1).astype(mx.uint32)
-    else:
-        tokens = _draw(scores, key, sampling)
-    targets = tokens.astype(mx.int32)
-    if with_entropy:
-        logp, entropy = token_logprobs_and_entropy(scores, targets, entropy_grad=False)
-        return tokens, mx.stack([logp, entropy], axis=-1)
-    return tokens, token_logprobs(scores, targets)[:, None]
-
-
-def _truncates(sampling: SamplingConfig) -> bool:
-    return 0 < sampling.top_k or 0.0 < sampling.top_p < 1.0 or sampling.min_p > 0.0
-
-
-def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> mx.array:
-    """Truncate the tempered ``scores`` as configured and draw one token per row."""
-    # top-p exponentiates, so shift by the max (much cheaper than logsumexp on CPU) to keep
-    # exp() from overflowing.
-    if 0.0 < sampling.top_p < 1.0:
-        scores = scores - mx.max(scores, axis=-1, keepdims=True)
-    if 0 < sampling.top_k < scores.shape[-1]:
-        scores = apply_top_k(scores, sampling.top_k)
-    if 0.0 < sampling.top_p < 1.0:
-        scores = apply_top_p(scores, sampling.top_p)
-    if sampling.min_p > 0.0:
-        scores = apply_min_p(scores, sampling.min_p)
-    if key is not None and key.ndim == 2:  # one key per row: rows split over CPU streams
-        (tokens,) = _joined(parallel_row_parts(lambda z, k: (_race(z, k)[0],), scores, key))
-        return tokens
-    return _race(scores, key)[0]
-
-
-def _uniform(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
-    """Uniform [0, 1) draws: one key per row (key [N, 2]) or one for the whole shape."""
-    if key is not None and key.ndim == 2:
-        vocab = shape[-1]
-        return mx.vmap(lambda k: mx.random.uniform(shape=(vocab,), key=k))(key)
-    return mx.random.uniform(shape=shape, key=key)
-
-
-def _race(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
-    """``(tokens, shifted scores, exps)``: the exponential race, the Gumbel-max trick without
-    its logs of logs. Token v wins with ``exp(s_v) / E_v`` largest, ``E_v = -log(u_v)`` being
-    exponential draws: the same winner as ``argmax(s_v - log E_v)``, the Gumbel-max draw of
-    ``mx.random.categorical`` (one log per entry instead of two, and the exponentials serve a
-    log-prob too). ``u = 0`` gives ``E = inf``: that entry cannot win."""
-    shifted = scores - mx.max(scores, axis=-1, keepdims=True)
-    e = exp(shifted)
-    race = e / -mx.log(_uniform(scores.shape, key))
-    return mx.argmax(race, axis=-1).astype(mx.uint32), shifted, e
-
-
-def _race_with_logprobs(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
-    """``(tokens [N], stats [N, 1])``: a draw of :func:`_race` and its log-prob under scores."""
-
-    def draw(z: mx.array, k: mx.array | None) -> tuple[mx.array, mx.array]:
-        tokens, shifted, e = _race(z, k)
-        picked = mx.take_along_axis(shifted, tokens[:, None].astype(mx.int32), axis=-1)
-        return tokens, picked - mx.log(mx.sum(e, axis=-1, keepdims=True))
-
-    if key is not None and key.ndim == 2:
-        return _joined(parallel_row_parts(draw, scores, key))
-    return draw(scores, key)
-
-
-def _joined(parts: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(mx.concatenate(pair) for pair in zip(*parts, strict=True))
-
-
-def _mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:
-    return mx.put_along_axis(seen, tokens[:, None].astype(mx.int32), mx.array(True), axis=-1)
-
-
-def _prompt_presence(prompts: Sequence[Sequence[int]], vocab_size: int) -> mx.array:
-    rows = [sorted(set(p)) for p in prompts]
-    seen = mx.zeros((len(prompts), vocab_size), dtype=mx.bool_)
-    for i, ids in enumerate(rows):
-        seen[i, mx.array(ids, dtype=mx.int32)] = True
-    return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,7 +609,7 @@ def _first_step(
     logits = logits[group_rows]
     seen = None
     if sampling.repetition_penalty != 1.0:
-        seen = _prompt_presence(prompts, logits.shape[-1])[group_rows]
+        seen = prompt_presence(prompts, logits.shape[-1])[group_rows]
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     key = None if step_keys is None else step_keys[:, 0]
     rows = list(range(len(prompts) * num_generations))
@@ -808,7 +657,7 @@ def _queue_next_token(
     inputs = batch.tokens
     logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
     if batch.seen is not None:
-        batch.seen = _mark_seen(batch.seen, inputs)
+        batch.seen = mark_seen(batch.seen, inputs)
         logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
     batch.sample(logits, key, sampling)
 
