@@ -45,7 +45,9 @@ def _after(x: mx.array, previous: list[mx.array]) -> mx.array:
     return mx.depends(x, previous) if previous else x
 
 
-def _forward(run: Callable, params: Any, features: mx.array, positions: int, step: int):
+def run_in_chunks(run: Callable, params: Any, features: mx.array, positions: int, step: int):
+    """``run(params, features[lo:hi], lo, hi)`` chunk after chunk (each starts once the last
+    one's results exist), its outputs concatenated."""
     pieces: list[tuple[mx.array, ...]] = []
     for lo, hi in _bounds(positions, step):
         chunk = _after(features[lo:hi], list(pieces[-1]) if pieces else [])
@@ -62,7 +64,7 @@ def recomputing(run: Callable, positions: int, step: int) -> Callable:
 
     @mx.custom_function
     def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
-        return _forward(run, params, features, positions, step)
+        return run_in_chunks(run, params, features, positions, step)
 
     @chunked.vjp
     def chunked_vjp(primals, cotangents, outputs):
@@ -104,15 +106,21 @@ def gradient_in_forward(run: Callable, positions: int, step: int, run_outputs: i
         outputs, (jacobian,) = mx.vjp(chunk, [features], cotangents)
         return (*outputs, jacobian)
 
+    return prepared_gradient(with_jacobian, positions, step)
+
+
+def prepared_gradient(run_with_jacobian: Callable, positions: int, step: int) -> Callable:
+    """``(params, features) -> outputs`` for a ``run`` whose last output is each position's
+    ``d logp_t / d f_t`` [C, H]: the backward pass is that Jacobian scaled by the first output's
+    cotangent (the other outputs are values, and the Jacobian is not returned)."""
+
     @mx.custom_function
     def chunked(params: Any, features: mx.array) -> tuple[mx.array, ...]:
-        return _forward(with_jacobian, params, features, positions, step)
+        return run_in_chunks(run_with_jacobian, params, features, positions, step)
 
     @chunked.vjp
     def chunked_vjp(primals, cotangents, outputs):
-        params, _ = primals
-        jacobian = outputs[-1]
-        return {}, cotangents[0][:, None] * jacobian
+        return {}, cotangents[0][:, None] * outputs[-1]
 
     def apply(params: Any, features: mx.array) -> tuple[mx.array, ...]:
         *values, _ = chunked(params, features)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.engine.chunked_head import _bounds
+from mlxgrpo.engine.chunked_head import prepared_gradient, run_in_chunks
 from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
 
 # float32 [chunk, V] buffers one chunk holds at its peak: logits, shifted logits, the two
@@ -96,7 +96,8 @@ def frozen_head_logprobs(
     stats = _row_statistics(with_entropy)
     outputs = 2 if with_entropy else 1
 
-    def chunk(f: mx.array, y: mx.array) -> list[mx.array]:
+    def chunk(params: dict, f: mx.array, lo: int, hi: int) -> list[mx.array]:
+        y = targets[lo:hi]
         z = head(f).astype(mx.float32)
         if temperature != 1.0:
             z = z * (1.0 / temperature)
@@ -112,25 +113,6 @@ def frozen_head_logprobs(
         jacobian = (rows_of(y).astype(mx.float32) - spread) / temperature
         return [*values, jacobian]
 
-    def all_chunks(features: mx.array) -> list[mx.array]:
-        pieces: list[list[mx.array]] = []
-        for lo, hi in _bounds(positions, step):
-            f = features[lo:hi]
-            if pieces:  # one chunk's [C, V] buffers at a time
-                f = mx.depends(f, pieces[-1])
-            pieces.append(chunk(f, targets[lo:hi]))
-        return [mx.concatenate(parts) for parts in zip(*pieces, strict=True)]
-
     if not differentiable:
-        return tuple(all_chunks(features))
-
-    @mx.custom_function
-    def prepared(features: mx.array) -> list[mx.array]:
-        return all_chunks(features)
-
-    @prepared.vjp
-    def prepared_vjp(primals, cotangents, outputs):
-        return (cotangents[0][:, None] * outputs[-1]).astype(primals[0].dtype)
-
-    logp, *rest, _ = prepared(features)
-    return (logp, *(mx.stop_gradient(v) for v in rest))
+        return run_in_chunks(chunk, {}, features, positions, step)
+    return prepared_gradient(chunk, positions, step)({}, features)

@@ -269,9 +269,9 @@ def load_model_with_config(
         model = _apply_adapters(model, adapter_dir, path_spec)
     if not lazy:
         mx.eval(model.parameters())
-    if mx.default_device() == mx.cpu:
-        from mlxgrpo.models.cpu_kernels import use_cpu_kernels
+    from mlxgrpo.models.cpu_kernels import on_cpu, use_cpu_kernels
 
+    if on_cpu():
         use_cpu_kernels(model)
     return model, tokenizer, config
 
