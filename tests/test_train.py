@@ -164,9 +164,10 @@ def test_kl_to_adapter_free_reference_starts_at_zero(tmp_path):
         spread_reward(tmp_path),
     )
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # LoRA B starts at zero, so before the first optimizer step policy == reference exactly:
-    # both log-probs come from the same computation, bit for bit.
-    assert records[0]["kl"] == 0.0
+    # LoRA B starts at zero, so before the first optimizer step policy == reference: the
+    # policy's log-probs come from the rollout's decode steps (engine.replay), the reference's
+    # from the training layout, so they agree to float rounding, and k3 ~ (difference)^2 / 2.
+    assert 0.0 <= records[0]["kl"] <= 1e-9
     assert records[0]["grad_norm"] > 0
     assert records[1]["kl"] > 1e-6
 

@@ -80,6 +80,15 @@ class FinetuneConfig:
         "Keep only each transformer block's input for the backward pass and recompute the "
         "rest there: a fraction of the memory for about one more forward pass.",
     )
+    reuse_rollout_activations: bool = opt(
+        True,
+        "With grad_checkpoint: the rollout records each transformer block's output at the "
+        "completion tokens and the training pass's first iteration uses them instead of "
+        "running its forward pass over the completions (same gradient, about one forward pass "
+        "less). Costs rows x new tokens x blocks x hidden floats of memory for the update; "
+        "off, or skipped automatically, with dropout, tools or models without the "
+        "shared-prompt layout.",
+    )
     lm_head_chunk: int = opt(
         0,
         "Completion positions the LM head and log-probs process at once, one chunk in memory "

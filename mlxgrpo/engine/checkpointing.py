@@ -68,7 +68,9 @@ def _has_active_dropout(block: nn.Module) -> bool:
     )
 
 
-def recompute_in_backward(fn: Callable[..., tuple[mx.array, ...]]) -> Callable:
+def recompute_in_backward(
+    fn: Callable[..., tuple[mx.array, ...]], known: tuple[mx.array, ...] | None = None
+) -> Callable:
     """``fn(params, x, extra) -> outputs`` that keeps nothing for the backward pass but its inputs.
 
     ``extra`` is a list of further array inputs and ``outputs`` a tuple of arrays (a block's
@@ -78,10 +80,16 @@ def recompute_in_backward(fn: Callable[..., tuple[mx.array, ...]]) -> Callable:
     activations. Here block k is recomputed only once the backward pass has reached it: one
     block at a time by construction, not by scheduling luck (at the 0.5B shape both peaked the
     same).
+
+    ``known``: the outputs, already computed elsewhere for these very inputs (the rollout's,
+    :mod:`~mlxgrpo.engine.replay`). The forward pass then returns them without running ``fn``;
+    the backward pass recomputes as always.
     """
 
     @mx.custom_function
     def checkpointed(params: Any, x: mx.array, extra: list[mx.array]) -> tuple[mx.array, ...]:
+        if known is not None:
+            return known
         return tuple(fn(params, x, extra))
 
     @checkpointed.vjp
@@ -124,6 +132,10 @@ class CarriedState(Protocol):
 
     def adopt(self, recorded: list[mx.array]) -> None:
         """Take the recorded arrays, as the checkpointed function returned them."""
+        ...
+
+    def known_output(self) -> mx.array | None:
+        """The block's output when it is already known (replayed from the rollout), else None."""
         ...
 
 
@@ -178,8 +190,16 @@ def _checkpointing_call(plain_call: Callable) -> Callable:
             return (out, *(local.recorded() if local is not None else []))
 
         inputs = carried.checkpoint_inputs() if carried is not None else []
+        known = carried.known_output() if carried is not None and key is None else None
+        if known is not None and known.shape != args[0].shape:
+            raise ValueError(
+                f"a replayed block output of shape {known.shape} for an input of shape "
+                f"{args[0].shape}"
+            )
         try:
-            out, *recorded = recompute_in_backward(run)(params, args[0], inputs)
+            out, *recorded = recompute_in_backward(run, None if known is None else (known,))(
+                params, args[0], inputs
+            )
         finally:
             self.update(params)  # leave the module holding its own arrays, not traced copies
         if carried is not None:

@@ -161,6 +161,7 @@ def sequence_logprobs(
     differentiable: bool = True,
     prompt_lengths: Any = None,
     temperature: float = 1.0,
+    known: shared_prefix.KnownOutputs | None = None,
 ) -> mx.array: ...
 
 
@@ -176,6 +177,7 @@ def sequence_logprobs(
     differentiable: bool = True,
     prompt_lengths: Any = None,
     temperature: float = 1.0,
+    known: shared_prefix.KnownOutputs | None = None,
 ) -> tuple[mx.array, mx.array]: ...
 
 
@@ -190,6 +192,7 @@ def sequence_logprobs(
     differentiable: bool = True,
     prompt_lengths: Any = None,
     temperature: float = 1.0,
+    known: shared_prefix.KnownOutputs | None = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
@@ -207,7 +210,9 @@ def sequence_logprobs(
     Returns logp [N, T-start] float32, or ``(logp, entropy)`` when ``with_entropy`` is true
     (``entropy_grad=False``: the entropy is a metric, not differentiated). With ``temperature``
     T the log-probs and entropies are those of ``softmax(logits / T)``, the distribution the
-    rollout samples from.
+    rollout samples from. ``known``: the blocks' outputs in the shared-prefix layout's suffix
+    pass, already computed by the rollout (:mod:`~mlxgrpo.engine.replay`); ignored when that
+    layout does not apply.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -226,7 +231,7 @@ def sequence_logprobs(
             )
     if layout is not None:
         trunk, head = split  # type: ignore[misc]
-        hidden = shared_prefix.suffix_hidden(trunk, layout)
+        hidden = shared_prefix.suffix_hidden(trunk, layout, known)
         features = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
         selected = _selected_positions(mask[:, start:], rows, width)
         if selected is None:

@@ -22,6 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlxgrpo.engine.replay import (
+    ActivationRecorder,
+    RecordedActivations,
+    join_activations,
+    recording,
+)
 from mlxgrpo.engine.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
@@ -162,6 +168,7 @@ def join_rollouts(parts: Sequence[Rollout]) -> Rollout:
         decode_steps=sum(r.decode_steps for r in parts),
         prefill_seconds=sum(r.prefill_seconds for r in parts),
         decode_seconds=sum(r.decode_seconds for r in parts),
+        activations=join_activations([r.activations for r in parts]),
         **{name: joined(name) for name in PER_COMPLETION_FIELDS},
     )
 
@@ -193,6 +200,8 @@ class Rollout:
     # there), and each completion's calls (engine.tools.ToolCall).
     completion_forced: list[list[bool]] | None = None
     tool_calls: list[list[Any]] | None = None
+    # Each block's outputs at the completions' positions, when recorded (engine.replay).
+    activations: RecordedActivations | None = None
 
     @property
     def num_completions(self) -> int:
@@ -218,6 +227,7 @@ class Rollout:
             prompt_index=[i // group for i in range(len(rows))],
             prefill_tokens=sum(len(self.prompt_ids[g]) for g in groups),
             generated_tokens=sum(len(self.completion_ids[i]) for i in rows),
+            activations=None if self.activations is None else self.activations.take_rows(rows),
             **{name: _pick(getattr(self, name), rows) for name in PER_COMPLETION_FIELDS},
         )
 
@@ -255,13 +265,18 @@ def _merge_caches(model: nn.Module, caches: list[list[Any]]) -> list[Any]:
 
 
 def prefill_prompts(
-    model: nn.Module, prompts: Sequence[Sequence[int]], step_size: int = 512
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    step_size: int = 512,
+    recorder: ActivationRecorder | None = None,
+    num_generations: int = 1,
 ) -> tuple[list[Any], mx.array]:
     """Run every prompt once; return the batched cache and next-token logits [B, V].
 
     Each prompt but its last token is prefilled on its own, unpadded (recurrent layers have
     no padding mask, so a padded batch would corrupt their state), in chunks of `step_size`.
-    The caches are then merged into one left-padded batch that feeds all last tokens at once.
+    The caches are then merged into one left-padded batch that feeds all last tokens at once;
+    a ``recorder`` records that step for each prompt's ``num_generations`` completions.
     """
     caches = []
     for prompt in prompts:
@@ -273,6 +288,9 @@ def prefill_prompts(
         caches.append(cache)
     batch_cache = _merge_caches(model, caches)
     last = mx.array([p[-1] for p in prompts], dtype=mx.uint32)
+    if recorder is not None:
+        group = num_generations
+        recorder.arm([list(range(p * group, (p + 1) * group)) for p in range(len(prompts))])
     logits = model(last[:, None], cache=batch_cache)[:, -1, :]
     return batch_cache, logits
 
@@ -467,6 +485,7 @@ class _DecodeBatch:
     # Record each sampled token's log-prob (and entropy) with it: None = record nothing.
     record_entropy: bool | None = None
     pending_stats: list[mx.array] = field(default_factory=list)
+    recorder: ActivationRecorder | None = None  # records the blocks' outputs of each step
 
     def sample(self, logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> None:
         """Draw the next token of every row (and its statistics, when recording)."""
@@ -516,6 +535,7 @@ def generate_groups(
     record_entropies: bool = False,
     prompt_offset: int = 0,
     tools: Any = None,
+    record_activations: bool = False,
 ) -> Rollout:
     """Sample `num_generations` completions for every prompt (token ids in, token ids out).
 
@@ -537,6 +557,10 @@ def generate_groups(
     ``tools`` (an :class:`~mlxgrpo.engine.tools.ToolRunner`) runs the tool calls completions
     make and forces their results in (:mod:`mlxgrpo.engine.tools`); the rollout then has
     ``completion_forced`` and ``tool_calls``.
+
+    ``record_activations`` keeps every transformer block's output at each completion's
+    positions (``Rollout.activations``) for the training pass to replay
+    (:mod:`mlxgrpo.engine.replay`); not with ``tools``, whose results run as longer steps.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
     prompts = [list(p) for p in prompts]
@@ -555,13 +579,16 @@ def generate_groups(
         step_keys = completion_step_keys(
             base, len(prompts), num_generations, max_new_tokens, prompt_offset
         )
-    with _inference_mode(model):
+    with _inference_mode(model), recording(model, record_activations and not tools) as recorder:
         started = time.perf_counter()
-        cache, logits = prefill_prompts(model, prompts, prefill_step_size)
+        cache, logits = prefill_prompts(
+            model, prompts, prefill_step_size, recorder, num_generations
+        )
         mx.eval(logits)
         prefilled = time.perf_counter()
         record = record_entropies if (record_logprobs or record_entropies) else None
         batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys, record)
+        batch.recorder = recorder
         loop = None
         if tools is not None:
             from mlxgrpo.engine.tools import ToolLoop
@@ -570,6 +597,7 @@ def generate_groups(
             steps = loop.decode(model, batch, tracker, max_new_tokens, sampling, step_keys)
         else:
             steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
+        activations = None if recorder is None else recorder.records(count)
         finished = time.perf_counter()
     tracker.close()
     stats = tracker.stats if record is not None else None
@@ -591,6 +619,7 @@ def generate_groups(
         ),
         completion_forced=None if loop is None else loop.forced,
         tool_calls=None if loop is None else loop.calls,
+        activations=activations,
     )
 
 
@@ -655,6 +684,8 @@ def _queue_next_token(
     model: nn.Module, batch: _DecodeBatch, sampling: SamplingConfig, key: mx.array | None
 ) -> None:
     inputs = batch.tokens
+    if batch.recorder is not None:
+        batch.recorder.arm([[row] for row in batch.rows])
     logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
     if batch.seen is not None:
         batch.seen = mark_seen(batch.seen, inputs)

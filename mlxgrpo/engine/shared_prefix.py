@@ -21,6 +21,7 @@ a RoPE with a fixed frequency table (:func:`supports`); others take the plain pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -168,6 +169,9 @@ class PrefixRecorder:
     def adopt(self, recorded: list[mx.array]) -> None:
         self.keys, self.values = recorded
 
+    def known_output(self) -> mx.array | None:
+        return None
+
 
 class PrefixReader:
     """A layer's cache in the suffix pass: the row's prompt keys and values come first."""
@@ -179,9 +183,11 @@ class PrefixReader:
         prompt_of_row: mx.array,
         offsets: mx.array,
         mask: mx.array,
+        known: mx.array | None = None,
     ) -> None:
         self.prefix_keys, self.prefix_values = keys, values
         self.prompt_of_row, self.offset, self.mask = prompt_of_row, offsets, mask
+        self.known = known  # the layer's block output, when replayed from the rollout
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         rows = self.prompt_of_row
@@ -206,17 +212,36 @@ class PrefixReader:
     def adopt(self, recorded: list[mx.array]) -> None:
         pass
 
+    def known_output(self) -> mx.array | None:
+        return self.known
 
-def suffix_hidden(trunk: nn.Module, layout: SharedPrefixPlan) -> mx.array:
-    """The trunk's output [N, Ls, H] at the suffix positions, via the two passes."""
+
+class KnownOutputs(Protocol):
+    def block_outputs(self, width: int) -> list[mx.array]:
+        """Per block, its output [N, width, H] at suffix positions 0 .. width - 1."""
+        ...
+
+
+def suffix_hidden(
+    trunk: nn.Module, layout: SharedPrefixPlan, known: KnownOutputs | None = None
+) -> mx.array:
+    """The trunk's output [N, Ls, H] at the suffix positions, via the two passes.
+
+    ``known``: the blocks' outputs in the suffix pass, already computed (the rollout's, see
+    :mod:`~mlxgrpo.engine.replay`); checkpointed blocks return them instead of running.
+    """
     recorders = [PrefixRecorder() for _ in trunk.layers]
     trunk(layout.prefix_tokens, recorders)
     rows = mx.array(layout.prompt_of_row.astype(np.int32))
     offsets = mx.array(layout.suffix_offsets.astype(np.int32))
     mask = layout.reader_mask()
+    width = int(layout.suffix_tokens.shape[1])
+    outputs = known.block_outputs(width) if known is not None else [None] * len(recorders)
+    if len(outputs) != len(recorders):
+        raise ValueError(f"{len(outputs)} replayed block outputs for {len(recorders)} blocks")
     readers = []
-    for recorder in recorders:
+    for recorder, output in zip(recorders, outputs, strict=True):
         if recorder.keys is None or recorder.values is None:
             raise RuntimeError("a layer of the prefix pass recorded no keys and values")
-        readers.append(PrefixReader(recorder.keys, recorder.values, rows, offsets, mask))
+        readers.append(PrefixReader(recorder.keys, recorder.values, rows, offsets, mask, output))
     return trunk(layout.suffix_tokens, readers)

@@ -53,6 +53,10 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
     policy_masks = _top_entropy_masks(batches, cfg.algorithm.top_entropy_quantile)
     refs = [reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
+    # Until the first optimizer step the weights are the rollout's: its block outputs stand
+    # in for the policy's forward pass (engine.replay).
+    records = rollout.activations
+    known = [None if records is None else records.take_rows(c) for c in chunks]
     totals: dict[str, float] = {}
     mismatch = _Mismatch()
     passes, nonfinite = cfg.algorithm.num_iterations, False
@@ -60,7 +64,13 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
             (loss, (metrics, logp)), g = ctx.loss_and_grad(
-                batch, advs[k], olds[k], refs[k] if refs else None, norm, policy_masks[k]
+                batch,
+                advs[k],
+                olds[k],
+                refs[k] if refs else None,
+                norm,
+                policy_masks[k],
+                known[k] if iteration == 0 else None,
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:

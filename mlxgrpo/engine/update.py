@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlxgrpo.data import Example
 from mlxgrpo.engine import distributed, dynamic_sampling, grpo
 from mlxgrpo.engine.checkpointing import checkpointed_blocks
+from mlxgrpo.engine.replay import replay_applies
 from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
 from mlxgrpo.engine.training_pass import learn, trainer_temperature
 from mlxgrpo.engine.update_metrics import (
@@ -42,22 +43,29 @@ class UpdateContext:
     tools: Any = None  # engine.tools.ToolRunner when rollout.tools is set
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # size 1: one process
     _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
+    # Whether rollouts record the blocks' outputs for the training pass (engine.replay).
+    replays_rollout: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
+        self.replays_rollout = replay_applies(self.model, self.cfg, self.tools)
 
     def loss_and_grad(
-        self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask=None
+        self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask=None, known=None
     ):
         """``((loss, (metrics, logp)), grads)`` of one micro-batch (see :meth:`_loss`).
 
         With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
-        backward pass, which runs inside this call: the context spans all of it.
+        backward pass, which runs inside this call: the context spans all of it. ``known``:
+        the rollout's block outputs for these rows (:class:`RecordedActivations`), valid
+        only while the weights are the rollout's.
         """
         with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
-            return self._value_and_grad(batch, advantages, old_logp, ref_logp, norm, policy_mask)
+            return self._value_and_grad(
+                batch, advantages, old_logp, ref_logp, norm, policy_mask, known
+            )
 
-    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask):
+    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask, known):
         algo, mask = self.cfg.algorithm, batch.completion_mask
         # The entropy is always reported; it is differentiated only when it is in the loss.
         logp, entropy = grpo.sequence_logprobs(
@@ -70,6 +78,7 @@ class UpdateContext:
             mask=mask,
             prompt_lengths=batch.prompt_lengths,
             temperature=trainer_temperature(self.cfg),
+            known=known,
         )
         loss, metrics = grpo.policy_loss(
             logp,
@@ -239,6 +248,7 @@ def _rollout(
         record_entropies=ctx.cfg.algorithm.top_entropy_quantile < 1.0,
         prompt_offset=prompt_offset,
         tools=ctx.tools,
+        record_activations=ctx.replays_rollout,
     )
 
 
