@@ -164,6 +164,7 @@ def test_training_with_replay_takes_the_same_steps(iterations: int) -> None:
     advantages = [0.9, -0.4, -0.5, 1.2, 0.1, -1.3]
     keep = [0, 1, 2, 3, 5]
     metrics, _ = learn(ctx, rollout, advantages, keep)
+    assert rollout.activations is None  # consumed by the training pass
     plain_rollout = _rollout(computing, _prompts(9, 6), record=False)
     assert plain_rollout.completion_ids == rollout.completion_ids
     plain_metrics, _ = learn(plain_ctx, plain_rollout, advantages, keep)

@@ -64,6 +64,26 @@ class RecordedActivations:
         where = mx.array(index)
         return [f[where] for f in self.flat]
 
+    def gathered(self, rows: Sequence[int], width: int) -> GatheredActivations:
+        """The outputs of completions ``rows`` at ``width`` positions, copied out now, so
+        that these records can be let go."""
+        outputs = self.take_rows(rows).block_outputs(width)
+        mx.eval(outputs)
+        return GatheredActivations(outputs)
+
+
+@dataclass(frozen=True)
+class GatheredActivations:
+    """Block outputs [N, W, H] of one micro-batch's rows (see :class:`RecordedActivations`)."""
+
+    outputs: list[mx.array]
+
+    def block_outputs(self, width: int) -> list[mx.array]:
+        have = int(self.outputs[0].shape[1])
+        if width <= have:
+            return [o[:, :width] for o in self.outputs]
+        return [mx.pad(o, [(0, 0), (0, width - have), (0, 0)]) for o in self.outputs]
+
 
 def join_activations(parts: Sequence[RecordedActivations | None]) -> RecordedActivations | None:
     """One record for rollouts joined one after another (None when a part has none)."""

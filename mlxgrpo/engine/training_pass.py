@@ -18,6 +18,7 @@ from mlx.utils import tree_map
 from mlxgrpo.engine import distributed, grpo
 from mlxgrpo.engine.finetune import adapters_disabled
 from mlxgrpo.engine.microbatch import plan_microbatches
+from mlxgrpo.engine.replay import GatheredActivations
 from mlxgrpo.engine.rollout import MicroBatch, Rollout
 from mlxgrpo.errors import TrainingDivergedError
 
@@ -53,10 +54,7 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
     policy_masks = _top_entropy_masks(batches, cfg.algorithm.top_entropy_quantile)
     refs = [reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
-    # Until the first optimizer step the weights are the rollout's: its block outputs stand
-    # in for the policy's forward pass (engine.replay).
-    records = rollout.activations
-    known = [None if records is None else records.take_rows(c) for c in chunks]
+    known = _replay_inputs(rollout, chunks)
     totals: dict[str, float] = {}
     mismatch = _Mismatch()
     passes, nonfinite = cfg.algorithm.num_iterations, False
@@ -72,6 +70,7 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
                 policy_masks[k],
                 known[k] if iteration == 0 else None,
             )
+            known[k] = None  # the first iteration only: the weights change after it
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if passes > 1 and olds[k] is None:
                 olds[k] = logp
@@ -100,6 +99,17 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
         **totals,
         **mismatch.metrics(dist),
     }, tokens
+
+
+def _replay_inputs(rollout: Rollout, chunks: list[list[int]]) -> list[GatheredActivations | None]:
+    """Per micro-batch, the rollout's block outputs at its rows, which stand in for the
+    policy's forward pass until the first optimizer step (engine.replay). The rollout's
+    records are consumed: each micro-batch's copy goes once it has been used."""
+    records, rollout.activations = rollout.activations, None
+    if records is None:
+        return [None] * len(chunks)
+    widths = [max(len(rollout.completion_ids[i]) for i in c) for c in chunks]
+    return [records.gathered(c, w) for c, w in zip(chunks, widths, strict=True)]
 
 
 def _local_norm(batches: list[MicroBatch], max_new_tokens: int) -> grpo.LossNorm:

@@ -164,6 +164,8 @@ def run_update(
     all_advantages, all_keep = _advantages(rows.rewards, rows.truncated, cfg)
     advantages, keep = distributed.local_part(rows, len(trained.rewards), all_advantages, all_keep)
     shown = rows if trained is sample else distributed.global_rows(dist, sample)
+    if sample is not trained:  # learn() consumes the records; no other copy may keep them
+        sample.rollout.activations = None
     mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
     ctx.optimizer.learning_rate = lr
     train_started = time.perf_counter()
