@@ -127,7 +127,12 @@ def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"weights (float32); prompts of {entry['prompt_tokens']} tokens",
             )
         )
-        for name, run in (("mlxgrpo", ours), ("mlx-lm-lora", entry.get("peer"))):
+        runs = (
+            ("mlxgrpo", ours),
+            ("mlxgrpo, no replay", entry.get("mlxgrpo_without_replay")),
+            ("mlx-lm-lora", entry.get("peer")),
+        )
+        for name, run in runs:
             if run is None:
                 continue
             lengths = [u.get("completion_length_mean") for u in run["updates"]]
@@ -141,7 +146,7 @@ def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                     f"  {name} peak memory / update",
                     _gb(run["peak_memory_gb"]),
                     f"{run['peak_over_weights']:.2f}x weights"
-                    + (" (it holds 2 copies of them)" if run is not ours else ""),
+                    + (" (it holds 2 copies of them)" if name == "mlx-lm-lora" else ""),
                 )
             )
             split = (

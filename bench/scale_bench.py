@@ -44,6 +44,7 @@ from scale_setup import (
 ENGINE_KEYS = (
     "finetune.grad_checkpoint",
     "finetune.lm_head_chunk",
+    "finetune.reuse_rollout_activations",
     "optim.max_tokens_per_microbatch",
 )
 
@@ -171,6 +172,14 @@ def run_scale(
         entry["mlxgrpo"] = ours
         timings[f"{key}_mlxgrpo"] = time.perf_counter() - began
         _free()
+        if index == 0:  # what replaying the rollout's activations saves, side by side
+            began = time.perf_counter()
+            plain = [*sets, "finetune.reuse_rollout_activations=false"]
+            without = train_bench.measure_updates((), plain, args.repeats)
+            without["peak_over_weights"] = without["peak_memory_gb"] * 1e9 / (4 * params)
+            entry["mlxgrpo_without_replay"] = without
+            timings[f"{key}_mlxgrpo_without_replay"] = time.perf_counter() - began
+            _free()
         if peer_python is not None and index == 0:  # the shape the targets compare
             began = time.perf_counter()
             try:

@@ -63,7 +63,19 @@ def test_table_is_printed(scale) -> None:
     _, stdout, _ = scale
     for label in ("mlxgrpo peak memory / update", "mlxgrpo seconds / update", "prod micro-batch"):
         assert label in stdout
+    assert "mlxgrpo, no replay seconds / update" in stdout
     assert "mlx-lm-lora" not in stdout
+
+
+def test_the_first_shape_is_also_measured_without_replay(scale) -> None:
+    result, _, _ = scale
+    first, *rest = result["shapes"].values()
+    plain, ours = first["mlxgrpo_without_replay"], first["mlxgrpo"]
+    assert plain["updates_measured"] == ours["updates_measured"] == REPEATS
+    # The same rollouts either way: replay changes how the training pass runs, not what it sees.
+    for a, b in zip(plain["updates"], ours["updates"], strict=True):
+        assert a["completion_length_mean"] == b["completion_length_mean"]
+    assert all("mlxgrpo_without_replay" not in entry for entry in rest)
 
 
 def test_shapes_and_settings(scale) -> None:
