@@ -78,7 +78,57 @@ def test_decode_attention_matches_fused_attention(mask_kind, length):
     assert mx.allclose(got, want, atol=2e-6).item()
 
 
-def test_attention_router_sends_only_cpu_decode_steps_to_decode_attention(monkeypatch):
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "causal", "causal_offset", "bool", "additive", "per_head", "square"]
+)
+def test_sequence_attention_matches_fused_attention_and_its_gradient(mask_kind):
+    """Values and gradients (queries, keys, values) of the many-query kernel against MLX's
+    fused attention, for every mask form the router sends it."""
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 5, 8
+    keys_len = length if mask_kind in ("causal", "square") else 9
+    kv_shape = (batch, kv_heads, keys_len, dim)
+    shapes = [(batch, heads, length, dim), kv_shape, kv_shape, (batch, heads, length, dim)]
+    q, kk, v, cot = (
+        mx.random.normal(shape, key=key)
+        for shape, key in zip(shapes, mx.random.split(mx.random.key(3), 4), strict=True)
+    )
+    columns = mx.arange(keys_len)
+    prompt = mx.array([2, 4, 1])[:, None, None, None]  # each row's own prefix, then causal
+    visible = (columns < prompt) | (
+        (columns >= 4) & (mx.arange(length)[:, None] + keys_len - length >= columns)
+    )
+    mask = {
+        "none": None,
+        "causal": "causal",
+        "causal_offset": "causal",
+        "bool": visible,
+        "additive": mx.where(visible, 0.0, -1e9),
+        "per_head": mx.broadcast_to(visible, (batch, heads, length, keys_len)),
+        "square": mx.tril(mx.ones((length, keys_len), dtype=mx.bool_)),
+    }[mask_kind]
+    scale = dim**-0.5
+
+    def loss(attention):
+        return lambda q, k, v: mx.sum(attention(q, k, v) * cot)
+
+    def fused(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def ours(q, k, v):
+        return cpu_kernels.sequence_attention(q, k, v, scale, mask)
+
+    want = fused(q, kk, v)
+    got = ours(q, kk, v)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=2e-6).item()
+    want_grads = mx.grad(loss(fused), argnums=(0, 1, 2))(q, kk, v)
+    got_grads = mx.grad(loss(ours), argnums=(0, 1, 2))(q, kk, v)
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        assert g.shape == w.shape, name
+        assert mx.allclose(g, w, atol=1e-5).item(), name
+
+
+def test_attention_router_sends_cpu_attention_to_the_kernels(monkeypatch):
     calls = []
 
     def original(queries, keys, values, cache, scale, mask, sinks=None):
@@ -87,12 +137,18 @@ def test_attention_router_sends_only_cpu_decode_steps_to_decode_attention(monkey
 
     route = cpu_kernels._attention_router(original)
     monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: "decode")
+    monkeypatch.setattr(cpu_kernels, "sequence_attention", lambda *a: "sequence")
     q1, q4 = mx.zeros((1, 4, 1, 8)), mx.zeros((1, 4, 4, 8))
     kv = mx.zeros((1, 2, 6, 8))
     assert route(q1, kv, kv, cache=None, scale=1.0, mask=None) == "decode"
-    assert route(q4, kv, kv, cache=None, scale=1.0, mask="causal") is q4  # prefill: original
+    assert route(q4, kv, kv, cache=None, scale=1.0, mask="causal") == "sequence"
+    assert route(q4, kv, kv, cache=None, scale=1.0, mask=mx.ones((1, 1, 4, 6))) == "sequence"
+    # Sinks, a 3-d mask and a quantized cache take MLX's own path.
     assert route(q1, kv, kv, cache=None, scale=1.0, mask=None, sinks=mx.zeros((4,))) is q1
-    assert calls == [4, 1]
+    assert route(q4, kv, kv, cache=None, scale=1.0, mask=mx.ones((4, 4, 6))) is q4
+    quantized = type("Quantized", (), {"bits": 4})()
+    assert route(q4, kv, kv, cache=quantized, scale=1.0, mask="causal") is q4
+    assert calls == [1, 4, 4]
 
 
 def _tiny(with_kernels: bool):

@@ -1,4 +1,4 @@
-"""Faster exp, SwiGLU and decode attention for MLX's CPU backend (DESIGN §8).
+"""Faster exp, SwiGLU and attention for MLX's CPU backend (DESIGN §8).
 
 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` one element at a time on one core (about
 10 and 15 ns per float32 here), while ``power(2, x)`` runs about 2.5-3x faster with the same
@@ -6,6 +6,9 @@ float32 accuracy. At Qwen2.5-0.5B's shape a GRPO update spent ~13 s of ~100 in S
 and a decode step ~1.5 ms per layer in the fused attention's generic CPU fallback.
 
 - :func:`exp` and :func:`swiglu` (hand-written gradient) use ``power`` on CPU.
+- :func:`decode_attention` (one query per row against a KV cache) and
+  :func:`sequence_attention` (prefill and training, hand-written gradient) replace the fused
+  attention's generic CPU fallback.
 - :func:`parallel_row_parts` runs row-wise work on two CPU streams: MLX runs an elementwise
   op on one core, however many the machine has (the LM head and the sampler use it).
 - :func:`use_cpu_kernels` points a loaded mlx-lm model's MLP and attention classes at them:
@@ -136,21 +139,93 @@ def decode_attention(
     return out.reshape(batch, heads, length, dim)
 
 
+def _probabilities_attention(mask: Any) -> Callable:
+    """``(scaled queries, keys, values) -> (output, probabilities)`` under ``mask`` (a bool
+    or additive array, or None), with a gradient that reuses the probabilities."""
+
+    @mx.custom_function
+    def attend(queries: mx.array, keys: mx.array, values: mx.array):
+        batch, heads, length, dim = queries.shape
+        kv_heads = keys.shape[1]
+        grouped = queries.reshape(batch, kv_heads, heads // kv_heads, length, dim)
+        scores = grouped @ keys[:, :, None].swapaxes(-1, -2)
+        if mask is not None:
+            if mask.dtype == mx.bool_:
+                # The float minimum, as MLX's own fallback: a fully masked row stays finite.
+                scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        weights = exp(scores - mx.max(scores, axis=-1, keepdims=True))
+        weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+        out = weights.astype(values.dtype) @ values[:, :, None]
+        return out.reshape(batch, heads, length, dim), weights
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        # The probabilities are an output only for this: their own cotangent is ignored.
+        queries, keys, values = primals
+        weights = outputs[1]
+        batch, heads, length, dim = queries.shape
+        kv_heads = keys.shape[1]
+        shape = (batch, kv_heads, heads // kv_heads, length, dim)
+        grouped, grad_out = queries.reshape(shape), cotangents[0].reshape(shape)
+        grad_values = (weights.swapaxes(-1, -2) @ grad_out).sum(axis=2)
+        grad_weights = grad_out @ values[:, :, None].swapaxes(-1, -2)
+        grad_scores = weights * (
+            grad_weights - mx.sum(grad_weights * weights, axis=-1, keepdims=True)
+        )
+        grad_queries = (grad_scores @ keys[:, :, None]).reshape(queries.shape)
+        grad_keys = (grad_scores.swapaxes(-1, -2) @ grouped).sum(axis=2)
+        return grad_queries, grad_keys, grad_values
+
+    return attend
+
+
+def sequence_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: mx.array | str | None,
+) -> mx.array:
+    """Grouped-query attention of many queries (prefill, training), softmax through :func:`exp`.
+
+    ``queries`` [B, H, L, D], ``keys``/``values`` [B, KV, S, D]; ``mask`` None, ``"causal"``
+    (aligned to the last keys, as MLX's), or a boolean (True = attend) or additive array of
+    2 or 4 dimensions broadcastable to [B, H, L, S]. Its gradient reuses the forward pass's
+    probabilities instead of differentiating MLX's generic CPU fallback: about 1.5x faster
+    forward and backward at the training shapes of Qwen2.5-0.5B, 1.75x forward only.
+    """
+    batch, heads, length, _ = queries.shape
+    if isinstance(mask, str):
+        keys_length = keys.shape[2]
+        offset = keys_length - length
+        mask = mx.arange(length)[:, None] + offset >= mx.arange(keys_length)[None]
+    mask = _expanded_mask(mask, batch, keys.shape[1], heads // keys.shape[1])
+    out, _ = _probabilities_attention(mask)(queries * scale, keys, values)
+    return out
+
+
 def _attention_router(original: Callable) -> Callable:
-    """mlx-lm's ``scaled_dot_product_attention`` signature: single-query decode steps on CPU
-    take :func:`decode_attention`; everything else (prefill, training, quantized caches,
-    attention sinks, GPUs) the original."""
+    """mlx-lm's ``scaled_dot_product_attention`` signature: on CPU, single-query decode steps
+    take :func:`decode_attention` and longer queries :func:`sequence_attention`; quantized
+    caches, attention sinks, unusual masks and GPUs the original."""
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if (
             on_cpu()
-            and queries.shape[2] == 1
             and sinks is None
             and not hasattr(cache, "bits")
-            and (mask is None or isinstance(mask, mx.array))
             and queries.shape[1] % keys.shape[1] == 0
         ):
-            return decode_attention(queries, keys, values, scale, mask)
+            if queries.shape[2] == 1 and (mask is None or isinstance(mask, mx.array)):
+                return decode_attention(queries, keys, values, scale, mask)
+            if (
+                mask is None
+                or (isinstance(mask, str) and mask == "causal")
+                or (isinstance(mask, mx.array) and mask.ndim in (2, 4))
+            ):
+                return sequence_attention(queries, keys, values, scale, mask)
         if sinks is None:
             return original(queries, keys, values, cache, scale=scale, mask=mask)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
