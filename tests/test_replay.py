@@ -199,3 +199,24 @@ def test_a_mismatched_record_is_an_error_not_a_silent_result() -> None:
     batch = rollout.training_batch([0, 1, 2])  # three rows, records of two
     with pytest.raises(ValueError, match="replayed block output"):
         _loss_and_grad(model, batch, records)
+
+
+def test_a_call_the_recorder_does_not_understand_drops_the_whole_rollout() -> None:
+    """Positions are numbered by armed calls: after a call it could not record, keeping the
+    later ones would shift every position, so nothing is kept."""
+    from mlxgrpo.engine.replay import ActivationRecorder
+
+    recorder = ActivationRecorder(num_blocks=2)
+    step = mx.zeros((2, 1, 4))
+    recorder.arm([[0], [1]])
+    recorder._take(0, step)
+    recorder._take(1, step)
+    assert recorder.records(2) is not None  # one whole step: usable
+    recorder = ActivationRecorder(num_blocks=2)
+    recorder.arm([[0], [1]])
+    recorder._take(0, mx.zeros((2, 3, 4)))  # three tokens per row: not a decode step
+    for _ in range(2):
+        recorder.arm([[0], [1]])
+        recorder._take(0, step)
+        recorder._take(1, step)
+    assert recorder.records(2) is None

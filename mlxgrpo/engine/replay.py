@@ -47,10 +47,6 @@ class RecordedActivations:
     flat: list[mx.array]
     index: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(f.nbytes) for f in self.flat)
-
     def take_rows(self, rows: Sequence[int]) -> RecordedActivations:
         """The records of completions ``rows`` (in that order); the arrays are shared."""
         return RecordedActivations(self.flat, self.index[np.asarray(list(rows), dtype=np.int64)])
@@ -117,10 +113,13 @@ class ActivationRecorder:
         # Per armed step: the completion rows it fed and each block's output [rows, 1, H].
         self.steps: list[tuple[list[list[int]], list[mx.array]]] = []
         self._armed: tuple[list[list[int]], list[mx.array]] | None = None
+        self.given_up = False  # a call it did not understand: nothing of this rollout is kept
 
     def arm(self, completions_of_row: list[list[int]]) -> None:
         """Record the next model call; its batch row ``i`` is the suffix position of
         completions ``completions_of_row[i]`` numbered by the count of calls armed so far."""
+        if self.given_up:
+            return
         self._armed = (completions_of_row, [])
         self.steps.append(self._armed)
 
@@ -129,9 +128,9 @@ class ActivationRecorder:
             return
         outputs = self._armed[1]
         if depth != len(outputs) or output.ndim != 3 or output.shape[1] != 1:
-            # A call this recorder does not understand (not one block after another over
-            # one token per row): record nothing of this rollout.
-            self.steps, self._armed = [], None
+            # Not one block after another over one token per row. Later steps would be
+            # numbered wrongly without this one: give up on the whole rollout.
+            self.steps, self._armed, self.given_up = [], None, True
             return
         outputs.append(output)
         if len(outputs) == self.num_blocks:
@@ -140,7 +139,7 @@ class ActivationRecorder:
     def records(self, completions: int) -> RecordedActivations | None:
         """The recorded outputs of ``completions`` rows (None when nothing usable was kept)."""
         steps = [s for s in self.steps if len(s[1]) == self.num_blocks]
-        if not steps or len(steps) != len(self.steps):
+        if self.given_up or not steps or len(steps) != len(self.steps):
             return None
         index = np.full((completions, len(steps)), -1, dtype=np.int64)
         count = 0

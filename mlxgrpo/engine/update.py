@@ -57,8 +57,8 @@ class UpdateContext:
 
         With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
         backward pass, which runs inside this call: the context spans all of it. ``known``:
-        the rollout's block outputs for these rows (:class:`RecordedActivations`), valid
-        only while the weights are the rollout's.
+        the rollout's block outputs at these rows (``GatheredActivations``,
+        :mod:`~mlxgrpo.engine.replay`), valid only while the weights are the rollout's.
         """
         with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
             return self._value_and_grad(
