@@ -11,12 +11,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from loss_checks import weighted_loss_and_grad
 from mlx.utils import tree_flatten
 from random_models import add_random_adapters, random_lm
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.checkpointing import checkpointed_blocks
-from mlxgrpo.engine.lm_head import sequence_logprobs
 from mlxgrpo.engine.replay import RecordedActivations, replay_applies
 from mlxgrpo.engine.rollout import SamplingConfig, generate_groups, join_rollouts
 from mlxgrpo.engine.training_pass import learn
@@ -56,27 +55,15 @@ def _prompts(*lengths: int, seed: int = 4) -> list[list[int]]:
 
 
 def _loss_and_grad(model: nn.Module, batch, known):
-    width = batch.tokens.shape[1] - batch.start
-    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
-    kept = batch.completion_mask[:, batch.start :] * weights
-
-    def loss():
-        logp, entropy = sequence_logprobs(
-            model,
-            batch.tokens,
-            batch.start,
-            with_entropy=True,
-            mask=batch.completion_mask,
-            prompt_lengths=batch.prompt_lengths,
-            temperature=0.8,
-            known=known,
-        )
-        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept), logp
-
-    with checkpointed_blocks(model):
-        (value, logp), grads = nn.value_and_grad(model, loss)()
-    mx.eval(value, logp, grads)
-    return value.item(), logp, dict(tree_flatten(grads))
+    value, logp, _, grads = weighted_loss_and_grad(
+        model,
+        batch,
+        blocks=True,
+        prompt_lengths=batch.prompt_lengths,
+        temperature=0.8,
+        known=known,
+    )
+    return value, logp, grads
 
 
 def _assert_same(model, batch, known) -> None:

@@ -3,17 +3,14 @@ gradients as the plain pass, with and without activation checkpointing."""
 
 from __future__ import annotations
 
-import contextlib
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from loss_checks import weighted_loss_and_grad
 from random_models import add_random_adapters, random_lm
 
 from mlxgrpo.engine import shared_prefix
-from mlxgrpo.engine.checkpointing import checkpointed_blocks
 from mlxgrpo.engine.lm_head import sequence_logprobs
 from mlxgrpo.engine.rollout import build_micro_batch
 
@@ -40,25 +37,8 @@ def _batch():
 
 
 def _loss_and_grad(model, batch, *, shared: bool, blocks: bool):
-    width = batch.tokens.shape[1] - batch.start
-    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
-    kept = batch.completion_mask[:, batch.start :] * weights
-
-    def loss():
-        logp, entropy = sequence_logprobs(
-            model,
-            batch.tokens,
-            batch.start,
-            with_entropy=True,
-            mask=batch.completion_mask,
-            prompt_lengths=batch.prompt_lengths if shared else None,
-        )
-        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept), (logp, entropy)
-
-    with checkpointed_blocks(model) if blocks else contextlib.nullcontext():
-        (value, (logp, entropy)), grads = nn.value_and_grad(model, loss)()
-    mx.eval(value, logp, entropy, grads)
-    return value.item(), logp, entropy, dict(tree_flatten(grads))
+    prompt_lengths = batch.prompt_lengths if shared else None
+    return weighted_loss_and_grad(model, batch, blocks=blocks, prompt_lengths=prompt_lengths)
 
 
 def test_the_plan_runs_each_prompt_once_and_maps_every_wanted_position() -> None:

@@ -1,0 +1,38 @@
+"""A loss that weighs every completion log-prob and entropy differently, for tests that compare
+two ways of computing the same log-probs (values and gradients)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxgrpo.engine.checkpointing import checkpointed_blocks
+from mlxgrpo.engine.lm_head import sequence_logprobs
+
+
+def weighted_loss_and_grad(model: nn.Module, batch, *, blocks: bool, **options):
+    """``(value, logp, entropy, gradients by name)`` of sum(w * logp) + 0.3 sum(w * entropy)
+    over the completion positions, w fixed random weights; ``options`` go to
+    :func:`sequence_logprobs`, ``blocks`` checkpoints the transformer blocks."""
+    width = batch.tokens.shape[1] - batch.start
+    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
+    kept = batch.completion_mask[:, batch.start :] * weights
+
+    def loss():
+        logp, entropy = sequence_logprobs(
+            model,
+            batch.tokens,
+            batch.start,
+            with_entropy=True,
+            mask=batch.completion_mask,
+            **options,
+        )
+        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept), (logp, entropy)
+
+    with checkpointed_blocks(model) if blocks else contextlib.nullcontext():
+        (value, (logp, entropy)), grads = nn.value_and_grad(model, loss)()
+    mx.eval(value, logp, entropy, grads)
+    return value.item(), logp, entropy, dict(tree_flatten(grads))
