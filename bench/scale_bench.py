@@ -113,6 +113,15 @@ def measure_prod_micro_batch(model: Path, shape: ModelShape, s: Settings) -> dic
     }
 
 
+def _measured(sets: list[str], params: int, repeats: int) -> dict[str, Any]:
+    """mlxgrpo's update figures for these settings, with the peak over the weights' bytes."""
+    import train_bench
+
+    figures = train_bench.measure_updates((), sets, repeats)
+    figures["peak_over_weights"] = figures["peak_memory_gb"] * 1e9 / (4 * params)
+    return figures
+
+
 def _free() -> None:
     import mlx.core as mx
 
@@ -132,7 +141,6 @@ def run_scale(
     lack of memory at the last stage still leaves the figures of the earlier ones.
     """
     import peer_lora
-    import train_bench
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     s = QUICK if args.quick else FULL
@@ -166,18 +174,15 @@ def run_scale(
             "data_file": str(data / "train.jsonl"),
             "engine_settings": engine_settings(sets),
         }
+
         began = time.perf_counter()
-        ours = train_bench.measure_updates((), sets, args.repeats)
-        ours["peak_over_weights"] = ours["peak_memory_gb"] * 1e9 / (4 * params)
-        entry["mlxgrpo"] = ours
+        ours = entry["mlxgrpo"] = _measured(sets, params, args.repeats)
         timings[f"{key}_mlxgrpo"] = time.perf_counter() - began
         _free()
         if index == 0:  # what replaying the rollout's activations saves, side by side
             began = time.perf_counter()
             plain = [*sets, "finetune.reuse_rollout_activations=false"]
-            without = train_bench.measure_updates((), plain, args.repeats)
-            without["peak_over_weights"] = without["peak_memory_gb"] * 1e9 / (4 * params)
-            entry["mlxgrpo_without_replay"] = without
+            entry["mlxgrpo_without_replay"] = _measured(plain, params, args.repeats)
             timings[f"{key}_mlxgrpo_without_replay"] = time.perf_counter() - began
             _free()
         if peer_python is not None and index == 0:  # the shape the issue's targets compare

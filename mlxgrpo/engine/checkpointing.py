@@ -139,7 +139,7 @@ class CarriedState(Protocol):
         ...
 
 
-def _subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> type:
+def call_subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> type:
     """``cls`` with ``__call__`` replaced by ``wrap(cls.__call__)``, made once per class."""
     key = (cls, prefix)
     if key not in _SUBCLASSES:
@@ -264,11 +264,11 @@ def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]
     try:
         for block in blocks:
             swapped.append((block, type(block)))
-            block.__class__ = _subclass(type(block), "Checkpointed", _checkpointing_call)
+            block.__class__ = call_subclass(type(block), "Checkpointed", _checkpointing_call)
             mlp = getattr(block, "mlp", None)
             if isinstance(mlp, nn.Module):
                 swapped.append((mlp, type(mlp)))
-                mlp.__class__ = _subclass(type(mlp), "Chunked", _chunked_mlp_call)
+                mlp.__class__ = call_subclass(type(mlp), "Chunked", _chunked_mlp_call)
             for _, module in block.named_modules():
                 if type(module) is nn.Dropout:
                     swapped.append((module, nn.Dropout))

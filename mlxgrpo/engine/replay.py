@@ -27,9 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.engine.checkpointing import transformer_blocks
+from mlxgrpo.engine.checkpointing import call_subclass, transformer_blocks
 
-_RECORDING_CLASSES: dict[type, type] = {}
 # The recorder of each block being recorded (by id), and the block's depth.
 _ATTACHED: dict[int, tuple[ActivationRecorder, int]] = {}
 
@@ -96,7 +95,7 @@ def join_activations(parts: Sequence[RecordedActivations | None]) -> RecordedAct
     zero_row = int(offsets[-1]) - 1  # the last part's zero row
     index = np.full((sum(p.index.shape[0] for p in present), width), zero_row, dtype=np.int64)
     row = 0
-    for part, offset in zip(present, offsets[:-1], strict=False):
+    for part, offset in zip(present, offsets[:-1], strict=True):
         rows, steps = part.index.shape
         index[row : row + rows, :steps] = part.index + offset
         row += rows
@@ -184,13 +183,8 @@ def recording(model: nn.Module, enabled: bool = True) -> Iterator[ActivationReco
     swapped: list[tuple[nn.Module, type]] = []
     try:
         for depth, block in enumerate(blocks):
-            cls = type(block)
-            if cls not in _RECORDING_CLASSES:
-                _RECORDING_CLASSES[cls] = type(
-                    f"Recording{cls.__name__}", (cls,), {"__call__": _recording_call(cls.__call__)}
-                )
-            swapped.append((block, cls))
-            block.__class__ = _RECORDING_CLASSES[cls]
+            swapped.append((block, type(block)))
+            block.__class__ = call_subclass(type(block), "Recording", _recording_call)
             _ATTACHED[id(block)] = (recorder, depth)
         yield recorder
     finally:
