@@ -116,6 +116,69 @@ def test_bucketed_sum_round_trips_the_tree(monkeypatch):
         assert mx.array_equal(v1, v2).item()
 
 
+class _FakeGroup:
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return self._size
+
+
+def _silently_failing(monkeypatch, fill: int) -> Dist:
+    """Rank 0 of two whose collectives return ``fill`` bytes without raising, as the ring
+    backend may after a peer died."""
+
+    def all_gather(x, group=None):
+        return mx.full((2 * x.shape[0], *x.shape[1:]), fill, dtype=x.dtype)
+
+    def all_sum(x, group=None):
+        return mx.full(x.shape, fill, dtype=x.dtype)
+
+    monkeypatch.setattr(mx.distributed, "all_gather", all_gather)
+    monkeypatch.setattr(mx.distributed, "all_sum", all_sum)
+    return Dist(_FakeGroup(2))
+
+
+@pytest.mark.parametrize("fill", [0, 7])
+def test_a_collective_that_fails_silently_is_a_distributed_error(monkeypatch, fill):
+    dist = _silently_failing(monkeypatch, fill)
+    calls = [
+        lambda: dist.gather_floats([1.5, 2.0]),
+        lambda: dist.gather_json({"k": 1}),
+        lambda: dist.broadcast_text("/run"),
+        lambda: dist.sum_gradients({"w": mx.ones((3,))}),
+    ]
+    for call in calls:
+        with pytest.raises(distributed.DistributedError, match="arrived incomplete"):
+            call()
+
+
+def test_gathered_rows_are_checked_per_rank(monkeypatch):
+    """A gather whose rows are whole but come from the wrong ranks is refused too."""
+
+    def all_gather(x, group=None):
+        return mx.concatenate([x, x])  # rank 0's row twice: rank 1's mark is missing
+
+    monkeypatch.setattr(mx.distributed, "all_gather", all_gather)
+    with pytest.raises(distributed.DistributedError, match="gather metrics"):
+        Dist(_FakeGroup(2)).gather_floats([3.0])
+
+
+def test_gathered_rows_pass_the_check_when_whole(monkeypatch):
+    def all_gather(x, group=None):
+        words = np.array(x).view(np.float64).copy()
+        other = words.copy()
+        other[-1] += 1  # rank 1's mark
+        other[:-1] *= 10
+        return mx.array(np.concatenate([words, other]).view(np.int32))
+
+    monkeypatch.setattr(mx.distributed, "all_gather", all_gather)
+    assert Dist(_FakeGroup(2)).gather_floats([3.0, -1.25]) == [[3.0, -1.25], [30.0, -12.5]]
+
+
 class _TwoRanks(Dist):
     """Rank ``rank`` of a pretend 2-rank group whose other rank's payloads are given."""
 

@@ -36,6 +36,10 @@ T = TypeVar("T")
 # matrix costs more in latency than the bytes it moves.
 BUCKET_BYTES = 32 * 1024 * 1024
 TEXT_BYTES = 4096  # longest path rank 0 can broadcast (run directory, checkpoint)
+# Every gathered row ends with this plus its rank, and every summed bucket with a 1 per rank:
+# when a peer dies, the ring backend may fail a collective without raising and hand back
+# stale or zero bytes, which these checks turn into a DistributedError.
+ROW_MARK = 917_503.0
 
 
 class DistributedError(MlxgrpoError):
@@ -67,6 +71,13 @@ class Dist:
         finally:
             _WATCHDOG.disarm()
             self.comm_seconds += time.perf_counter() - started
+
+    def _broken(self, what: str) -> DistributedError:
+        return DistributedError(
+            f"could not {what} across ranks: the result arrived incomplete "
+            "(another rank stopped or crashed)",
+            hint="look at the other ranks' output for the first error",
+        )
 
     @property
     def active(self) -> bool:
@@ -107,11 +118,15 @@ class Dist:
             return [local.tolist()]
         import mlx.core as mx
 
+        marked = np.append(local, ROW_MARK + self.rank)
         # float64 travels as int32 pairs: bit-exact, whatever the backend does with doubles.
-        words = mx.array(local.view(np.int32)) if local.size else mx.zeros((0,), mx.int32)
+        words = mx.array(marked.view(np.int32))
         with self._collective("gather metrics"):
             out = np.array(mx.distributed.all_gather(words, group=self.group))
-        return [row.tolist() for row in out.view(np.float64).reshape(self.size, -1)]
+        rows = out.view(np.float64).reshape(self.size, -1)
+        if not np.array_equal(rows[:, -1], ROW_MARK + np.arange(self.size)):
+            raise self._broken("gather metrics")
+        return [row[:-1].tolist() for row in rows]
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over ranks, added in rank order (the same bits on every rank)."""
@@ -131,7 +146,12 @@ class Dist:
         with self._collective("gather records"):
             out = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
         rows = out.reshape(self.size, -1)
-        return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)]
+        try:
+            return [
+                json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)
+            ]
+        except ValueError:  # undecodable bytes: the gather failed without raising
+            raise self._broken("gather records") from None
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (stop requests)."""
@@ -160,15 +180,22 @@ class Dist:
         flat = tree_flatten(grads)
         mx.eval([v for _, v in flat])  # the backward pass is not communication time
         reduced: list[Any] = [None] * len(flat)
+        counts = []  # each bucket's trailing 1, summed: the number of ranks that took part
         for bucket in buckets([(v.dtype, v.nbytes) for _, v in flat], BUCKET_BYTES):
             arrays = [flat[i][1] for i in bucket]
-            joined = mx.concatenate([a.reshape(-1) for a in arrays])
+            one = mx.ones((1,), dtype=arrays[0].dtype)
+            joined = mx.concatenate([a.reshape(-1) for a in arrays] + [one])
             total = mx.distributed.all_sum(joined, group=self.group)
-            offsets = np.cumsum([a.size for a in arrays])[:-1].tolist()
-            for i, part, a in zip(bucket, mx.split(total, offsets), arrays, strict=True):
+            offsets = np.cumsum([a.size for a in arrays]).tolist()
+            parts = mx.split(total, offsets)
+            for i, part, a in zip(bucket, parts[:-1], arrays, strict=True):
                 reduced[i] = part.reshape(a.shape)
+            counts.append(parts[-1])
         with self._collective("sum gradients"):
-            mx.eval(reduced)
+            mx.eval(reduced, counts)
+        ranks = self.group.size()
+        if any(c.item() != ranks for c in counts):
+            raise self._broken("sum gradients")
         return tree_unflatten([(k, r) for (k, _), r in zip(flat, reduced, strict=True)])
 
 
