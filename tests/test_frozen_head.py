@@ -46,7 +46,8 @@ def _reference(head, features, targets, temperature):
 @pytest.mark.parametrize("name", ["tied", "linear", "quantized_tied", "quantized_linear"])
 @pytest.mark.parametrize("step", [1, 4, POSITIONS])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_values_and_gradient_match_autodiff(name, step, parallel, monkeypatch):
+@pytest.mark.parametrize("tile", [None, 10, 1])  # whole vocabulary, uneven tiles, one entry
+def test_values_and_gradient_match_autodiff(name, step, parallel, tile, monkeypatch):
     if parallel:  # tiny inputs: force the two-stream split
         monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_ELEMENTS", 0)
     head = _heads()[name]
@@ -63,6 +64,7 @@ def test_values_and_gradient_match_autodiff(name, step, parallel, monkeypatch):
             with_entropy=True,
             differentiable=True,
             temperature=temperature,
+            tile=tile,
         )
 
     logp, entropy = ours(features)
@@ -119,3 +121,38 @@ def test_unknown_heads_are_refused():
             differentiable=False,
             temperature=1.0,
         )
+
+
+def test_tiles_agree_when_the_maximum_moves_between_them():
+    """Logits spanning hundreds of units: each tile's exponentials are relative to its own
+    maximum, and the running sums must be rescaled exactly as the maximum rises (or the
+    entropy and the gradient drift while the log-prob still looks right)."""
+    embedding = nn.Embedding(VOCAB, HIDDEN)
+    # later vocabulary rows are larger, so the running maximum rises tile after tile
+    embedding.weight = embedding.weight * mx.linspace(1.0, 60.0, VOCAB)[:, None]
+    head = embedding.as_linear
+    features, targets = _inputs(head)
+    weights = mx.random.normal((POSITIONS,), key=mx.random.key(4))
+
+    def ours(f, tile):
+        return frozen_head.frozen_head_logprobs(
+            head, f, targets, step=4, with_entropy=True, differentiable=True,
+            temperature=1.0, tile=tile,
+        )  # fmt: skip
+
+    want_logp, want_entropy = _reference(head, features, targets, 1.0)
+    want_grad = mx.grad(lambda f: (_reference(head, f, targets, 1.0)[0] * weights).sum())(features)
+    for tile in (5, 32):
+        logp, entropy = ours(features, tile)
+        assert mx.allclose(logp, want_logp, atol=1e-4, rtol=1e-5).item()
+        assert mx.allclose(entropy, want_entropy, atol=1e-4).item()
+        grad = mx.grad(lambda f, t=tile: (ours(f, t)[0] * weights).sum())(features)
+        assert mx.allclose(grad, want_grad, atol=1e-4, rtol=1e-4).item()
+
+
+def test_tile_size_follows_the_budget():
+    assert frozen_head.tile_entries(512, budget_bytes=6 * 4 * 512 * 100) == 100
+    assert frozen_head.tile_entries(512, budget_bytes=1) == 1
+    # the default keeps one tile's buffers under 50 MB at the default chunk of positions
+    entries = frozen_head.tile_entries(frozen_head.FROZEN_HEAD_POSITIONS)
+    assert 1000 < entries and entries * frozen_head.FROZEN_HEAD_POSITIONS * 4 * 6 <= 50 * 2**20

@@ -92,9 +92,10 @@ class FinetuneConfig:
     lm_head_chunk: int = opt(
         0,
         "Completion positions the LM head and log-probs process at once, one chunk in memory "
-        "at a time (a frozen head prepares each chunk's gradient in the forward pass, a "
-        "trained one recomputes its chunks in the backward pass). 0 = automatic (about "
-        "320 MB per chunk).",
+        "at a time (a frozen head walks the vocabulary in ~48 MB tiles and prepares each "
+        "chunk's gradient in the forward pass; a trained one recomputes its chunks in the "
+        "backward pass). 0 = automatic (512 positions for a frozen head, about 320 MB of "
+        "logits for a trained one).",
         min=0,
     )
 

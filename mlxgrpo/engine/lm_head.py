@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxgrpo.engine import chunked_head, shared_prefix
-from mlxgrpo.engine.frozen_head import FROZEN_HEAD_BUFFERS, frozen_head_logprobs, target_rows
+from mlxgrpo.engine.frozen_head import FROZEN_HEAD_POSITIONS, frozen_head_logprobs, target_rows
 from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
@@ -110,14 +110,13 @@ def _apply_head(
     positions = int(targets.shape[0])
     params = owner.trainable_parameters() if owner is not None else {}
     if not params and not (with_entropy and entropy_grad) and target_rows(head) is not None:
-        # A frozen linear head: the written-out path holds half the buffers per chunk.
-        vocab = _vocab_size(owner, positions)
-        step = chunk_size or head_chunk_positions(vocab, buffers=FROZEN_HEAD_BUFFERS)
+        # A frozen linear head: the written-out path tiles the vocabulary, so its chunks of
+        # positions can be long.
         return frozen_head_logprobs(
             head,
             features,
             targets,
-            step=step,
+            step=chunk_size or FROZEN_HEAD_POSITIONS,
             with_entropy=with_entropy,
             differentiable=differentiable,
             temperature=temperature,
