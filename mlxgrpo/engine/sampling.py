@@ -117,33 +117,81 @@ def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> m
     return _race(scores, key)[0]
 
 
+# Vocabularies at least this large draw in two stages (see :func:`_race`).
+TWO_STAGE_MIN_VOCAB = 4096
+# Entries per block of the two-stage draw, when no larger power of two divides the vocabulary
+# (it is then padded with zero-probability entries).
+RACE_BLOCK = 256
+
+
 def _uniform(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
     """Uniform [0, 1) draws: one key per row (key [N, 2]) or one for the whole shape."""
     if key is not None and key.ndim == 2:
-        vocab = shape[-1]
-        return mx.vmap(lambda k: mx.random.uniform(shape=(vocab,), key=k))(key)
+        width = shape[-1]
+        return mx.vmap(lambda k: mx.random.uniform(shape=(width,), key=k))(key)
     return mx.random.uniform(shape=shape, key=key)
 
 
+def _split_key(key: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+    """Two independent keys from ``key`` (each row's own when key is [N, 2])."""
+    if key is None:
+        return None, None
+    if key.ndim == 2:
+        pairs = mx.vmap(lambda k: mx.random.split(k))(key)  # [N, 2, 2]
+        return pairs[:, 0], pairs[:, 1]
+    first, second = mx.random.split(key)
+    return first, second
+
+
+def race_block(vocab: int) -> tuple[int, int]:
+    """(entries per block, padding) for the two-stage draw over ``vocab`` entries."""
+    for size in (512, 256, 128):
+        if vocab % size == 0:
+            return size, 0
+    return RACE_BLOCK, -vocab % RACE_BLOCK
+
+
+def _winner(weights: mx.array, key: mx.array | None) -> mx.array:
+    """argmax of ``weights / E`` with ``E = -log(u)`` exponential: index i wins with
+    probability weights_i / sum(weights). ``u = 0`` gives ``E = inf``: that entry cannot win."""
+    return mx.argmax(weights / -mx.log(_uniform(weights.shape, key)), axis=-1)
+
+
 def _race(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
-    """``(tokens, shifted scores, exps)``: the exponential race, the Gumbel-max trick without
-    its logs of logs. Token v wins with ``exp(s_v) / E_v`` largest, ``E_v = -log(u_v)`` being
-    exponential draws: the same winner as ``argmax(s_v - log E_v)``, the Gumbel-max draw of
-    ``mx.random.categorical`` (one log per entry instead of two, and the exponentials serve a
-    log-prob too). ``u = 0`` gives ``E = inf``: that entry cannot win."""
+    """``(tokens, shifted scores, sum of exps)``: the exponential race, the Gumbel-max trick
+    without its logs of logs. Token v wins with ``exp(s_v) / E_v`` largest, ``E_v = -log(u_v)``
+    being exponential draws: the same winner as ``argmax(s_v - log E_v)``, the Gumbel-max draw
+    of ``mx.random.categorical``, with one log per entry instead of two.
+
+    A large vocabulary races in two stages, which draw the same distribution from a fraction
+    of the random numbers (generating them was two thirds of the sampler's time at 151,936
+    entries): blocks race by their total mass, then the winning block's entries race. Block b
+    wins with probability S_b / S and entry v of it with e_v / S_b: e_v / S in all."""
     shifted = scores - mx.max(scores, axis=-1, keepdims=True)
     e = exp(shifted)
-    race = e / -mx.log(_uniform(scores.shape, key))
-    return mx.argmax(race, axis=-1).astype(mx.uint32), shifted, e
+    vocab = scores.shape[-1]
+    if vocab < TWO_STAGE_MIN_VOCAB:
+        return _winner(e, key).astype(mx.uint32), shifted, mx.sum(e, axis=-1, keepdims=True)
+    size, padding = race_block(vocab)
+    rows = scores.shape[:-1]
+    if padding:
+        e = mx.concatenate([e, mx.zeros((*rows, padding), dtype=e.dtype)], axis=-1)
+    blocks = e.reshape(*rows, -1, size)
+    mass = mx.sum(blocks, axis=-1)
+    block_key, entry_key = _split_key(key)
+    chosen = _winner(mass, block_key)
+    inside = mx.take_along_axis(blocks, chosen[..., None, None], axis=-2).squeeze(-2)
+    tokens = chosen * size + _winner(inside, entry_key)
+    return tokens.astype(mx.uint32), shifted, mx.sum(mass, axis=-1, keepdims=True)
 
 
 def _race_with_logprobs(scores: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
     """``(tokens [N], stats [N, 1])``: a draw of :func:`_race` and its log-prob under scores."""
 
     def draw(z: mx.array, k: mx.array | None) -> tuple[mx.array, mx.array]:
-        tokens, shifted, e = _race(z, k)
+        tokens, shifted, total = _race(z, k)
         picked = mx.take_along_axis(shifted, tokens[:, None].astype(mx.int32), axis=-1)
-        return tokens, picked - mx.log(mx.sum(e, axis=-1, keepdims=True))
+        return tokens, picked - mx.log(total)
 
     if key is not None and key.ndim == 2:
         return _joined(parallel_row_parts(draw, scores, key))
