@@ -156,3 +156,26 @@ def test_tile_size_follows_the_budget():
     # the default keeps one tile's buffers under 50 MB at the default chunk of positions
     entries = frozen_head.tile_entries(frozen_head.FROZEN_HEAD_POSITIONS)
     assert 1000 < entries and entries * frozen_head.FROZEN_HEAD_POSITIONS * 4 * 6 <= 50 * 2**20
+
+
+@pytest.mark.parametrize("name", ["tied", "linear", "quantized_tied"])
+def test_tiles_change_nothing_beyond_1e6(name):
+    """Tiled and whole-vocabulary walks give the same log-probs, entropies and gradients."""
+    head = _heads()[name]
+    features, targets = _inputs(head)
+    weights = mx.random.normal((POSITIONS,), key=mx.random.key(12))
+
+    def run(f, tile):
+        return frozen_head.frozen_head_logprobs(
+            head, f, targets, step=POSITIONS, with_entropy=True, differentiable=True,
+            temperature=0.9, tile=tile,
+        )  # fmt: skip
+
+    whole = run(features, VOCAB)
+    tiled = run(features, 13)  # 8 tiles, the last one short
+    for a, b in zip(whole, tiled, strict=True):
+        assert mx.allclose(a, b, atol=1e-6, rtol=0).item()
+    grads = [
+        mx.grad(lambda f, t=tile: (run(f, t)[0] * weights).sum())(features) for tile in (VOCAB, 13)
+    ]
+    assert mx.allclose(grads[0], grads[1], atol=1e-6, rtol=0).item()

@@ -15,8 +15,8 @@ The same numbers as autodiff through :mod:`~mlxgrpo.engine.logprobs`, with fewer
 A chunk of positions walks the vocabulary in tiles, keeping a running maximum, normaliser,
 entropy sum and ``e W`` per position (rescaled when the maximum rises, as flash attention does
 for its softmax). Memory then bounds the tile, not the number of positions, and the chunks can
-stay long: the head's matrix products run at ~130 GFLOP/s on two CPU cores with 92 positions
-and ~200 with 256 or more (``bench``-style measurement at Qwen2.5's widths).
+stay long: on two CPU cores the head's matrix products ran at ~130 GFLOP/s with 92 positions
+and ~200 with 256 or more (measured at Qwen2.5-0.5B's widths).
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ def _tile_statistics(with_entropy: bool) -> Callable:
     return stats
 
 
+def _joined(parts: list[tuple[mx.array, ...]], i: int) -> mx.array:
+    """Output ``i`` of every row part, rejoined (only outputs used are ever computed)."""
+    return mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+
+
 class _Running:
     """Per-position sums over the tiles seen so far, relative to their running maximum."""
 
@@ -194,14 +199,13 @@ def frozen_head_logprobs(
             if temperature != 1.0:
                 z = z * (1.0 / temperature)
             parts = parallel_row_parts(stats, z, y - start)
-            joined = [mx.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-            peak, total, picked, *rest = joined
-            weighted = rest[0] if with_entropy else None
+            weighted = _joined(parts, 3) if with_entropy else None
             spread = None
             if differentiable:
-                e = rest[-1].astype(f.dtype)
+                # e W in one product over the tile's rows of W
+                e = _joined(parts, -1).astype(f.dtype)
                 spread = mx.vjp(lambda x, s=start, t=end: logits_of(x, s, t), [f], [e])[1][0]
-            running.add(peak, total, picked, weighted, spread)
+            running.add(_joined(parts, 0), _joined(parts, 1), _joined(parts, 2), weighted, spread)
         log_total = mx.log(running.total)
         values = [(running.picked - running.peak) - log_total]
         if with_entropy:
