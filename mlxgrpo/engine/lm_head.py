@@ -3,11 +3,12 @@
 The vocabulary-sized LM head dominates memory at real shapes: at Qwen2.5's 151,936 tokens one
 micro-batch of 8 x 128 completion positions has 0.6 GB of float32 logits, and autodiff keeps the
 logits, their probabilities and their gradient. Here the head runs only on the positions whose
-log-prob is used (completion tokens, when a mask is given). When their logits would exceed
-:data:`HEAD_BUDGET_BYTES` the head runs in chunks of positions, one in memory at a time
-(:mod:`~mlxgrpo.engine.chunked_head`): a frozen head prepares each chunk's gradient in the
-forward pass, a trainable one recomputes its chunks in the backward pass. The results are the
-same numbers, only the memory differs."""
+log-prob is used (completion tokens, when a mask is given), in chunks of positions, one in
+memory at a time (:mod:`~mlxgrpo.engine.chunked_head`). A frozen linear head
+(:mod:`~mlxgrpo.engine.frozen_head`) takes long chunks, walks the vocabulary in small tiles
+and prepares each chunk's gradient in the forward pass; a trainable one takes chunks whose
+logits fit :data:`HEAD_BUDGET_BYTES` and recomputes them in the backward pass. The results are
+the same numbers, only the memory and speed differ."""
 
 from __future__ import annotations
 
