@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxgrpo.engine.chunked_head import prepared_gradient, run_in_chunks
-from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
+from mlxgrpo.models.cpu_kernels import exp, joined_row_parts, parallel_row_parts
 
 # float32 [positions, tile] buffers one tile holds at its peak: logits, shifted logits, the
 # two halves' exponentials, their joined copy for the product and a temporary.
@@ -125,11 +125,6 @@ def _tile_statistics(with_entropy: bool) -> Callable:
     return stats
 
 
-def _joined(parts: list[tuple[mx.array, ...]], i: int) -> mx.array:
-    """Output ``i`` of every row part, rejoined (only outputs used are ever computed)."""
-    return mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-
-
 class _Running:
     """Per-position sums over the tiles seen so far, relative to their running maximum."""
 
@@ -198,14 +193,14 @@ def frozen_head_logprobs(
             z = logits_of(tile_input, start, end).astype(mx.float32)
             if temperature != 1.0:
                 z = z * (1.0 / temperature)
-            parts = parallel_row_parts(stats, z, y - start)
-            weighted = _joined(parts, 3) if with_entropy else None
+            peak, total, picked, *rest = joined_row_parts(parallel_row_parts(stats, z, y - start))
+            weighted = rest[0] if with_entropy else None
             spread = None
             if differentiable:
                 # e W in one product over the tile's rows of W
-                e = _joined(parts, -1).astype(f.dtype)
+                e = rest[-1].astype(f.dtype)
                 spread = mx.vjp(lambda x, s=start, t=end: logits_of(x, s, t), [f], [e])[1][0]
-            running.add(_joined(parts, 0), _joined(parts, 1), _joined(parts, 2), weighted, spread)
+            running.add(peak, total, picked, weighted, spread)
         log_total = mx.log(running.total)
         values = [(running.picked - running.peak) - log_total]
         if with_entropy:

@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.errors import ConfigError
-from mlxgrpo.models.cpu_kernels import exp, parallel_row_parts
+from mlxgrpo.models.cpu_kernels import exp, joined_row_parts, parallel_row_parts
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def _draw(scores: mx.array, key: mx.array | None, sampling: SamplingConfig) -> m
     if sampling.min_p > 0.0:
         scores = apply_min_p(scores, sampling.min_p)
     if key is not None and key.ndim == 2:  # one key per row: rows split over CPU streams
-        (tokens,) = _joined(parallel_row_parts(lambda z, k: (_race(z, k)[0],), scores, key))
-        return tokens
+        parts = parallel_row_parts(lambda z, k: (_race(z, k)[0],), scores, key)
+        return joined_row_parts(parts)[0]
     return _race(scores, key)[0]
 
 
@@ -194,14 +194,8 @@ def _race_with_logprobs(scores: mx.array, key: mx.array | None) -> tuple[mx.arra
         return tokens, picked - mx.log(total)
 
     if key is not None and key.ndim == 2:
-        return _joined(parallel_row_parts(draw, scores, key))
+        return joined_row_parts(parallel_row_parts(draw, scores, key))
     return draw(scores, key)
-
-
-def _joined(parts: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(mx.concatenate(pair) for pair in zip(*parts, strict=True))
 
 
 def mark_seen(seen: mx.array, tokens: mx.array) -> mx.array:

@@ -68,6 +68,14 @@ def parallel_row_parts(fn: Callable[..., tuple[mx.array, ...]], *arrays: mx.arra
     return parts
 
 
+def joined_row_parts(parts: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
+    """The outputs of :func:`parallel_row_parts`, each with its row parts joined again
+    (lazily: an output nobody reads is never computed)."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    return tuple(mx.concatenate(pieces) for pieces in zip(*parts, strict=True))
+
+
 def exp(x: mx.array) -> mx.array:
     """exp(x), as ``2 ** (x * log2 e)`` on CPU: ~3x faster there, same float32 accuracy."""
     return mx.power(2.0, x * LOG2E) if on_cpu() else mx.exp(x)
