@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: ":x:" stays ":x:"
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def error(exc: Exception) -> None:

@@ -47,6 +47,7 @@ def close(a: float, b: float, rel: float = 1e-9) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b))
 
 
+@pytest.mark.slow
 def test_table_is_printed(quick) -> None:
     _, stdout = quick
     for label in ("rollout (a)", "rollout (b)", "rollout (c)", "train step", "KL / no KL"):
@@ -54,6 +55,7 @@ def test_table_is_printed(quick) -> None:
     assert "seconds per update (configs/demo.toml)" in stdout
 
 
+@pytest.mark.slow
 def test_model_description_matches_the_tiny_shape(quick) -> None:
     result, _ = quick
     model = result["model"]
@@ -68,6 +70,7 @@ def test_model_description_matches_the_tiny_shape(quick) -> None:
     assert set(result["section_seconds"]) == {"rollout", "train", "memory", "demo"}
 
 
+@pytest.mark.slow
 def test_rollout_figures_are_complete_and_consistent(quick) -> None:
     result, _ = quick
     rollout = result["rollout"]
@@ -95,6 +98,7 @@ def test_rollout_figures_are_complete_and_consistent(quick) -> None:
     assert close(rollout["tool_loop_ratio"], medians["mlxgrpo_tools"] / medians["mlxgrpo"])
 
 
+@pytest.mark.slow
 def test_train_step_flops_and_shares(quick) -> None:
     result, _ = quick
     step = result["train_step"]
@@ -123,6 +127,7 @@ def test_train_step_flops_and_shares(quick) -> None:
         assert step[name] > 0
 
 
+@pytest.mark.slow
 def test_memory_and_update_figures(quick) -> None:
     result, _ = quick
     memory = result["memory"]
@@ -141,6 +146,7 @@ def test_memory_and_update_figures(quick) -> None:
     )
 
 
+@pytest.mark.slow
 def test_targets_are_judged_from_the_figures(quick) -> None:
     result, _ = quick
     targets = result["targets"]

@@ -59,6 +59,7 @@ def scale(tmp_path_factory) -> tuple[dict, str, Path]:
     return json.loads(out.read_text()), done.stdout, work / "bench-cache"
 
 
+@pytest.mark.slow
 def test_table_is_printed(scale) -> None:
     _, stdout, _ = scale
     for label in ("mlxgrpo peak memory / update", "mlxgrpo seconds / update", "prod micro-batch"):
@@ -67,6 +68,7 @@ def test_table_is_printed(scale) -> None:
     assert "mlx-lm-lora" not in stdout
 
 
+@pytest.mark.slow
 def test_the_first_shape_is_also_measured_without_replay(scale) -> None:
     result, _, _ = scale
     first, *rest = result["shapes"].values()
@@ -78,6 +80,7 @@ def test_the_first_shape_is_also_measured_without_replay(scale) -> None:
     assert all("mlxgrpo_without_replay" not in entry for entry in rest)
 
 
+@pytest.mark.slow
 def test_shapes_and_settings(scale) -> None:
     result, _, cache = scale
     assert result["section"] == "scale" and result["quick"] and result["repeats"] == REPEATS
@@ -100,6 +103,7 @@ def test_shapes_and_settings(scale) -> None:
         assert "peer" not in entry and "vs_peer" not in entry
 
 
+@pytest.mark.slow
 def test_update_figures_are_medians_of_the_rounds(scale) -> None:
     result, _, _ = scale
     budget = result["settings"]["max_new_tokens"]
@@ -122,6 +126,7 @@ def test_update_figures_are_medians_of_the_rounds(scale) -> None:
         assert ours["peak_memory_gb"] * 1e9 > weights  # the weights are resident during it
 
 
+@pytest.mark.slow
 def test_prod_micro_batch(scale) -> None:
     result, _, _ = scale
     prod = result["prod_micro_batch"]
@@ -136,6 +141,7 @@ def test_prod_micro_batch(scale) -> None:
     assert prod["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_targets_are_judged_from_the_figures(scale) -> None:
     result, _, _ = scale
     first, targets = next(iter(result["shapes"].values())), result["targets"]
@@ -149,6 +155,7 @@ def test_targets_are_judged_from_the_figures(scale) -> None:
         assert targets[name]["met"] is (value <= 1.5)
 
 
+@pytest.mark.slow
 def test_every_word_is_one_token_and_every_id_decodes(scale) -> None:
     from transformers import AutoTokenizer
 

@@ -187,3 +187,15 @@ def test_a_missing_mlx_backend_is_one_line_naming_the_extra(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "MLX has no backend library" in err and "mlxgrpo[cpu]" in err
     assert "Traceback" not in err
+
+
+def test_model_text_is_printed_as_is_never_as_emoji(cli, capsys):
+    """Rich would turn ":x:" in an answer into an emoji; every console prints it verbatim."""
+    from mlxgrpo import ui
+
+    ui.raw('{"completion": "Y:x:x"}\n')
+    ui.stream_piece(":smile: :x:")
+    ui.success("saved :x:")
+    captured = capsys.readouterr()
+    assert captured.out == '{"completion": "Y:x:x"}\n:smile: :x:'
+    assert "saved :x:" in captured.err

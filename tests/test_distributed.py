@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from tolerance import assert_close
 
 from mlxgrpo.engine import distributed
 from mlxgrpo.engine.distributed import Dist
@@ -370,9 +371,21 @@ def test_other_micro_batch_layout_matches_to_rounding(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     r1, r2 = _train_records(tmp_path / "one" / "r"), _train_records(tmp_path / "two" / "r")
     assert [r["reward_mean"] for r in r2] == [r["reward_mean"] for r in r1]
-    assert np.allclose([r["grad_norm"] for r in r2], [r["grad_norm"] for r in r1], rtol=1e-5)
+    tokens = 4 * 8 * 12  # the gradient sums over batch_size x num_generations x max_new_tokens
+    norms = [[r["grad_norm"] for r in records] for records in (r2, r1)]
+    assert_close(*norms, terms=tokens, what="grad_norm")
     a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
-    assert max(float(mx.max(mx.abs(a1[k] - a2[k]))) for k in a1) < 1e-5
+    _assert_adapters_close(a1, a2, tokens)
+
+
+def _assert_adapters_close(a1: dict, a2: dict, tokens: int) -> None:
+    """Equal up to the rounding of gradients summed over an update's ``tokens`` in another
+    order. Adam moves every weight by about the learning rate, whatever its gradient's size,
+    so that rounding shows on the scale of the largest weights, not on each tensor's own."""
+    assert a1.keys() == a2.keys()
+    scale = max(float(mx.max(mx.abs(a1[k]))) for k in a1)
+    for k in a1:
+        assert_close(a2[k], a1[k], terms=tokens, scale=scale, what=k)
 
 
 def _listing(root: Path) -> list[str]:
@@ -394,7 +407,7 @@ def test_rank_that_keeps_nothing_still_matches_one(tmp_path):
     for key in ("reward_mean", "trained_share"):
         assert [r[key] for r in r2] == [r[key] for r in r1], key
     a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
-    assert max(float(mx.max(mx.abs(a1[k] - a2[k]))) for k in a1) < 1e-5
+    _assert_adapters_close(a1, a2, tokens=2 * 8 * 12)  # batch_size 2 x 8 generations x 12
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
     ["update:1", "update:3", "checkpoint:4"],
@@ -133,6 +134,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tmp_path, reference, fault):
     assert_same_training(tmp_path / "r", reference)
 
 
+@pytest.mark.slow
 def test_external_kill_9_while_training_then_resume(tmp_path, reference):
     """A real `kill -9` from outside, wherever it lands once a few updates are logged."""
     proc = subprocess.Popen(

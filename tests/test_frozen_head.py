@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from tolerance import assert_close
 
 from mlxgrpo.engine import frozen_head, lm_head
 from mlxgrpo.engine.logprobs import tempered, token_logprobs_and_entropy
@@ -69,13 +70,13 @@ def test_values_and_gradient_match_autodiff(name, step, parallel, tile, monkeypa
 
     logp, entropy = ours(features)
     want_logp, want_entropy = _reference(head, features, targets, temperature)
-    assert mx.allclose(logp, want_logp, atol=1e-5).item()
-    assert mx.allclose(entropy, want_entropy, atol=1e-5).item()
+    assert_close(logp, want_logp, terms=VOCAB, what="log-probs")
+    assert_close(entropy, want_entropy, terms=VOCAB, what="entropies")
     grad = mx.grad(lambda f: (ours(f)[0] * weights).sum())(features)
     want = mx.grad(lambda f: (_reference(head, f, targets, temperature)[0] * weights).sum())(
         features
     )
-    assert mx.allclose(grad, want, atol=2e-5).item()
+    assert_close(grad, want, terms=VOCAB, what="gradient")
     # the entropy is a value: no gradient flows through it
     through_entropy = mx.grad(lambda f: ours(f)[1].sum())(features)
     assert mx.array_equal(through_entropy, mx.zeros_like(features)).item()
@@ -87,7 +88,7 @@ def test_reference_pass_values_without_gradient():
     (logp,) = frozen_head.frozen_head_logprobs(
         head, features, targets, step=3, with_entropy=False, differentiable=False, temperature=1.0
     )
-    assert mx.allclose(logp, _reference(head, features, targets, 1.0)[0], atol=1e-5).item()
+    assert_close(logp, _reference(head, features, targets, 1.0)[0], terms=VOCAB)
 
 
 def test_lm_head_takes_the_written_out_path_only_for_frozen_linear_heads(monkeypatch):
@@ -144,10 +145,12 @@ def test_tiles_agree_when_the_maximum_moves_between_them():
     want_grad = mx.grad(lambda f: (_reference(head, f, targets, 1.0)[0] * weights).sum())(features)
     for tile in (5, 32):
         logp, entropy = ours(features, tile)
-        assert mx.allclose(logp, want_logp, atol=1e-4, rtol=1e-5).item()
-        assert mx.allclose(entropy, want_entropy, atol=1e-4).item()
+        assert_close(logp, want_logp, terms=VOCAB, what="log-probs")
+        # The entropies' own scale (< 1), not the logits' (~100): only probable entries move
+        # an entropy, and a sum rescaled wrongly as the maximum rises shifts it by ~3e-2.
+        assert_close(entropy, want_entropy, terms=VOCAB, what="entropies")
         grad = mx.grad(lambda f, t=tile: (ours(f, t)[0] * weights).sum())(features)
-        assert mx.allclose(grad, want_grad, atol=1e-4, rtol=1e-4).item()
+        assert_close(grad, want_grad, terms=VOCAB, what="gradient")
 
 
 def test_tile_size_follows_the_budget():
@@ -159,8 +162,9 @@ def test_tile_size_follows_the_budget():
 
 
 @pytest.mark.parametrize("name", ["tied", "linear", "quantized_tied"])
-def test_tiles_change_nothing_beyond_1e6(name):
-    """Tiled and whole-vocabulary walks give the same log-probs, entropies and gradients."""
+def test_tiles_change_only_the_summation_order(name):
+    """Tiled and whole-vocabulary walks give the same log-probs, entropies and gradients, up to
+    the rounding of sums over the vocabulary in another order."""
     head = _heads()[name]
     features, targets = _inputs(head)
     weights = mx.random.normal((POSITIONS,), key=mx.random.key(12))
@@ -173,9 +177,9 @@ def test_tiles_change_nothing_beyond_1e6(name):
 
     whole = run(features, VOCAB)
     tiled = run(features, 13)  # 8 tiles, the last one short
-    for a, b in zip(whole, tiled, strict=True):
-        assert mx.allclose(a, b, atol=1e-6, rtol=0).item()
+    for what, a, b in zip(("log-probs", "entropies"), whole, tiled, strict=True):
+        assert_close(b, a, terms=VOCAB, what=what)
     grads = [
         mx.grad(lambda f, t=tile: (run(f, t)[0] * weights).sum())(features) for tile in (VOCAB, 13)
     ]
-    assert mx.allclose(grads[0], grads[1], atol=1e-6, rtol=0).item()
+    assert_close(grads[1], grads[0], terms=VOCAB, what="gradients")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import qwen2
 from random_models import random_lm
+from tolerance import assert_close
 
 from mlxgrpo.engine.grpo import (
     LossNorm,
@@ -55,8 +56,8 @@ def test_token_logprobs_matches_numpy(scale: float) -> None:
     want = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
     assert got.dtype == mx.float32
     assert got.shape == (3, 5)
-    # float32 logsumexp error grows with the logits' magnitude (one ulp of the normaliser).
-    np.testing.assert_allclose(np.array(got), want, rtol=0, atol=2e-6 * max(scale, 1.0))
+    # float32 logsumexp error grows with the logits' magnitude and the vocabulary's size.
+    assert_close(got, want, terms=50)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
@@ -69,7 +70,7 @@ def test_token_logprobs_half_precision_inputs_give_float32(dtype: mx.Dtype) -> N
     exact = to_np(logits)
     want = np.take_along_axis(np_log_softmax(exact), targets[:, None], -1)[:, 0]
     assert got.dtype == mx.float32
-    np.testing.assert_allclose(np.array(got), want, rtol=0, atol=1e-5)
+    assert_close(got, want, terms=50)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1000.0])
@@ -79,16 +80,16 @@ def test_entropy_matches_numpy(scale: float) -> None:
     targets = rng.integers(0, 50, size=(2, 6))
     logp, entropy = token_logprobs_and_entropy(mx.array(logits), mx.array(targets))
     assert logp.dtype == mx.float32 and entropy.dtype == mx.float32
-    np.testing.assert_allclose(np.array(entropy), np_entropy(logits), rtol=0, atol=1e-5)
+    assert_close(entropy, np_entropy(logits), terms=50, what="entropies")
     want_logp = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.array(logp), want_logp, rtol=0, atol=2e-6 * scale)
+    assert_close(logp, want_logp, terms=50, what="log-probs")
 
 
 def test_entropy_of_uniform_and_of_bfloat16() -> None:
     logits = mx.zeros((1, 50), dtype=mx.bfloat16)
     _, entropy = token_logprobs_and_entropy(logits, mx.array([3]))
     assert entropy.dtype == mx.float32
-    assert abs(entropy.item() - math.log(50)) < 1e-5
+    assert_close(entropy.item(), math.log(50), terms=50)
 
 
 # --------------------------------------------------------------------------- sequence log-probs
@@ -108,6 +109,7 @@ ROWS = [
     ([20, 21, 22, 23], [24, 25, 26]),
 ]
 PAD = 0
+TERMS = 64  # the longest sum in tiny_model: its MLP's 2 x hidden 32 (vocabulary 50)
 
 
 def build_batch() -> tuple[mx.array, mx.array, int]:
@@ -144,8 +146,8 @@ def test_sequence_logprobs_match_naive_rows(tiny_model: qwen2.Model) -> None:
         selected = np.array(comp_mask[i]) > 0
         assert selected.sum() == len(completion)
         want_logp, want_entropy = naive_row_logprobs(tiny_model, prompt, completion)
-        np.testing.assert_allclose(np.array(logp[i])[selected], want_logp, atol=1e-4)
-        np.testing.assert_allclose(np.array(entropy[i])[selected], want_entropy, atol=1e-4)
+        assert_close(np.array(logp[i])[selected], want_logp, terms=TERMS, what="log-probs")
+        assert_close(np.array(entropy[i])[selected], want_entropy, terms=TERMS, what="entropies")
 
 
 def test_prompt_is_in_context(tiny_model: qwen2.Model) -> None:
@@ -169,10 +171,10 @@ def test_chunked_equals_unchunked(tiny_model: qwen2.Model, chunk_size: int) -> N
         tiny_model, tokens, start, with_entropy=True, chunk_size=chunk_size
     )
     assert c_logp.shape == logp.shape
-    np.testing.assert_allclose(np.array(c_logp), np.array(logp), atol=1e-6)
-    np.testing.assert_allclose(np.array(c_entropy), np.array(entropy), atol=1e-6)
+    assert_close(c_logp, logp, terms=TERMS, what="log-probs")
+    assert_close(c_entropy, entropy, terms=TERMS, what="entropies")
     plain = sequence_logprobs(tiny_model, tokens, start, chunk_size=chunk_size)
-    np.testing.assert_allclose(np.array(plain), np.array(logp), atol=1e-6)
+    assert_close(plain, logp, terms=TERMS, what="log-probs without entropies")
 
 
 def test_sequence_logprobs_rejects_bad_start(tiny_model: qwen2.Model) -> None:
@@ -193,14 +195,14 @@ REWARDS = mx.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
 def test_group_advantages_group_scale() -> None:
     got = np.array(group_advantages(REWARDS, 4, "group"))
     a = 0.5 / (0.5 + 1e-4)  # mean 0.5, population std 0.5
-    np.testing.assert_allclose(got, [a, -a, -a, a, 0, 0, 0, 0], atol=1e-6)
+    assert_close(got, [a, -a, -a, a, 0, 0, 0, 0], terms=4)  # sums over a group of 4
 
 
 def test_group_advantages_population_std() -> None:
     # mean 1, population std sqrt(2) (ddof=1 would give sqrt(3)).
     got = np.array(group_advantages(mx.array([3.0, 0.0, 0.0]), 3, "group", eps=0.0))
     s = math.sqrt(2.0)
-    np.testing.assert_allclose(got, [2 / s, -1 / s, -1 / s], atol=1e-6)
+    assert_close(got, [2 / s, -1 / s, -1 / s], terms=3)
 
 
 def test_group_advantages_batch_scale() -> None:
@@ -208,12 +210,12 @@ def test_group_advantages_batch_scale() -> None:
     # batch mean 1.25; squared deviations sum to 5.5 over 8 rewards.
     std = math.sqrt(5.5 / 8)
     a = 0.5 / (std + 1e-4)
-    np.testing.assert_allclose(got, [a, -a, -a, a, 0, 0, 0, 0], atol=1e-6)
+    assert_close(got, [a, -a, -a, a, 0, 0, 0, 0], terms=8)  # the std sums over the batch
 
 
 def test_group_advantages_no_scale() -> None:
     got = np.array(group_advantages(REWARDS, 4, "none"))
-    np.testing.assert_allclose(got, [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], atol=1e-7)
+    assert_close(got, [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], terms=4)
 
 
 def test_group_advantages_rejects_bad_input() -> None:
@@ -240,10 +242,10 @@ def test_mask_truncated_advantages() -> None:
 def test_kl_estimators_hand_values() -> None:
     logp = mx.array([-1.0, -2.0, -0.5])
     ref = mx.array([-2.0, -1.0, -0.5])
-    np.testing.assert_allclose(np.array(kl_per_token(logp, ref, "k1")), [1, -1, 0], atol=1e-7)
-    np.testing.assert_allclose(np.array(kl_per_token(logp, ref, "k2")), [0.5, 0.5, 0], atol=1e-7)
+    assert_close(kl_per_token(logp, ref, "k1"), [1, -1, 0], terms=1, what="k1")
+    assert_close(kl_per_token(logp, ref, "k2"), [0.5, 0.5, 0], terms=1, what="k2")
     k3_want = [math.exp(-1.0), math.e - 2.0, 0.0]
-    np.testing.assert_allclose(np.array(kl_per_token(logp, ref, "k3")), k3_want, atol=1e-6)
+    assert_close(kl_per_token(logp, ref, "k3"), k3_want, terms=1, what="k3")
 
 
 def test_k3_is_non_negative() -> None:
@@ -331,7 +333,7 @@ def test_loss_types_match_naive_definition(loss_type: str) -> None:
     ex = make_example()
     norm = LossNorm.for_update([mx.array(ex["mask"])], MAX_NEW)
     loss, _ = run_loss(ex, slice(None), norm, loss_type)
-    assert abs(loss.item() - naive_loss(ex, loss_type)) < 1e-5
+    assert_close(loss.item(), naive_loss(ex, loss_type), terms=ex["mask"].size)  # over tokens
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "gspo"])
@@ -348,7 +350,7 @@ def test_micro_batch_contributions_sum_to_update_loss(loss_type: str) -> None:
         want = sum(naive_loss({k: v[h] for k, v in ex.items()}, "bnpo") for h in halves) / 2
     else:
         want = naive_loss(ex, loss_type)
-    assert abs(summed - want) < 1e-5
+    assert_close(summed, want, terms=ex["mask"].size)  # the loss sums over the tokens
 
 
 def test_micro_batch_gradients_sum_to_update_gradient() -> None:
@@ -370,9 +372,8 @@ def test_micro_batch_gradients_sum_to_update_gradient() -> None:
 
         full = mx.grad(loss_of)(mx.array(ex["logp"]), slice(None), full_norm)
         parts = [mx.grad(loss_of)(mx.array(ex["logp"][h]), h, split_norm) for h in halves]
-        np.testing.assert_allclose(
-            np.concatenate([np.array(p) for p in parts]), np.array(full), atol=1e-6
-        )
+        grads = np.concatenate([np.array(p) for p in parts])
+        assert_close(grads, full, terms=ex["mask"].size, what=loss_type)
 
 
 # --------------------------------------------------------------------------- loss: properties
@@ -388,13 +389,14 @@ def test_on_policy_grpo_loss_and_gradient() -> None:
         return policy_loss(lp, None, adv, mask, norm=norm)[0]
 
     loss, grad = mx.value_and_grad(loss_fn)(logp)
-    assert abs(loss.item() - (-(0.5 - 1.0 + 2.0) / 3)) < 1e-6
+    tokens = mask.size  # the loss sums over the tokens
+    assert_close(loss.item(), -(0.5 - 1.0 + 2.0) / 3, terms=tokens, what="loss")
     lengths = [3, 1, 4]
     want = np.array([[-[0.5, -1.0, 2.0][i] / lengths[i] / 3] * 4 for i in range(3)])
-    np.testing.assert_allclose(np.array(grad), want * np.array(mask), atol=1e-7)
+    assert_close(grad, want * np.array(mask), terms=tokens, what="gradient")
     # Passing old_logp == logp explicitly is the same thing.
     explicit = policy_loss(logp, logp, adv, mask, norm=norm)[0]
-    assert abs(explicit.item() - loss.item()) < 1e-7
+    assert_close(explicit.item(), loss.item(), terms=tokens, what="explicit old_logp")
 
 
 def clip_case(ratio: float, adv: float):
@@ -410,19 +412,20 @@ def clip_case(ratio: float, adv: float):
 
 def test_clipping_high_side_has_no_gradient() -> None:
     loss, grad, metrics = clip_case(1.5, 2.0)
-    assert abs(loss - (-1.2 * 2.0)) < 1e-6  # the token contributes clip(1.5) * A = 1.2 * A
+    assert_close(loss, -1.2 * 2.0, terms=1)  # the token contributes clip(1.5) * A = 1.2 * A
     assert grad == 0.0
     assert metrics["clip_high"] == 1.0 and metrics["clip_low"] == 0.0
-    assert abs(metrics["ratio"] - 1.5) < 1e-6
+    assert_close(metrics["ratio"], 1.5, terms=1)
 
 
 def test_clipping_low_side_and_unclipped_negative_advantage() -> None:
     loss, grad, metrics = clip_case(0.5, -1.0)
-    assert abs(loss - 0.8) < 1e-6 and grad == 0.0
+    assert_close(loss, 0.8, terms=1)
+    assert grad == 0.0
     assert metrics["clip_low"] == 1.0 and metrics["clip_high"] == 0.0
     # ratio 1.5 with A < 0: min picks the unclipped term, which keeps its gradient -r*A.
     loss, grad, metrics = clip_case(1.5, -1.0)
-    assert abs(loss - 1.5) < 1e-6 and abs(grad - 1.5) < 1e-6
+    assert_close([loss, grad], [1.5, 1.5], terms=1)
     assert metrics["clip_high"] == 0.0 and metrics["clip_low"] == 0.0
 
 
@@ -441,7 +444,7 @@ def test_metrics_are_masked_and_sum_over_micro_batches() -> None:
     total = {k: parts[0][k].item() + parts[1][k].item() for k in parts[0]}
     assert abs(total["clip_high"] - 1 / 3) < 1e-6  # one clipped token of three real ones
     assert abs(total["clip_low"]) < 1e-7  # ratio 0.5 with A > 0 is not a low-side clip
-    assert abs(total["ratio"] - (1.0 + 1.5 + 0.5) / 3) < 1e-6
+    assert_close(total["ratio"], (1.0 + 1.5 + 0.5) / 3, terms=3)  # a mean over 3 tokens
 
 
 def test_gspo_sequence_ratio_value_and_gradient() -> None:
@@ -457,13 +460,14 @@ def test_gspo_sequence_ratio_value_and_gradient() -> None:
     logp = mx.array([[0.1, 0.3, 5.0]])  # the masked third token must not enter the ratio
     s = math.exp(0.2)
     (loss, metrics), grad = mx.value_and_grad(loss_fn)(logp, 1.0, 10.0)
-    assert abs(loss.item() - (-s)) < 1e-6
-    assert abs(metrics["ratio"].item() - s) < 1e-6
+    # The sequence's ratio is the exponential of a mean over its 2 real tokens.
+    assert_close(loss.item(), -s, terms=2, what="loss")
+    assert_close(metrics["ratio"].item(), s, terms=2, what="ratio")
     # d(-exp(mean(logp - old)))/d logp_t = -s / |o| for real tokens.
-    np.testing.assert_allclose(np.array(grad), [[-s / 2, -s / 2, 0.0]], atol=1e-6)
+    assert_close(grad, [[-s / 2, -s / 2, 0.0]], terms=2, what="gradient")
     # s = 1.22 > 1 + 0.1 with A > 0: clipped for the whole sequence, no gradient.
     (loss, metrics), grad = mx.value_and_grad(loss_fn)(logp, 1.0, 0.1)
-    assert abs(loss.item() - (-1.1)) < 1e-6
+    assert_close(loss.item(), -1.1, terms=2, what="clipped loss")
     assert np.abs(np.array(grad)).max() == 0.0
     assert abs(metrics["clip_high"].item() - 1.0) < 1e-6
 
@@ -483,12 +487,13 @@ def test_entropy_bonus_lowers_loss() -> None:
             entropy=mx.full((1, 2), entropy),
             entropy_coeff=0.1,
         )
-        assert abs(metrics["entropy"].item() - entropy) < 1e-6
+        assert_close(metrics["entropy"].item(), entropy, terms=2)  # a mean over 2 tokens
         return loss.item()
 
     low, high = loss_with(1.0), loss_with(2.0)
     assert high < low
-    assert abs((high - low) - (-0.1)) < 1e-6
+    # Two losses of ~1 differ by 0.1: their magnitude, not the difference's, sets the scale.
+    assert_close(high - low, -0.1, terms=2, scale=max(abs(high), abs(low)))
 
 
 def test_kl_term_adds_beta_times_kl() -> None:
@@ -505,8 +510,8 @@ def test_kl_term_adds_beta_times_kl() -> None:
         ref_logp=ref,
         kl_estimator="k1",
     )
-    assert abs(loss.item() - 0.5) < 1e-6  # A = 0: only beta * (logp - ref) = 0.5 * 1
-    assert abs(metrics["kl"].item() - 1.0) < 1e-6
+    assert_close(loss.item(), 0.5, terms=1)  # A = 0: only beta * (logp - ref) = 0.5 * 1
+    assert_close(metrics["kl"].item(), 1.0, terms=1)
 
 
 def test_policy_loss_rejects_bad_input() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from tolerance import summation_tolerance
 
 from mlxgrpo.inference import (
     ChatSession,
@@ -40,6 +41,29 @@ def reference_text(model, tokenizer, prompt, max_tokens=12, **kw) -> str:
     eos = eos_token_ids(tokenizer)
     ids = greedy_reference(model, encode_prompt(tokenizer, prompt, **kw), max_tokens, eos)
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids)
+
+
+def greedy_departures(model, tokenizer, prompt, text, max_tokens, **kw) -> list[str]:
+    """Where ``text``, a greedy answer from another implementation of ``model`` (another
+    kernel, a quantized or fused copy), departs from this model's greedy choice by more than
+    float rounding: [] when each of its tokens, and its end, is the argmax here or ties it.
+    Two implementations may break a near-tie either way, so comparing texts alone is fragile."""
+    ids = encode_prompt(tokenizer, prompt, **kw)
+    answer = tokenizer.encode(text, add_special_tokens=False)
+    eos = eos_token_ids(tokenizer)
+    logits = model(mx.array([ids + answer]))[0, len(ids) - 1 :].astype(mx.float32)
+    hidden = int(model.args.hidden_size)
+    choices = [(step, {token}) for step, token in enumerate(answer)]
+    if len(answer) < max_tokens:  # it ended: one of the EOS ids came next
+        choices.append((len(answer), eos))
+    departures = []
+    for step, allowed in choices:
+        row = logits[step]
+        best, got = float(row.max()), max(float(row[t]) for t in allowed)
+        tolerance = summation_tolerance(float(mx.abs(row).max()), terms=hidden)
+        if best - got > tolerance:
+            departures.append(f"step {step}: {best - got:.3g} below the argmax (> {tolerance:.3g})")
+    return departures
 
 
 def test_batched_answers_match_a_plain_greedy_loop(tiny):

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import load as mlx_lm_load
-from test_inference import reference_text
+from test_inference import greedy_departures, reference_text
 
 from mlxgrpo.models.builtin import build_tiny_model
 
@@ -73,8 +73,10 @@ def test_qlora_trains_infers_evaluates_and_fuses(cli, tmp_path):
     assert all(m.linear.weight.dtype == mx.uint32 for m in lora)
     model.set_dtype(mx.float32)  # the dtype infer runs in here
     expected = reference_text(model, tokenizer, PROMPT, max_tokens=8)
-    assert _answer(cli, q4, "--adapter", run_dir) == expected
-    assert _answer(cli, q4) != expected  # two updates at the demo's rate change the answer
+    trained = _answer(cli, q4, "--adapter", run_dir)
+    assert greedy_departures(model, tokenizer, PROMPT, trained, 8) == []
+    # Two updates at the demo's rate change the answer.
+    assert _answer(cli, q4) not in (expected, trained)
 
     # --compare-base switches the adapters off in the loaded model: the base rows are exactly
     # what the quantized model answers without any adapters.
@@ -97,4 +99,4 @@ def test_qlora_trains_infers_evaluates_and_fuses(cli, tmp_path):
     assert "quantization" not in json.loads((fused / "config.json").read_text())
     weights = dict(tree_flatten(mlx_lm_load(str(fused))[0].parameters()))
     assert {v.dtype for v in weights.values()} == {mx.float32}
-    assert _answer(cli, fused) == expected
+    assert greedy_departures(model, tokenizer, PROMPT, _answer(cli, fused), 8) == []

@@ -14,6 +14,7 @@ import pytest
 from loss_checks import weighted_loss_and_grad
 from mlx.utils import tree_flatten
 from random_models import add_random_adapters, random_lm
+from tolerance import assert_close
 
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine.replay import RecordedActivations, replay_applies
@@ -22,6 +23,7 @@ from mlxgrpo.engine.training_pass import learn
 from mlxgrpo.engine.update import UpdateContext
 
 VOCAB = 48
+TERMS = 64  # the longest sum in random_lm's models: the MLP's 2 x hidden 32 (vocabulary 48)
 EOS = {0, 1, 2}  # frequent enough that rows stop early and get dropped from the decode batch
 
 
@@ -70,12 +72,13 @@ def _assert_same(model, batch, known) -> None:
     value, logp, plain = _loss_and_grad(model, batch, None)
     replayed_value, replayed_logp, grads = _loss_and_grad(model, batch, known)
     mask = batch.completion_mask[:, batch.start :]
-    assert float(mx.abs((replayed_logp - logp) * mask).max()) <= 1e-5
-    assert abs(replayed_value - value) <= 1e-5 * max(1.0, abs(value))
+    assert_close(replayed_logp * mask, logp * mask, terms=TERMS, what="log-probs")
+    # The loss weighs the log-probs with random signs, so it may cancel to less than they are.
+    scale = max(abs(value), float(mx.abs(logp * mask).max()))
+    assert_close(replayed_value, value, terms=TERMS, scale=scale, what="loss")
     assert grads.keys() == plain.keys() and grads
     for name, grad in plain.items():
-        scale = max(1.0, float(mx.abs(grad).max()))
-        assert float(mx.abs(grads[name] - grad).max()) <= 2e-5 * scale, name
+        assert_close(grads[name], grad, terms=TERMS, what=name)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
@@ -158,7 +161,10 @@ def test_training_with_replay_takes_the_same_steps(iterations: int) -> None:
     plain_rollout = _rollout(computing, _prompts(9, 6), record=False)
     assert plain_rollout.completion_ids == rollout.completion_ids
     plain_metrics, _ = learn(plain_ctx, plain_rollout, advantages, keep)
-    assert metrics["policy_loss"] == pytest.approx(plain_metrics["policy_loss"], abs=1e-5)
+    # The advantages cancel in the loss (they sum to -0.1): their magnitude sets its scale.
+    largest = max(map(abs, advantages))
+    loss, plain_loss = metrics["policy_loss"], plain_metrics["policy_loss"]
+    assert_close(loss, plain_loss, terms=TERMS, scale=largest, what="loss")
     after = dict(tree_flatten(replaying.trainable_parameters()))
     plain_after = dict(tree_flatten(computing.trainable_parameters()))
     for name, value in plain_after.items():
