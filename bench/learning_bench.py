@@ -19,8 +19,8 @@ import tempfile
 from typing import Any
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.callbacks import Callback
-from mlxgrpo.engine.grpo import LOSS_TYPES
+from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.loss.grpo import LOSS_TYPES
 
 TASK = [
     "model.path=builtin:tiny-qwen2",
@@ -66,7 +66,7 @@ def updates_to_threshold(rewards: list[float], threshold: float, window: int) ->
 
 
 def run_one(loss_type: str, seed: int, updates: int) -> dict[str, Any]:
-    from mlxgrpo.engine.trainer import train
+    from mlxgrpo.engine.loop.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-learning-") as tmp:
         sets = [

@@ -4,7 +4,7 @@
     sample re-prefills its prompt and decodes at batch size 1);
 (b) `batch_generate`: mlx-lm `batch_generate` with each prompt repeated G times (the usual
     peer design), one completion batch of B*G rows;
-(c) `mlxgrpo`: `mlxgrpo.engine.rollout.generate_groups` (each prompt prefilled once, B*G rows
+(c) `mlxgrpo`: `mlxgrpo.generation.rollout.generate_groups` (each prompt prefilled once, B*G rows
     decoded together);
 (d) `mlxgrpo_tools`: (c) with the tool loop on (`rollout.tools`) but no call made (its
     markers are ids no row can sample): the cost of reading every step back and of the
@@ -28,7 +28,7 @@ import mlx.core as mx
 from mlx_lm.generate import batch_generate, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+from mlxgrpo.generation.rollout import SamplingConfig, generate_groups
 
 DESIGNS = ("single", "batch_generate", "mlxgrpo", "mlxgrpo_tools")
 
@@ -67,7 +67,7 @@ def _batch_generate(model, tokenizer, prompts, group: int, max_new_tokens: int):
 
 def _unused_tools() -> Any:
     """A tool runner whose call markers are ids no row can sample: the loop runs, no call."""
-    from mlxgrpo.engine.tools import ToolRunner
+    from mlxgrpo.generation.tool_loop import ToolRunner
     from mlxgrpo.tools import Tool
     from mlxgrpo.tools.formats import ToolFormat
 

@@ -68,8 +68,8 @@ def measure_prod_micro_batch(model: Path, shape: ModelShape, s: Settings) -> dic
     import mlx.core as mx
     import train_bench
 
-    from mlxgrpo.engine import grpo
-    from mlxgrpo.engine.training_pass import reference_logprobs
+    from mlxgrpo.engine.loop.training_pass import reference_logprobs
+    from mlxgrpo.engine.loss import grpo
 
     sets = [
         "finetune.type=lora",

@@ -23,11 +23,11 @@ from bench_model import ModelShape
 
 from mlxgrpo.backend import measure_matmul_gflops, set_memory_limits
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.callbacks import Callback
-from mlxgrpo.engine.finetune import prepare_trainable
-from mlxgrpo.engine.rollout import build_micro_batch
-from mlxgrpo.engine.update import UpdateContext
+from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.loop.update import UpdateContext
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.generation.rollout import build_micro_batch
+from mlxgrpo.models.finetune import prepare_trainable
 from mlxgrpo.models.loading import load_model
 from mlxgrpo.task import TextCodec
 
@@ -180,7 +180,7 @@ def measure_updates(
     config_files: Sequence[str], overrides: Sequence[str], repeats: int
 ) -> dict[str, Any]:
     """Run `repeats` + 1 full GRPO updates through `mlxgrpo.train`; the first is a warm-up."""
-    from mlxgrpo.engine.trainer import train
+    from mlxgrpo.engine.loop.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-bench-") as tmp:
         sets = [

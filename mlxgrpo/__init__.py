@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "resolve_config": "mlxgrpo.config",
-    "train": "mlxgrpo.engine.trainer",
+    "train": "mlxgrpo.engine.loop.trainer",
     "evaluate": "mlxgrpo.evaluation",
     "load_model": "mlxgrpo.models.loading",
     "generate": "mlxgrpo.inference",

@@ -61,13 +61,13 @@ def evaluate(
     """Greedy accuracy (and pass@k when k > 1) with per-sample records.
 
     `on_batch(n)` is told after each generation batch how many prompts it finished (progress).
-    With `dist` (an :class:`~mlxgrpo.engine.distributed.Dist` of several ranks) each rank
+    With `dist` (an :class:`~mlxgrpo.distributed.Dist` of several ranks) each rank
     generates a contiguous share of the prompts, and every rank returns the figures and
     records of all of them. A completion's samples depend on its prompt's index in
     `examples`, not on the share or batch it was generated in. `tools` (a ToolRunner) runs
     the completions' tool calls, as training does.
     """
-    from mlxgrpo.engine.distributed import Dist
+    from mlxgrpo.distributed import Dist
 
     dist = dist or Dist()
     started = time.perf_counter()
@@ -162,7 +162,7 @@ def _generate(
 ) -> list[tuple[list[int], str, bool]]:
     """(ids, text without EOS, truncated) for k samples of every example, in order; the
     first example is the `offset`-th of the whole evaluation (its sampling keys say so)."""
-    from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+    from mlxgrpo.generation.rollout import SamplingConfig, generate_groups
     from mlxgrpo.models.tokenizer import strip_eos
 
     sampling = SamplingConfig(temperature=temperature)
@@ -222,9 +222,9 @@ def evaluate_config(
     the number of prompt generations ahead, `on_batch(n)` each batch's share of them.
     Started by `mlx.launch`, the ranks share the prompts and all return the global figures.
     """
-    from mlxgrpo.engine import distributed
-    from mlxgrpo.engine.finetune import adapters_disabled
+    from mlxgrpo import distributed
     from mlxgrpo.errors import ConfigError
+    from mlxgrpo.models.finetune import adapters_disabled
     from mlxgrpo.models.loading import check_adapter_dir, load_model, resolve_load_target
     from mlxgrpo.task import (
         build_reward_set,

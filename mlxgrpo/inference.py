@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mlxgrpo.errors import ConfigError
@@ -42,28 +42,14 @@ class GenerationOptions:
 
     @classmethod
     def from_config(cls, generate: Any) -> GenerationOptions:
-        """From the `[generate]` config section."""
-        return cls(
-            max_tokens=generate.max_tokens,
-            temperature=generate.temperature,
-            top_p=generate.top_p,
-            top_k=generate.top_k,
-            min_p=generate.min_p,
-            repetition_penalty=generate.repetition_penalty,
-            stop=tuple(generate.stop),
-            seed=generate.seed,
-        )
+        """From the `[generate]` config section (every field here has its namesake there)."""
+        values = {f.name: getattr(generate, f.name) for f in fields(cls)}
+        return cls(**{**values, "stop": tuple(values["stop"])})
 
     def sampling(self) -> Any:
-        from mlxgrpo.engine.rollout import SamplingConfig
+        from mlxgrpo.generation.sampling import SamplingConfig
 
-        return SamplingConfig(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-        )
+        return SamplingConfig.from_section(self)
 
 
 @dataclass
@@ -135,7 +121,7 @@ def generate_answers(
     progress, or to write them out before the next batch starts). `tools` (a ToolRunner)
     runs the answers' tool calls as training rollouts do.
     """
-    from mlxgrpo.engine.rollout import generate_groups
+    from mlxgrpo.generation.rollout import generate_groups
 
     encoded = [
         encode_prompt(tokenizer, p, system=system, chat_template=chat_template, tools=tools)
@@ -210,7 +196,7 @@ def _token_stream(
     """
     import mlx.core as mx
 
-    from mlxgrpo.engine.sampling import apply_repetition_penalty, sample_tokens
+    from mlxgrpo.generation.sampling import apply_repetition_penalty, sample_tokens
 
     sampling = options.sampling()
     penalize = sampling.repetition_penalty != 1.0

@@ -28,7 +28,7 @@ COMPLETIONS_FILE = "completions.jsonl"
 CONFIG_FILE = "config.resolved.toml"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"  # same name as engine.checkpoint.STATE_FILE (that imports mlx)
+STATE_FILE = "trainer_state.json"  # same name as engine.io.checkpoint.STATE_FILE (that imports mlx)
 LAST_RUN = "last"
 
 # Shown on the plot when the user names none: the reward, then the health signals when logged.

@@ -77,11 +77,12 @@ def build_reward_set(resolved: ResolvedConfig) -> Any:
 
 
 def build_tool_runner(resolved: ResolvedConfig, tokenizer: Any) -> Any:
-    """The rollout's tool runner (engine.tools.ToolRunner), None when rollout.tools is empty."""
+    """The rollout's tool runner (generation.tool_loop.ToolRunner), None when rollout.tools is
+    empty."""
     cfg = resolved.config.rollout
     if not cfg.tools:
         return None
-    from mlxgrpo.engine.tools import ToolRunner
+    from mlxgrpo.generation.tool_loop import ToolRunner
     from mlxgrpo.models.tokenizer import decode as decode_ids
     from mlxgrpo.tools import resolve_tools
     from mlxgrpo.tools.formats import tool_format

@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxgrpo.engine.checkpointing import checkpointed_blocks
-from mlxgrpo.engine.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.recompute import checkpointed_blocks
 
 
 def weighted_loss_and_grad(model: nn.Module, batch, *, blocks: bool, **options):

@@ -53,7 +53,7 @@ def add_random_adapters(
 
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from mlxgrpo.engine.checkpoint import write_weights
+    from mlxgrpo.engine.io.checkpoint import write_weights
 
     lora = {"rank": rank, "scale": scale, "dropout": dropout}
     model.freeze()

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from tolerance import assert_close
 
-from mlxgrpo.engine.grpo import (
+from mlxgrpo.engine.loss.grpo import (
     LossNorm,
     entropy_threshold,
     policy_loss,
     rollout_correction_factor,
-    token_logprobs_and_entropy,
 )
+from mlxgrpo.generation.logprobs import token_logprobs_and_entropy
 
 CLIP_LOW, CLIP_HIGH, BETA, MAX_NEW = 0.2, 0.28, 0.05, 6
 TAU_POS, TAU_NEG, CAP = 1.0, 1.05, 1.5
@@ -245,8 +245,8 @@ def test_entropy_threshold_by_hand() -> None:
 
 
 def test_top_entropy_mask_is_the_same_under_any_split() -> None:
-    from mlxgrpo.engine.rollout import build_micro_batch
-    from mlxgrpo.engine.training_pass import _top_entropy_masks
+    from mlxgrpo.engine.loop.training_pass import _top_entropy_masks
+    from mlxgrpo.generation.rollout import build_micro_batch
 
     rng = np.random.default_rng(3)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 2

@@ -10,8 +10,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from tolerance import assert_close
 
-from mlxgrpo.engine.finetune import prepare_trainable
 from mlxgrpo.models import cpu_kernels
+from mlxgrpo.models.finetune import prepare_trainable
 from mlxgrpo.models.loading import load_model
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from tolerance import assert_close
 
-from mlxgrpo.engine import distributed
-from mlxgrpo.engine.distributed import Dist
+from mlxgrpo import distributed
+from mlxgrpo.distributed import Dist
 from mlxgrpo.errors import ConfigError
 from mlxgrpo.rewards.reward_set import RewardFailure, RewardResult
 
@@ -226,7 +226,7 @@ def test_global_rows_join_ranks_in_order():
 
 
 def test_global_norm_and_failures_sum_over_ranks():
-    from mlxgrpo.engine.grpo import LossNorm
+    from mlxgrpo.engine.loss.grpo import LossNorm
 
     class Sums(_TwoRanks):
         def sum_floats(self, values):

@@ -7,8 +7,8 @@ import json
 import mlx.core as mx
 import pytest
 
-from mlxgrpo.engine import dynamic_sampling
-from mlxgrpo.engine.rollout import Rollout
+from mlxgrpo.engine.loop import dynamic_sampling
+from mlxgrpo.generation.rollout import Rollout
 from mlxgrpo.rewards import RewardResult
 
 G = 2
@@ -103,7 +103,7 @@ LEARN = [
 
 def _run(tmp_path, *sets, should_stop=lambda: False):
     from mlxgrpo.config import resolve_config
-    from mlxgrpo.engine.trainer import train
+    from mlxgrpo.engine.loop.trainer import train
 
     resolved = resolve_config((), [*LEARN, f"run.output_dir={tmp_path}", *sets], environ={})
     return train(resolved, [], should_stop=should_stop)

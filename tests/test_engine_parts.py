@@ -11,9 +11,9 @@ import mlx.optimizers as optim
 import pytest
 
 import mlxgrpo
-from mlxgrpo.engine import checkpoint
-from mlxgrpo.engine.schedule import learning_rate_at
-from mlxgrpo.engine.trainer import run_directory, update_seed
+from mlxgrpo.engine.io import checkpoint
+from mlxgrpo.engine.loop.schedule import learning_rate_at
+from mlxgrpo.engine.loop.trainer import run_directory, update_seed
 
 
 def lr(update, kind, total=10, warmup=0.2, peak=1.0):
@@ -93,7 +93,7 @@ def test_truncated_completions_leave_the_update_when_masked():
     from types import SimpleNamespace
 
     from mlxgrpo.config import resolve_config
-    from mlxgrpo.engine import update
+    from mlxgrpo.engine.loop import update
 
     rewards = [1.0, 0.0, 1.0, 0.0]  # two groups of G = 2
     rollout = SimpleNamespace(truncated=[False, True, True, False])

@@ -10,8 +10,9 @@ import pytest
 from random_models import random_lm
 from tolerance import assert_close
 
-from mlxgrpo.engine.grpo import sequence_logprobs, split_lm_head, token_logprobs_and_entropy
-from mlxgrpo.engine.sampling import SamplingConfig, sample_tokens
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs, split_lm_head
+from mlxgrpo.generation.logprobs import token_logprobs_and_entropy
+from mlxgrpo.generation.sampling import SamplingConfig, sample_tokens
 
 
 def _qwen2(tied: bool) -> nn.Module:

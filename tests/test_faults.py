@@ -19,8 +19,8 @@ import pytest
 from conftest import spread_reward
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.callbacks import Callback
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.loop.trainer import train
 from mlxgrpo.safe_io import atomic_write, remove_stale_temporaries
 
 STEPS = 6
@@ -45,7 +45,7 @@ SETS = [
 # writing checkpoint N (weights written, optimizer state not yet).
 KILLER = """
 import os, signal, sys
-from mlxgrpo.engine import callbacks, checkpoint
+from mlxgrpo.engine.io import callbacks, checkpoint
 kind, at = os.environ["FAULT"].split(":")
 at = int(at)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

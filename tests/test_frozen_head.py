@@ -7,8 +7,8 @@ import mlx.nn as nn
 import pytest
 from tolerance import assert_close
 
-from mlxgrpo.engine import frozen_head, lm_head
-from mlxgrpo.engine.logprobs import tempered, token_logprobs_and_entropy
+from mlxgrpo.engine.memory import frozen_head, lm_head
+from mlxgrpo.generation.logprobs import tempered, token_logprobs_and_entropy
 from mlxgrpo.models import cpu_kernels
 
 VOCAB, HIDDEN, POSITIONS = 97, 16, 11

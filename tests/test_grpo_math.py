@@ -11,20 +11,22 @@ from mlx_lm.models import qwen2
 from random_models import random_lm
 from tolerance import assert_close
 
-from mlxgrpo.engine.grpo import (
+from mlxgrpo.engine.loss.grpo import (
     LossNorm,
-    completion_slice,
-    first_completion_position,
     group_advantages,
     kl_per_token,
     mask_truncated_advantages,
     policy_loss,
-    sequence_logprobs,
-    token_logprobs,
-    token_logprobs_and_entropy,
     zero_std_group_mask,
 )
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.generation.logprobs import (
+    completion_slice,
+    first_completion_position,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
 # --------------------------------------------------------------------------- references
 

@@ -14,10 +14,11 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from random_models import add_random_adapters, random_lm
 from tolerance import assert_close
 
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.checkpointing import checkpointed_blocks
-from mlxgrpo.engine.lm_head import head_chunk_positions, sequence_logprobs
-from mlxgrpo.engine.microbatch import pack_by_tokens, plan_microbatches, split_evenly
+from mlxgrpo.engine.loop.microbatch import pack_by_tokens, plan_microbatches, split_evenly
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.engine.memory.lm_head import head_chunk_positions, sequence_logprobs
+from mlxgrpo.engine.memory.recompute import checkpointed_blocks
+from mlxgrpo.generation.logprobs import completion_slice
 
 VOCAB = 48
 START = 4
@@ -95,13 +96,13 @@ def test_checkpointing_and_chunked_head_give_the_same_gradient(
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_chunked_mlp_gives_the_same_gradient(kind: str, monkeypatch) -> None:
     """A budget so small that every block's MLP runs in chunks of 5 tokens."""
-    from mlxgrpo.engine import checkpointing
+    from mlxgrpo.engine.memory import recompute
 
     model = _model(kind)
     mlp = model.layers[0].mlp
     width = max(m.weight.shape[0] for _, m in mlp.named_modules() if hasattr(m, "weight"))
-    monkeypatch.setattr(checkpointing, "MLP_BUDGET_BYTES", 5 * 8 * 4 * width)
-    assert checkpointing.mlp_chunk_tokens(mlp) == 5
+    monkeypatch.setattr(recompute, "MLP_BUDGET_BYTES", 5 * 8 * 4 * width)
+    assert recompute.mlp_chunk_tokens(mlp) == 5
     tokens, mask = _batch()
     plain_value, plain = _loss_and_grad(model, tokens, mask, blocks=False)
     value, grads = _loss_and_grad(model, tokens, mask, blocks=True, mask=mask)
@@ -232,7 +233,7 @@ def test_pack_by_tokens_respects_the_budget() -> None:
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo"])
 def test_token_packed_accumulation_equals_one_batch(loss_type: str) -> None:
     """Loss and gradient summed over packed micro-batches equal the one-batch values."""
-    from mlxgrpo.engine.rollout import build_micro_batch
+    from mlxgrpo.generation.rollout import build_micro_batch
 
     model = _model("lora")
     rng = np.random.default_rng(1)
@@ -254,7 +255,7 @@ def test_token_packed_accumulation_equals_one_batch(loss_type: str) -> None:
                 logp = sequence_logprobs(
                     model, batch.tokens, batch.start, mask=batch.completion_mask, chunk_size=2
                 )
-                mask = grpo.completion_slice(batch.completion_mask, batch.start)
+                mask = completion_slice(batch.completion_mask, batch.start)
                 return grpo.policy_loss(logp, None, adv, mask, norm=norm, loss_type=loss_type)[0]
 
             with checkpointed_blocks(model):

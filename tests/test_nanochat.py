@@ -402,7 +402,7 @@ def test_conversion_matches_nanochat_reference_forward(converted):
 
 
 def test_greedy_generation_equals_repeated_full_forward(converted):
-    from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+    from mlxgrpo.generation.rollout import SamplingConfig, generate_groups
 
     model, tokenizer = load_model(str(converted[0]), dtype="float32")
     prompt = render_prompt(tokenizer, "and then")

@@ -13,9 +13,10 @@ from mlx.utils import tree_flatten
 from test_train import LEARN
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo, training_pass, update
-from mlxgrpo.engine.callbacks import Callback
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.loop import training_pass, update
+from mlxgrpo.engine.loop.trainer import train
+from mlxgrpo.engine.loss import grpo
 from mlxgrpo.errors import TrainingDivergedError
 
 

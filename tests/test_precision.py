@@ -14,13 +14,14 @@ from mlx.utils import tree_flatten
 from random_models import random_lm
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.checkpoint import ADAPTER_WEIGHTS, adapter_config, write_weights
-from mlxgrpo.engine.finetune import adapters_disabled, prepare_trainable
-from mlxgrpo.engine.precision import describe, precision_report
-from mlxgrpo.engine.rollout import build_micro_batch
-from mlxgrpo.engine.update import UpdateContext
+from mlxgrpo.engine.io.checkpoint import ADAPTER_WEIGHTS, adapter_config, write_weights
+from mlxgrpo.engine.loop.precision import describe, precision_report
+from mlxgrpo.engine.loop.update import UpdateContext
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.generation.rollout import build_micro_batch
+from mlxgrpo.models.finetune import adapters_disabled, prepare_trainable
 from mlxgrpo.models.loading import cast_floating_parameters, load_model
 
 MODEL = "builtin:tiny-qwen2"
@@ -54,7 +55,7 @@ def test_adapters_on_a_bfloat16_model_train_in_float32(kind, tmp_path):
     ctx = UpdateContext(model=model, cfg=cfg, reward_set=None, optimizer=optimizer, codec=None)
     batch = build_micro_batch([[40, 41, 42], [40, 41, 42]], [[50, 51], [52]])
     with adapters_disabled(model):
-        ref = grpo.sequence_logprobs(model, batch.tokens, batch.start)
+        ref = sequence_logprobs(model, batch.tokens, batch.start)
     norm = grpo.LossNorm.for_update([batch.completion_mask], 2)
     advantages = mx.array([1.0, -1.0])
     (loss, (_, logp)), grads = ctx.loss_and_grad(batch, advantages, None, ref, norm)
@@ -96,8 +97,8 @@ def test_full_finetuning_trains_float32_weights():
 
 
 def test_run_header_reports_the_dtypes_the_run_holds(tmp_path):
-    from mlxgrpo.engine.callbacks import Callback
-    from mlxgrpo.engine.trainer import train
+    from mlxgrpo.engine.io.callbacks import Callback
+    from mlxgrpo.engine.loop.trainer import train
 
     class Capture(Callback):
         def on_start(self, info):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from tolerance import assert_close
 
-from mlxgrpo.engine import sampling as sampling_module
-from mlxgrpo.engine.logprobs import token_logprobs
-from mlxgrpo.engine.sampling import SamplingConfig, sample_recorded, sample_tokens
+from mlxgrpo.generation import sampling as sampling_module
+from mlxgrpo.generation.logprobs import token_logprobs
+from mlxgrpo.generation.sampling import SamplingConfig, sample_recorded, sample_tokens
 from mlxgrpo.models import cpu_kernels
 
 ROWS, VOCAB = 6, 50

@@ -17,10 +17,10 @@ from random_models import add_random_adapters, random_lm
 from tolerance import assert_close
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.replay import RecordedActivations, replay_applies
-from mlxgrpo.engine.rollout import SamplingConfig, generate_groups, join_rollouts
-from mlxgrpo.engine.training_pass import learn
-from mlxgrpo.engine.update import UpdateContext
+from mlxgrpo.engine.loop.training_pass import learn
+from mlxgrpo.engine.loop.update import UpdateContext
+from mlxgrpo.engine.memory.replay import RecordedActivations, replay_applies
+from mlxgrpo.generation.rollout import SamplingConfig, generate_groups, join_rollouts
 
 VOCAB = 48
 TERMS = 64  # the longest sum in random_lm's models: the MLP's 2 x hidden 32 (vocabulary 48)
@@ -200,7 +200,7 @@ def test_a_mismatched_record_is_an_error_not_a_silent_result() -> None:
 def test_a_call_the_recorder_does_not_understand_drops_the_whole_rollout() -> None:
     """Positions are numbered by armed calls: after a call it could not record, keeping the
     later ones would shift every position, so nothing is kept."""
-    from mlxgrpo.engine.replay import ActivationRecorder
+    from mlxgrpo.engine.memory.replay import ActivationRecorder
 
     recorder = ActivationRecorder(num_blocks=2)
     step = mx.zeros((2, 1, 4))

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.callbacks import Callback
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.loop.trainer import train
 from mlxgrpo.errors import RewardFunctionError
 from mlxgrpo.rewards import RewardSet
 

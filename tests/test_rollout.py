@@ -11,12 +11,12 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.qwen2 import Model
 from random_models import random_lm
 
-from mlxgrpo.engine.rollout import (
+from mlxgrpo.errors import ConfigError
+from mlxgrpo.generation.rollout import (
     SamplingConfig,
     build_micro_batch,
     generate_groups,
 )
-from mlxgrpo.errors import ConfigError
 
 GREEDY = SamplingConfig(temperature=0.0)
 # Different lengths on purpose: the merged batch cache must left-pad and mask them correctly.
@@ -370,3 +370,19 @@ def test_bad_sampling_config_raises():
         SamplingConfig(temperature=-1.0)
     with pytest.raises(ConfigError):
         SamplingConfig(top_p=1.5)
+
+
+def test_sampling_settings_come_from_any_section_that_names_them():
+    """One place knows the sampling fields: a [rollout] and a [generate] section both map."""
+    from mlxgrpo.config import resolve_config
+    from mlxgrpo.generation.sampling import SamplingConfig
+    from mlxgrpo.inference import GenerationOptions
+
+    sets = ["rollout.top_k=7", "rollout.min_p=0.05", "generate.repetition_penalty=1.3"]
+    cfg = resolve_config(overrides=sets).config
+    assert SamplingConfig.from_section(cfg.rollout) == SamplingConfig(
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=7, min_p=0.05
+    )
+    options = GenerationOptions.from_config(cfg.generate)
+    assert options.sampling().repetition_penalty == 1.3
+    assert options.stop == tuple(cfg.generate.stop) and options.seed == cfg.generate.seed

@@ -11,9 +11,9 @@ from loss_checks import weighted_loss_and_grad
 from random_models import add_random_adapters, random_lm
 from tolerance import assert_close
 
-from mlxgrpo.engine import shared_prefix
-from mlxgrpo.engine.lm_head import sequence_logprobs
-from mlxgrpo.engine.rollout import build_micro_batch
+from mlxgrpo.engine.memory import shared_prefix
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.generation.rollout import build_micro_batch
 
 VOCAB = 48
 TERMS = 64  # the longest sum in random_lm's models: the MLP's 2 x hidden 32 (vocabulary 48)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.loop.trainer import train
 from mlxgrpo.sinks import build_sinks
 from mlxgrpo.sinks.names import TRL_NAMES, scalars
 

@@ -9,8 +9,8 @@ import pytest
 from random_models import random_lm
 from tolerance import assert_close
 
-from mlxgrpo.engine.lm_head import sequence_logprobs
-from mlxgrpo.engine.rollout import SamplingConfig, generate_groups
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.generation.rollout import SamplingConfig, generate_groups
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
 TERMS = 128  # the longest sum in the model below: its MLP's 2 x hidden 64 (vocabulary 64)
@@ -100,7 +100,7 @@ def test_stop_sequences_cut_the_recorded_values_with_the_tokens(model) -> None:
 
 def test_a_training_run_at_t07_reports_float32_level_mismatch(tmp_path) -> None:
     from mlxgrpo.config import resolve_config
-    from mlxgrpo.engine.trainer import train
+    from mlxgrpo.engine.loop.trainer import train
 
     sets = [
         "model.path=builtin:tiny-qwen2",

@@ -11,11 +11,11 @@ import pytest
 from random_models import random_lm
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.rollout import SamplingConfig, build_micro_batch, generate_groups
-from mlxgrpo.engine.tools import ToolRunner
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.loop.trainer import train
+from mlxgrpo.engine.loss import grpo
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.generation.rollout import SamplingConfig, build_micro_batch, generate_groups
+from mlxgrpo.generation.tool_loop import ToolRunner
 from mlxgrpo.tools import Tool, resolve_tools
 from mlxgrpo.tools.formats import ToolFormat, parse_json_call, tool_format
 
@@ -439,7 +439,7 @@ def test_taking_and_joining_rollouts_keep_every_per_completion_field():
     tool calls must travel with their completions (else forced tokens would be trained on)."""
     from dataclasses import fields
 
-    from mlxgrpo.engine.rollout import PER_COMPLETION_FIELDS, Rollout, join_rollouts
+    from mlxgrpo.generation.rollout import PER_COMPLETION_FIELDS, Rollout, join_rollouts
 
     per_rollout = {
         "prompt_ids", "num_generations", "prompt_index", "prefill_tokens", "generated_tokens",
@@ -479,7 +479,7 @@ def test_taking_and_joining_rollouts_keep_every_per_completion_field():
 def test_a_chat_template_call_in_the_loop_forces_the_tool_turn():
     """`<tool_call>{json}</tool_call>` written token by token: the named tool runs on the
     argument, and the template's tool turn (with the result) is queued to be forced in."""
-    from mlxgrpo.engine.tools import ToolLoop
+    from mlxgrpo.generation.tool_loop import ToolLoop
 
     tokenizer = _qwen_like_tokenizer()
     fmt = tool_format(tokenizer)

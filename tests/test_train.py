@@ -13,8 +13,8 @@ from conftest import spread_reward
 from mlx.utils import tree_flatten
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.trainer import train
+from mlxgrpo.engine.loop.trainer import train
+from mlxgrpo.engine.loss import grpo
 
 LEARN = [
     "model.path=builtin:tiny-qwen2",
@@ -63,10 +63,10 @@ def test_grpo_raises_reward(tmp_path):
 def test_memory_paths_learn_as_well(tmp_path, monkeypatch):
     """Token-packed micro-batches, a head in chunks of 5 positions and MLPs in chunks of 7
     tokens (all the memory paths at once) still learn, and the packing is what was asked."""
-    from mlxgrpo.engine import checkpointing
+    from mlxgrpo.engine.memory import recompute
 
     mlp_width = 2 * 64  # tiny-qwen2's intermediate size
-    monkeypatch.setattr(checkpointing, "MLP_BUDGET_BYTES", 7 * 8 * 4 * mlp_width)
+    monkeypatch.setattr(recompute, "MLP_BUDGET_BYTES", 7 * 8 * 4 * mlp_width)
     run(
         tmp_path,
         "run.max_steps=20",
@@ -165,8 +165,9 @@ def test_kl_to_adapter_free_reference_starts_at_zero(tmp_path):
     )
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # LoRA B starts at zero, so before the first optimizer step policy == reference: the
-    # policy's log-probs come from the rollout's decode steps (engine.replay), the reference's
-    # from the training layout, so they agree to float rounding, and k3 ~ (difference)^2 / 2.
+    # policy's log-probs come from the rollout's decode steps (engine.memory.replay), the
+    # reference's from the training layout, so they agree to float rounding, and k3 ~
+    # (difference)^2 / 2.
     assert 0.0 <= records[0]["kl"] <= 1e-9
     assert records[0]["grad_norm"] > 0
     assert records[1]["kl"] > 1e-6

@@ -252,7 +252,7 @@ def test_plain_and_empty_run_names_are_fine():
 
 
 def test_run_directory_guards_library_callers(tmp_path):
-    from mlxgrpo.engine.trainer import run_directory
+    from mlxgrpo.engine.loop.trainer import run_directory
 
     with pytest.raises(ConfigError, match="not a path"):
         run_directory(str(tmp_path), "../escape", "auto")
@@ -295,7 +295,7 @@ def test_bad_resume_fails_early_and_leaves_no_run_dir(cli, tmp_path, monkeypatch
 
 
 def test_auto_and_never_pass_the_early_check():
-    from mlxgrpo.engine.trainer import check_resume_target
+    from mlxgrpo.engine.loop.trainer import check_resume_target
 
     check_resume_target("auto")
     check_resume_target("never")

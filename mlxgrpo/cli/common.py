@@ -34,7 +34,7 @@ Overrides = Annotated[
 def adapter_dir(adapter: str | None, config: Any) -> str | None:
     """The adapters a command applies: --adapter (an adapter dir, a run dir or `last`), else
     model.adapter_path; None when neither is given."""
-    from mlxgrpo.engine.checkpoint import resolve_adapter_source
+    from mlxgrpo.engine.io.checkpoint import resolve_adapter_source
 
     spec = adapter if adapter is not None else config.model.adapter_path
     return str(resolve_adapter_source(spec, config.run.output_dir)) if spec else None

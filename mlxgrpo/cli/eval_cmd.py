@@ -51,8 +51,7 @@ def eval_(
 
     `mlxgrpo eval -c configs/prod.toml --adapter last` evaluates what `train` trained.
     """
-    from mlxgrpo import ui
-    from mlxgrpo.engine import distributed
+    from mlxgrpo import distributed, ui
     from mlxgrpo.evaluation import evaluate_config
 
     if output is not None and output.exists() and not force:

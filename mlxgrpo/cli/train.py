@@ -39,9 +39,8 @@ def train(
         "run.resume": ("--resume", resume),
     }
     resolved = load_config(config, set_, flags)
-    from mlxgrpo import ui
-    from mlxgrpo.engine import distributed
-    from mlxgrpo.engine.trainer import train as run_training
+    from mlxgrpo import distributed, ui
+    from mlxgrpo.engine.loop.trainer import train as run_training
     from mlxgrpo.sinks import build_sinks
 
     stop = _GracefulStop()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlxgrpo.config.schema import Config
-from mlxgrpo.engine.callbacks import Callback
+from mlxgrpo.engine.io.callbacks import Callback
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlxgrpo.engine.callbacks import Callback
+from mlxgrpo.engine.io.callbacks import Callback
 from mlxgrpo.sinks.names import scalars
 
 

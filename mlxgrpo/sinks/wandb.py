@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlxgrpo.engine.callbacks import Callback
+from mlxgrpo.engine.io.callbacks import Callback
 from mlxgrpo.sinks.names import scalars
 
 RUN_ID_FILE = "wandb-run-id"  # in the run directory: a resumed training continues its W&B run

@@ -44,7 +44,7 @@ def checkpoint_name(update: int) -> str:
 
 def adapter_config(finetune: Any, num_layers: int) -> dict[str, Any]:
     """adapter_config.json in the form mlx-lm's `load_adapters` expects."""
-    from mlxgrpo.engine.finetune import lora_parameters
+    from mlxgrpo.models.finetune import lora_parameters
 
     return {
         "fine_tune_type": finetune.type,

@@ -1,15 +1,16 @@
 """GRPO math: group advantages, KL estimators and the clipped policy loss.
 
 Pure functions over ``mx.array``; nothing here loads models, prints or touches the filesystem.
-The token log-probs live in :mod:`~mlxgrpo.engine.logprobs` (math) and
-:mod:`~mlxgrpo.engine.lm_head` (applied to a model); their public names are re-exported here.
+The token log-probs live in :mod:`~mlxgrpo.generation.logprobs` (math) and
+:mod:`~mlxgrpo.engine.memory.lm_head` (applied to a model); their public names are re-exported here.
 
 Batch layout shared by the whole engine: a micro-batch is ``tokens`` [N, T] int32, right-padded;
 each row is prompt ids, then completion ids (the EOS token kept as the last completion token when
 generation stopped), then padding. ``completion_mask`` [N, T] float32 is 1.0 exactly at
 completion-token positions. The log-prob of token t is predicted from position t - 1. Log-probs
 are only computed for positions ``start .. T-1`` where ``start = min(prompt_lengths)``, so every
-per-token array here is [N, T - start]; slice the mask with :func:`completion_slice`.
+per-token array here is [N, T - start]; slice the mask with
+:func:`~mlxgrpo.generation.logprobs.completion_slice`.
 """
 
 from __future__ import annotations
@@ -21,30 +22,17 @@ from typing import Any, Literal
 import mlx.core as mx
 import numpy as np
 
-from mlxgrpo.engine.lm_head import sequence_logprobs, split_lm_head
-from mlxgrpo.engine.logprobs import (
-    completion_slice,
-    first_completion_position,
-    token_logprobs,
-    token_logprobs_and_entropy,
-)
 from mlxgrpo.errors import ConfigError
 
 __all__ = [
     "LossNorm",
-    "completion_slice",
     "entropy_threshold",
-    "first_completion_position",
     "group_advantages",
     "kl_per_token",
     "mask_truncated_advantages",
     "policy_loss",
     "rollout_correction_factor",
     "sapo_gate",
-    "sequence_logprobs",
-    "split_lm_head",
-    "token_logprobs",
-    "token_logprobs_and_entropy",
     "zero_std_group_mask",
 ]
 
@@ -329,7 +317,8 @@ def policy_loss(
     (e.g. the top-entropy tokens) touch the policy term only; KL and entropy cover every token.
 
     Shapes: ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``entropy``, ``sampler_logp``,
-    ``policy_mask`` [N, L] (the mask sliced with :func:`completion_slice`); ``advantages`` [N].
+    ``policy_mask`` [N, L] (the mask sliced with
+    :func:`~mlxgrpo.generation.logprobs.completion_slice`); ``advantages`` [N].
     ``old_logp=None`` means on-policy (``num_iterations = 1``): the stop-gradient of ``logp``,
     so the ratio is exactly 1.
 

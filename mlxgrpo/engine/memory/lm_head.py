@@ -4,8 +4,8 @@ The vocabulary-sized LM head dominates memory at real shapes: at Qwen2.5's 151,9
 micro-batch of 8 x 128 completion positions has 0.6 GB of float32 logits, and autodiff keeps the
 logits, their probabilities and their gradient. Here the head runs only on the positions whose
 log-prob is used (completion tokens, when a mask is given), in chunks of positions, one in
-memory at a time (:mod:`~mlxgrpo.engine.chunked_head`). A frozen linear head
-(:mod:`~mlxgrpo.engine.frozen_head`) takes long chunks, walks the vocabulary in small tiles
+memory at a time (:mod:`~mlxgrpo.engine.memory.chunked_head`). A frozen linear head
+(:mod:`~mlxgrpo.engine.memory.frozen_head`) takes long chunks, walks the vocabulary in small tiles
 and prepares each chunk's gradient in the forward pass; a trainable one takes chunks whose
 logits fit :data:`HEAD_BUDGET_BYTES` and recomputes them in the backward pass. The results are
 the same numbers, only the memory and speed differ."""
@@ -19,9 +19,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.engine import chunked_head, shared_prefix
-from mlxgrpo.engine.frozen_head import FROZEN_HEAD_POSITIONS, frozen_head_logprobs, target_rows
-from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
+from mlxgrpo.engine.memory import chunked_head, shared_prefix
+from mlxgrpo.engine.memory.frozen_head import (
+    FROZEN_HEAD_POSITIONS,
+    frozen_head_logprobs,
+    target_rows,
+)
+from mlxgrpo.generation.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
 # at its peak (logits, shifted logits, exponentials, probabilities, the logits' gradient and
@@ -204,14 +208,14 @@ def sequence_logprobs(
 
     ``mask`` [N, T] (e.g. the completion mask): only positions where it is non-zero are
     computed; the others are 0 in the results. With ``prompt_lengths`` [N] too, rows that share
-    a prompt run it through the trunk once (:mod:`~mlxgrpo.engine.shared_prefix`).
+    a prompt run it through the trunk once (:mod:`~mlxgrpo.engine.memory.shared_prefix`).
     ``differentiable=False`` says no gradient will be taken (a reference pass), so a frozen
     head's chunks skip preparing one (a gradient taken anyway is still right, only slower).
     Returns logp [N, T-start] float32, or ``(logp, entropy)`` when ``with_entropy`` is true
     (``entropy_grad=False``: the entropy is a metric, not differentiated). With ``temperature``
     T the log-probs and entropies are those of ``softmax(logits / T)``, the distribution the
     rollout samples from. ``known``: the blocks' outputs in the shared-prefix layout's suffix
-    pass, already computed by the rollout (:mod:`~mlxgrpo.engine.replay`); ignored when that
+    pass, already computed by the rollout (:mod:`~mlxgrpo.engine.memory.replay`); ignored when that
     layout does not apply.
     """
     if temperature <= 0:

@@ -15,15 +15,18 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxgrpo.engine import distributed, grpo
-from mlxgrpo.engine.finetune import adapters_disabled
-from mlxgrpo.engine.microbatch import plan_microbatches
-from mlxgrpo.engine.replay import GatheredActivations
-from mlxgrpo.engine.rollout import MicroBatch, Rollout
+from mlxgrpo import distributed
+from mlxgrpo.engine.loop.microbatch import plan_microbatches
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.replay import GatheredActivations
 from mlxgrpo.errors import TrainingDivergedError
+from mlxgrpo.generation.logprobs import completion_slice
+from mlxgrpo.generation.rollout import MicroBatch, Rollout
+from mlxgrpo.models.finetune import adapters_disabled
 
 if TYPE_CHECKING:
-    from mlxgrpo.engine.update import UpdateContext
+    from mlxgrpo.engine.loop.update import UpdateContext
 
 
 def trainer_temperature(cfg: Any) -> float:
@@ -103,7 +106,7 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
 
 def _replay_inputs(rollout: Rollout, chunks: list[list[int]]) -> list[GatheredActivations | None]:
     """Per micro-batch, the rollout's block outputs at its rows, which stand in for the
-    policy's forward pass until the first optimizer step (engine.replay). The rollout's
+    policy's forward pass until the first optimizer step (engine.memory.replay). The rollout's
     records are consumed: each micro-batch's copy goes once it has been used."""
     records, rollout.activations = rollout.activations, None
     if records is None:
@@ -141,7 +144,7 @@ class _Mismatch:
     def add(self, logp: mx.array, batch: MicroBatch) -> None:
         if batch.sampler_logp is None:
             return
-        mask = grpo.completion_slice(batch.completion_mask, batch.start)
+        mask = completion_slice(batch.completion_mask, batch.start)
         gap = mx.abs(logp - batch.sampler_logp) * mask
         self.total += mx.sum(gap).item()
         self.largest = max(self.largest, mx.max(gap).item())
@@ -166,7 +169,7 @@ def _top_entropy_masks(batches: list[MicroBatch], quantile: float) -> list[mx.ar
     ``quantile`` share (the threshold taken over every trained token, whatever the split)."""
     if quantile >= 1.0:
         return [None] * len(batches)
-    masks = [grpo.completion_slice(b.completion_mask, b.start) for b in batches]
+    masks = [completion_slice(b.completion_mask, b.start) for b in batches]
     entropies = [b.sampler_entropy for b in batches]
     if any(h is None for h in entropies):
         raise ValueError("the top-entropy mask needs a rollout that recorded entropies")
@@ -190,11 +193,11 @@ def reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
         temperature=trainer_temperature(ctx.cfg),
     )
     if ctx.ref_model is not None:
-        ref = grpo.sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
+        ref = sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
     else:
         # The graph captures the base layers' weights, so it may run after the swap back.
         with adapters_disabled(ctx.model):
-            ref = grpo.sequence_logprobs(ctx.model, batch.tokens, batch.start, **options)
+            ref = sequence_logprobs(ctx.model, batch.tokens, batch.start, **options)
     ref = mx.stop_gradient(ref)
     mx.eval(ref)
     return ref

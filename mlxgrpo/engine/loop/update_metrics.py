@@ -8,8 +8,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxgrpo.engine import distributed, grpo
-from mlxgrpo.engine.rollout import Rollout
+from mlxgrpo import distributed
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.generation.rollout import Rollout
 from mlxgrpo.rewards import RewardResult
 
 

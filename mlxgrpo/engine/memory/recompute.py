@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.engine.chunked_head import flat_params, rebuilt_params, recomputing
+from mlxgrpo.engine.memory.chunked_head import flat_params, rebuilt_params, recomputing
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
@@ -82,8 +82,8 @@ def recompute_in_backward(
     same).
 
     ``known``: the outputs, already computed elsewhere for these very inputs (the rollout's,
-    :mod:`~mlxgrpo.engine.replay`). The forward pass then returns them without running ``fn``;
-    the backward pass recomputes as always.
+    :mod:`~mlxgrpo.engine.memory.replay`). The forward pass then returns them without running
+    ``fn``; the backward pass recomputes as always.
     """
 
     @mx.custom_function
@@ -115,7 +115,7 @@ class CarriedState(Protocol):
 
     Arrays a checkpointed block reads from it must be explicit inputs of the checkpointed
     function, and arrays it records there must be outputs, or gradients would not flow through
-    the recomputation. See :mod:`mlxgrpo.engine.shared_prefix` for the one user.
+    the recomputation. See :mod:`mlxgrpo.engine.memory.shared_prefix` for the one user.
     """
 
     def checkpoint_inputs(self) -> list[mx.array]:

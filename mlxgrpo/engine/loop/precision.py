@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.finetune import is_quantized
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.models.finetune import is_quantized
 
 _OPTIMIZER_SCALARS = ("step", "learning_rate")
 _TRAINED = {"lora": "LoRA", "dora": "DoRA", "full": "all weights"}
@@ -51,7 +51,7 @@ def precision_report(
         weights += f" ({quantized})"
     state = [v for k, v in tree_flatten(optimizer.state) if k not in _OPTIMIZER_SCALARS]
     # A two-token forward pass through the log-prob code the loss uses: its dtype is theirs.
-    logp = grpo.sequence_logprobs(model, mx.array([[0, 0]]), 1)
+    logp = sequence_logprobs(model, mx.array([[0, 0]]), 1)
     trained = _TRAINED.get(finetune_type, finetune_type)
     report = {
         "weights": weights,

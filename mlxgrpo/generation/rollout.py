@@ -22,13 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxgrpo.engine.replay import (
+from mlxgrpo.engine.memory.replay import (
     ActivationRecorder,
     RecordedActivations,
     join_activations,
     recording,
 )
-from mlxgrpo.engine.sampling import (
+from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.generation.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     mark_seen,
@@ -36,7 +37,6 @@ from mlxgrpo.engine.sampling import (
     sample_recorded,
     sample_tokens,
 )
-from mlxgrpo.errors import ConfigError, MlxgrpoError
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -197,10 +197,10 @@ class Rollout:
     completion_logprobs: list[list[float]] | None = None
     completion_entropies: list[list[float]] | None = None
     # With tools: per completion token, True where a tool's result was forced in (no loss
-    # there), and each completion's calls (engine.tools.ToolCall).
+    # there), and each completion's calls (generation.tool_loop.ToolCall).
     completion_forced: list[list[bool]] | None = None
     tool_calls: list[list[Any]] | None = None
-    # Each block's outputs at the completions' positions, when recorded (engine.replay).
+    # Each block's outputs at the completions' positions, when recorded (engine.memory.replay).
     activations: RecordedActivations | None = None
 
     @property
@@ -554,13 +554,13 @@ def generate_groups(
     keeps that distribution's entropy. They are ``Rollout.completion_logprobs`` and
     ``completion_entropies``.
 
-    ``tools`` (an :class:`~mlxgrpo.engine.tools.ToolRunner`) runs the tool calls completions
-    make and forces their results in (:mod:`mlxgrpo.engine.tools`); the rollout then has
+    ``tools`` (an :class:`~mlxgrpo.generation.tool_loop.ToolRunner`) runs the tool calls completions
+    make and forces their results in (:mod:`mlxgrpo.generation.tool_loop`); the rollout then has
     ``completion_forced`` and ``tool_calls``.
 
     ``record_activations`` keeps every transformer block's output at each completion's
     positions (``Rollout.activations``) for the training pass to replay
-    (:mod:`mlxgrpo.engine.replay`); not with ``tools``, whose results run as longer steps.
+    (:mod:`mlxgrpo.engine.memory.replay`); not with ``tools``, whose results run as longer steps.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
     prompts = [list(p) for p in prompts]
@@ -591,7 +591,7 @@ def generate_groups(
         batch.recorder = recorder
         loop = None
         if tools is not None:
-            from mlxgrpo.engine.tools import ToolLoop
+            from mlxgrpo.generation.tool_loop import ToolLoop
 
             loop = ToolLoop(tools, prompts, num_generations)
             steps = loop.decode(model, batch, tracker, max_new_tokens, sampling, step_keys)

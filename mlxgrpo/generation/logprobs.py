@@ -1,7 +1,7 @@
 """Token log-probs and entropies from logits: the float32 math under the GRPO loss.
 
 Pure functions over ``mx.array``. Log-probs are ``z[target] - logsumexp(z)`` in float32; a full
-[..., V] log-softmax is never kept. :mod:`mlxgrpo.engine.lm_head` applies them to a model.
+[..., V] log-softmax is never kept. :mod:`mlxgrpo.engine.memory.lm_head` applies them to a model.
 """
 
 from __future__ import annotations

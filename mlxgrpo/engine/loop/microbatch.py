@@ -5,7 +5,7 @@ Two plans: a fixed count of contiguous, near-equal micro-batches
 (``optim.max_tokens_per_microbatch``): completions sorted by length, each micro-batch holding as
 many as fit ``rows x longest sequence <= budget``. Sorting keeps the right-padding small, and the
 budget bounds activation memory whatever the completion lengths turn out to be. Either way the
-loss normalisers describe the whole update (:class:`~mlxgrpo.engine.grpo.LossNorm`), so the
+loss normalisers describe the whole update (:class:`~mlxgrpo.engine.loss.grpo.LossNorm`), so the
 accumulated gradient does not depend on the split (bnpo excepted: it is defined per micro-batch).
 """
 

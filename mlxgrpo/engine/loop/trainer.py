@@ -18,7 +18,7 @@ from typing import Any
 from mlxgrpo import safe_io
 from mlxgrpo.config import ResolvedConfig
 from mlxgrpo.config.values import path_component_problem
-from mlxgrpo.engine.callbacks import (
+from mlxgrpo.engine.io.callbacks import (
     Callback,
     CallbackList,
     CompletionsLogger,
@@ -45,7 +45,7 @@ class Session:
     total_updates: int
     trainable: int
     start_update: int = 0
-    dist: Any = None  # mlxgrpo.engine.distributed.Dist
+    dist: Any = None  # mlxgrpo.distributed.Dist
 
 
 def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
@@ -71,7 +71,7 @@ def check_resume_target(resume: str) -> None:
     directory is made (which checkpoint `auto` picks is `_maybe_resume`'s business)."""
     if resume in ("auto", "never"):
         return
-    from mlxgrpo.engine.checkpoint import STATE_FILE
+    from mlxgrpo.engine.io.checkpoint import STATE_FILE
 
     path = Path(resume).expanduser()
     hint = "use auto, never, or a checkpoints/step-NNNNNN directory"
@@ -96,7 +96,7 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Run GRPO as configured; returns a summary (run_dir, updates, first/last reward, ...)."""
-    from mlxgrpo.engine import distributed
+    from mlxgrpo import distributed
 
     cfg = resolved.config
     dist = distributed.init()  # size 1 unless started by mlx.launch
@@ -152,9 +152,9 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
 
     from mlxgrpo.backend import seed_everything, set_memory_limits
     from mlxgrpo.data import PromptStream, num_updates
-    from mlxgrpo.engine.distributed import Dist
-    from mlxgrpo.engine.finetune import prepare_trainable
-    from mlxgrpo.engine.update import UpdateContext
+    from mlxgrpo.distributed import Dist
+    from mlxgrpo.engine.loop.update import UpdateContext
+    from mlxgrpo.models.finetune import prepare_trainable
     from mlxgrpo.models.loading import load_model
     from mlxgrpo.task import (
         build_reward_set,
@@ -248,7 +248,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
 
 
 def _maybe_resume(session: Session, cb: Callback) -> None:
-    from mlxgrpo.engine.checkpoint import (
+    from mlxgrpo.engine.io.checkpoint import (
         apply_checkpoint,
         newest_valid_checkpoint,
         read_checkpoint,
@@ -301,7 +301,7 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
 
 def _adapted_blocks(s: Session) -> str | None:
     """'all 24 blocks' / 'last 8 of 24 blocks' for new LoRA/DoRA adapters, else None."""
-    from mlxgrpo.engine.finetune import num_blocks
+    from mlxgrpo.models.finetune import num_blocks
 
     finetune = s.resolved.config.finetune
     if finetune.type == "full" or s.resolved.config.model.adapter_path:
@@ -314,7 +314,7 @@ def _adapted_blocks(s: Session) -> str | None:
 
 def _start_info(s: Session) -> dict[str, Any]:
     from mlxgrpo.backend import blas_info, device_summary
-    from mlxgrpo.engine.precision import describe, precision_report
+    from mlxgrpo.engine.loop.precision import describe, precision_report
 
     cfg = s.resolved.config
     return {
@@ -340,10 +340,10 @@ def _start_info(s: Session) -> dict[str, Any]:
 
 
 def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str, Any]:
-    from mlxgrpo.engine.distributed import record_weights
-    from mlxgrpo.engine.guards import RunGuards
-    from mlxgrpo.engine.schedule import learning_rate_at
-    from mlxgrpo.engine.update import run_update
+    from mlxgrpo.distributed import record_weights
+    from mlxgrpo.engine.loop.guards import RunGuards
+    from mlxgrpo.engine.loop.schedule import learning_rate_at
+    from mlxgrpo.engine.loop.update import run_update
 
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
@@ -410,8 +410,8 @@ def _evaluate(s: Session) -> dict[str, Any]:
 
 def _adapter_cfg(s: Session) -> dict[str, Any]:
     """The adapters' config: the loaded adapters' own when training continues from them."""
-    from mlxgrpo.engine.checkpoint import ADAPTER_CONFIG, adapter_config
-    from mlxgrpo.engine.finetune import num_blocks
+    from mlxgrpo.engine.io.checkpoint import ADAPTER_CONFIG, adapter_config
+    from mlxgrpo.models.finetune import num_blocks
 
     cfg = s.resolved.config
     if cfg.model.adapter_path:
@@ -421,7 +421,7 @@ def _adapter_cfg(s: Session) -> dict[str, Any]:
 
 
 def _checkpoint(s: Session, update: int) -> Path:
-    from mlxgrpo.engine.checkpoint import save_checkpoint
+    from mlxgrpo.engine.io.checkpoint import save_checkpoint
 
     cfg = s.resolved.config
     state = {
@@ -444,8 +444,8 @@ def _checkpoint(s: Session, update: int) -> Path:
 
 def _save_final(s: Session) -> Path:
     """final/: adapters in mlx-lm's format, or a complete model directory for full training."""
-    from mlxgrpo.engine.checkpoint import write_weights
-    from mlxgrpo.engine.training_pass import all_finite
+    from mlxgrpo.engine.io.checkpoint import write_weights
+    from mlxgrpo.engine.loop.training_pass import all_finite
 
     cfg = s.resolved.config
     final = s.run_dir / "final"

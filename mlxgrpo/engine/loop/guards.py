@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxgrpo.engine.callbacks import Callback
+from mlxgrpo.engine.io.callbacks import Callback
 from mlxgrpo.errors import RewardFunctionError, TrainingDivergedError
 
 

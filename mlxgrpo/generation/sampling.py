@@ -1,18 +1,19 @@
 """Drawing the next token: sampling settings, the exponential-race sampler and its log-probs.
 
-Used by :mod:`~mlxgrpo.engine.rollout` (batched, one key per completion) and by inference.
+Used by :mod:`~mlxgrpo.generation.rollout` (batched, one key per completion) and by inference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlxgrpo.engine.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.generation.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
 from mlxgrpo.models.cpu_kernels import exp, joined_row_parts, parallel_row_parts
 
 
@@ -51,6 +52,13 @@ class SamplingConfig:
                 f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                 hint="use 1.0 to disable it",
             )
+
+    @classmethod
+    def from_section(cls, section: Any) -> SamplingConfig:
+        """The sampling settings of any config section or options object that names them
+        (`[rollout]`, `[generate]`, inference's GenerationOptions): the one place that knows
+        which fields those are."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
     @property
     def greedy(self) -> bool:

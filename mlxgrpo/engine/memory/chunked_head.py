@@ -1,7 +1,8 @@
 """An LM head + log-prob function applied in chunks of positions, one chunk in memory at a time.
 
 Both functions here wrap ``run(params, features [C, H], lo, hi) -> (logp [C], ...)``, the chunk
-being positions ``lo:hi`` (see :mod:`mlxgrpo.engine.lm_head`), in a custom function whose chunks
+being positions ``lo:hi`` (see :mod:`mlxgrpo.engine.memory.lm_head`), in a custom function
+whose chunks
 are chained in the graph (``mx.depends``: a chunk starts after the previous one's results
 exist), so at most one chunk's
 [C, V] logits, probabilities and gradients exist at a time. Unchained, MLX would schedule every
@@ -58,7 +59,7 @@ def run_in_chunks(run: Callable, params: Any, features: mx.array, positions: int
 def recomputing(run: Callable, positions: int, step: int) -> Callable:
     """``(params, features) -> outputs of run``; the backward pass recomputes every chunk.
 
-    Any position-wise ``run`` fits: the MLP chunking of :mod:`~mlxgrpo.engine.checkpointing`
+    Any position-wise ``run`` fits: the MLP chunking of :mod:`~mlxgrpo.engine.memory.recompute`
     uses it too.
     """
 

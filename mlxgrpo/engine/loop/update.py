@@ -1,5 +1,6 @@
 """One GRPO update: rollout, rewards and advantages, then the training pass
-(:mod:`~mlxgrpo.engine.training_pass`); what it logs is in :mod:`~mlxgrpo.engine.update_metrics`.
+(:mod:`~mlxgrpo.engine.loop.training_pass`); what it logs is in
+:mod:`~mlxgrpo.engine.loop.update_metrics`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxgrpo import distributed
 from mlxgrpo.data import Example
-from mlxgrpo.engine import distributed, dynamic_sampling, grpo
-from mlxgrpo.engine.checkpointing import checkpointed_blocks
-from mlxgrpo.engine.replay import replay_applies
-from mlxgrpo.engine.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
-from mlxgrpo.engine.training_pass import learn, trainer_temperature
-from mlxgrpo.engine.update_metrics import (
+from mlxgrpo.engine.loop import dynamic_sampling
+from mlxgrpo.engine.loop.training_pass import learn, trainer_temperature
+from mlxgrpo.engine.loop.update_metrics import (
     advantage_metrics,
     completion_metrics,
     completion_records,
     reward_metrics,
     tool_metrics,
 )
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.recompute import checkpointed_blocks
+from mlxgrpo.engine.memory.replay import replay_applies
+from mlxgrpo.generation.logprobs import completion_slice
+from mlxgrpo.generation.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
 from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
 from mlxgrpo.task import TextCodec
@@ -40,10 +45,10 @@ class UpdateContext:
     optimizer: Any
     codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
     ref_model: nn.Module | None = None  # full fine-tuning with KL only
-    tools: Any = None  # engine.tools.ToolRunner when rollout.tools is set
+    tools: Any = None  # generation.tool_loop.ToolRunner when rollout.tools is set
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # size 1: one process
     _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
-    # Whether rollouts record the blocks' outputs for the training pass (engine.replay).
+    # Whether rollouts record the blocks' outputs for the training pass (engine.memory.replay).
     replays_rollout: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +63,7 @@ class UpdateContext:
         With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
         backward pass, which runs inside this call: the context spans all of it. ``known``:
         the rollout's block outputs at these rows (``GatheredActivations``,
-        :mod:`~mlxgrpo.engine.replay`), valid only while the weights are the rollout's.
+        :mod:`~mlxgrpo.engine.memory.replay`), valid only while the weights are the rollout's.
         """
         with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
             return self._value_and_grad(
@@ -68,7 +73,7 @@ class UpdateContext:
     def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask, known):
         algo, mask = self.cfg.algorithm, batch.completion_mask
         # The entropy is always reported; it is differentiated only when it is in the loss.
-        logp, entropy = grpo.sequence_logprobs(
+        logp, entropy = sequence_logprobs(
             self.model,
             batch.tokens,
             batch.start,
@@ -84,7 +89,7 @@ class UpdateContext:
             logp,
             old_logp,
             advantages,
-            grpo.completion_slice(mask, batch.start),
+            completion_slice(mask, batch.start),
             norm=norm,
             loss_type=algo.loss_type,
             clip_eps=algo.clip_eps,
@@ -229,13 +234,7 @@ def _rollout(
     ctx: UpdateContext, prompts: list[list[int]], seed: int, prompt_offset: int = 0
 ) -> Rollout:
     r = ctx.cfg.rollout
-    sampling = SamplingConfig(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        min_p=r.min_p,
-        repetition_penalty=r.repetition_penalty,
-    )
+    sampling = SamplingConfig.from_section(r)
     return generate_groups(
         ctx.model,
         prompts,

@@ -154,7 +154,7 @@ class PrefixRecorder:
             return mx.tril(mx.ones((n, n), dtype=mx.bool_))
         return "causal"
 
-    # The checkpointing protocol (mlxgrpo.engine.checkpointing.CarriedState).
+    # The checkpointing protocol (mlxgrpo.engine.memory.recompute.CarriedState).
     def checkpoint_inputs(self) -> list[mx.array]:
         return []
 
@@ -228,7 +228,7 @@ def suffix_hidden(
     """The trunk's output [N, Ls, H] at the suffix positions, via the two passes.
 
     ``known``: the blocks' outputs in the suffix pass, already computed (the rollout's, see
-    :mod:`~mlxgrpo.engine.replay`); checkpointed blocks return them instead of running.
+    :mod:`~mlxgrpo.engine.memory.replay`); checkpointed blocks return them instead of running.
     """
     recorders = [PrefixRecorder() for _ in trunk.layers]
     trunk(layout.prefix_tokens, recorders)

@@ -16,8 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxgrpo.engine import grpo
-from mlxgrpo.engine.rollout import Rollout, join_rollouts
+from mlxgrpo.engine.loss import grpo
+from mlxgrpo.generation.rollout import Rollout, join_rollouts
 from mlxgrpo.rewards import RewardResult
 
 
@@ -43,7 +43,7 @@ def draw_seed(update_seed: int, draw: int) -> int:
 
 def informative_groups(rewards: Sequence[float], group: int) -> list[int]:
     """Indices of the groups whose rewards differ (the complement of
-    :func:`~mlxgrpo.engine.grpo.zero_std_group_mask`, the advantages' own test)."""
+    :func:`~mlxgrpo.engine.loss.grpo.zero_std_group_mask`, the advantages' own test)."""
     if not rewards:
         return []
     zero_std = grpo.zero_std_group_mask(mx.array(list(rewards), dtype=mx.float32), group)

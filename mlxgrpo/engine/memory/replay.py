@@ -4,9 +4,10 @@ Until the first optimizer step of an update the policy is the one that sampled t
 each transformer block's output at a completion position is the value the rollout already
 computed there, one decode step at a time. The rollout records those outputs
 (:class:`ActivationRecorder`, :class:`RecordedActivations`); in the training pass's suffix pass
-(:mod:`~mlxgrpo.engine.shared_prefix`) each checkpointed block then returns its recorded output
+(:mod:`~mlxgrpo.engine.memory.shared_prefix`) each checkpointed block then returns its recorded
+output
 instead of computing it, and recomputes itself from its recorded input only when the backward
-pass reaches it (:func:`mlxgrpo.engine.checkpointing.recompute_in_backward`). The forward pass of
+pass reaches it (:func:`mlxgrpo.engine.memory.recompute.recompute_in_backward`). The forward pass of
 the blocks over the completions is skipped; the gradient is the same, as it is evaluated at the
 same activations (up to float rounding between the decode and the training layouts).
 
@@ -27,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.engine.checkpointing import call_subclass, transformer_blocks
+from mlxgrpo.engine.memory.recompute import call_subclass, transformer_blocks
 
 # The recorder of each block being recorded (by id), and the block's depth.
 _ATTACHED: dict[int, tuple[ActivationRecorder, int]] = {}
@@ -40,7 +41,8 @@ class RecordedActivations:
     ``flat[b]`` [M + 1, H]: block ``b``'s outputs at every recorded (row, position), then a zero
     row. ``index`` [N, S]: where completion ``n``'s suffix position ``s`` sits in ``flat`` (M
     where it was not recorded). Suffix position 0 is the prompt's last token, ``s > 0`` the
-    completion's token ``s - 1``, as in :class:`~mlxgrpo.engine.shared_prefix.SharedPrefixPlan`.
+    completion's token ``s - 1``, as in
+    :class:`~mlxgrpo.engine.memory.shared_prefix.SharedPrefixPlan`.
     """
 
     flat: list[mx.array]
@@ -195,8 +197,8 @@ def recording(model: nn.Module, enabled: bool = True) -> Iterator[ActivationReco
 
 def replay_applies(model: nn.Module, cfg: Any, tools: Any = None) -> bool:
     """Whether this run's training pass can replay the rollout's block outputs."""
-    from mlxgrpo.engine import shared_prefix
-    from mlxgrpo.engine.lm_head import split_lm_head
+    from mlxgrpo.engine.memory import shared_prefix
+    from mlxgrpo.engine.memory.lm_head import split_lm_head
 
     if not (cfg.finetune.reuse_rollout_activations and cfg.finetune.grad_checkpoint):
         return False

@@ -8,7 +8,7 @@ With LoRA, DoRA or QLoRA the head ``z = f W^T (+ b)`` does not train, and positi
 So each chunk of positions computes its logits once, the log-normaliser (and entropy) from one
 exponential pass, and, when a gradient will be taken, that Jacobian row, from the unnormalised
 exponentials: ``e W / sum(e)``. Nothing over the vocabulary is kept and nothing is recomputed.
-The same numbers as autodiff through :mod:`~mlxgrpo.engine.logprobs`, with fewer passes over
+The same numbers as autodiff through :mod:`~mlxgrpo.generation.logprobs`, with fewer passes over
 [chunk, V] buffers, and on CPU those passes run on two streams
 (:func:`~mlxgrpo.models.cpu_kernels.parallel_row_parts`): MLX runs elementwise ops on one core.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.engine.chunked_head import prepared_gradient, run_in_chunks
+from mlxgrpo.engine.memory.chunked_head import prepared_gradient, run_in_chunks
 from mlxgrpo.models.cpu_kernels import exp, joined_row_parts, parallel_row_parts
 
 # float32 [positions, tile] buffers one tile holds at its peak: logits, shifted logits, the
