@@ -19,8 +19,8 @@ import tempfile
 from typing import Any
 
 from mlxgrpo.config import resolve_config
+from mlxgrpo.config.choices import LOSS_TYPES
 from mlxgrpo.engine.io.callbacks import Callback
-from mlxgrpo.engine.loss.grpo import LOSS_TYPES
 
 TASK = [
     "model.path=builtin:tiny-qwen2",

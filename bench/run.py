@@ -1,4 +1,5 @@
-"""mlxgrpo performance harness (DESIGN §11): one run, same model and inputs for every design.
+"""mlxgrpo performance harness (docs/architecture.md §13): one run, same model and inputs for
+every design.
 
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
     python bench/run.py --scale [--peer] [--quick] [--out scale.json] [--repeats 2]

@@ -1,4 +1,5 @@
-"""The scale section (DESIGN §9b): memory and time of GRPO updates at real Qwen2.5 shapes.
+"""The scale section (docs/architecture.md §5): memory and time of GRPO updates at real
+Qwen2.5 shapes.
 
     python bench/run.py --scale [--peer] [--quick] [--out F] [--repeats N]
 

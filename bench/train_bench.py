@@ -24,7 +24,7 @@ from bench_model import ModelShape
 from mlxgrpo.backend import measure_matmul_gflops, set_memory_limits
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine.io.callbacks import Callback
-from mlxgrpo.engine.loop.update import UpdateContext
+from mlxgrpo.engine.loop.context import UpdateContext
 from mlxgrpo.engine.loss import grpo
 from mlxgrpo.generation.rollout import build_micro_batch
 from mlxgrpo.models.finetune import prepare_trainable
@@ -71,7 +71,10 @@ def _context(model_dir: str, overrides: list[str]) -> tuple[UpdateContext, Any]:
     prepare_trainable(model, cfg.finetune)
     ctx = UpdateContext(
         model=model,
-        cfg=cfg,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        finetune=cfg.finetune,
         reward_set=None,
         optimizer=None,
         codec=TextCodec(

@@ -43,6 +43,7 @@ from mlxgrpo.blas_probe import (
     same_file,
 )
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.version import __version__
 
 ENV_VAR = "MLXGRPO_BLAS"
 SEARCH_SYSTEM_VAR = "MLXGRPO_BLAS_SEARCH_SYSTEM"
@@ -531,8 +532,6 @@ def package_versions(names: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, st
 
 def environment_report(measure: bool = True) -> dict[str, Any]:
     """Everything `mlxgrpo doctor` shows, as one JSON-ready dict."""
-    from mlxgrpo import __version__
-
     device = device_summary()
     return {
         "mlxgrpo_version": __version__,

@@ -35,12 +35,12 @@ class _DlInfo(ctypes.Structure):
     ]
 
 
-class _LinkMap(ctypes.Structure):
+class LinkMap(ctypes.Structure):
     _fields_ = [("l_addr", ctypes.c_size_t), ("l_name", ctypes.c_char_p)]
 
 
 @lru_cache(maxsize=1)
-def _libdl() -> ctypes.CDLL | None:
+def dl_library() -> ctypes.CDLL | None:
     for name in (None, "libdl.so.2"):  # glibc >= 2.34 has dladdr/dlinfo in libc itself
         try:
             lib = ctypes.CDLL(name)
@@ -55,7 +55,7 @@ def _libdl() -> ctypes.CDLL | None:
 
 def owner_of(address: int | None) -> str | None:
     """The file of the loaded library that contains `address` (dladdr)."""
-    libdl = _libdl()
+    libdl = dl_library()
     if not address or libdl is None:
         return None
     info = _DlInfo()
@@ -70,8 +70,8 @@ def bound_blas_path() -> str | None:
     Returns the library's path, `UNBOUND` when the slot still points into libmlx (lazy binding,
     no call yet), or None when this cannot be inspected.
     """
-    mapped = _mapped_library("libmlx")
-    libdl = _libdl()
+    mapped = mapped_library("libmlx")
+    libdl = dl_library()
     if mapped is None or libdl is None:
         return None
     path, ranges = mapped
@@ -82,7 +82,7 @@ def bound_blas_path() -> str | None:
         handle = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)._handle
     except OSError:
         return None
-    link_map = ctypes.POINTER(_LinkMap)()
+    link_map = ctypes.POINTER(LinkMap)()
     if libdl.dlinfo(ctypes.c_void_p(handle), _RTLD_DI_LINKMAP, ctypes.byref(link_map)) != 0:
         return None
     slot = link_map.contents.l_addr + slot_offset
@@ -99,7 +99,7 @@ def predicted_blas_path() -> str | None:
     global_owner = _symbol_owner(None, "cblas_sgemm")
     if global_owner:
         return global_owner
-    mapped = _mapped_library("libmlx")
+    mapped = mapped_library("libmlx")
     return _symbol_owner(mapped[0], "cblas_sgemm") if mapped else None
 
 
@@ -112,7 +112,7 @@ def _symbol_owner(library: str | None, symbol: str) -> str | None:
     return owner_of(address)
 
 
-def _mapped_library(prefix: str) -> tuple[str, list[tuple[int, int]]] | None:
+def mapped_library(prefix: str) -> tuple[str, list[tuple[int, int]]] | None:
     """Path and address ranges of the first mapped file whose name starts with `prefix`."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from mlxgrpo.blas_probe import _libdl, _LinkMap, _mapped_library, owner_of
+from mlxgrpo.blas_probe import LinkMap, dl_library, mapped_library, owner_of
 
 WHEEL_PACKAGE = "scipy-openblas32"
 WHEEL_PREFIX = "scipy_"
@@ -94,7 +94,7 @@ def rebind(library: str, prefix: str = WHEEL_PREFIX) -> Rebinding:
     made writable, or `library` lacks `prefix`cblas_sgemm.
     """
     global _done
-    mapped = _mapped_library("libmlx")
+    mapped = mapped_library("libmlx")
     if mapped is None:
         raise SlotError("libmlx is not loaded in this process (import mlx.core first)")
     libmlx, _ranges = mapped
@@ -140,7 +140,7 @@ def rebind(library: str, prefix: str = WHEEL_PREFIX) -> Rebinding:
 
 def slot_values(symbols: tuple[str, ...] | None = None) -> dict[str, list[int]]:
     """The addresses libmlx's BLAS/LAPACK slots hold now (for checks and tests)."""
-    mapped = _mapped_library("libmlx")
+    mapped = mapped_library("libmlx")
     if mapped is None:
         return {}
     libmlx = mapped[0]
@@ -154,14 +154,14 @@ def slot_values(symbols: tuple[str, ...] | None = None) -> dict[str, list[int]]:
 
 
 def _load_base(path: str) -> int:
-    libdl = _libdl()
+    libdl = dl_library()
     if libdl is None:
         raise SlotError("dlinfo is not available (not glibc?)")
     try:
         handle = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)._handle
     except OSError as exc:
         raise SlotError(f"cannot open the loaded {path} ({exc})") from None
-    link_map = ctypes.POINTER(_LinkMap)()
+    link_map = ctypes.POINTER(LinkMap)()
     if libdl.dlinfo(ctypes.c_void_p(handle), _RTLD_DI_LINKMAP, ctypes.byref(link_map)) != 0:
         raise SlotError(f"dlinfo found no link map for {path}")
     return link_map.contents.l_addr

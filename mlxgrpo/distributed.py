@@ -1,4 +1,4 @@
-"""Data-parallel GRPO over MLX's distributed group (DESIGN §9).
+"""Data-parallel GRPO over MLX's distributed group (docs/architecture.md §7).
 
 `mlx.launch -n N -- mlxgrpo train ...` starts N ranks; each takes a contiguous share of every
 update's prompts, rolls out and scores it locally, and the ranks meet only here:

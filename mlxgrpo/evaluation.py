@@ -112,7 +112,17 @@ def evaluate(
         ],
     }
     # One rank alone: its own figures. Several: every rank's, joined in prompt order.
-    parts = dist.gather_json(mine)
+    return _joined(mine, dist.gather_json(mine), acc_name, fmt_name, pass_k)
+
+
+def _joined(
+    mine: dict[str, Any],
+    parts: list[dict[str, Any]],
+    acc_name: str | None,
+    fmt_name: str | None,
+    pass_k: int,
+) -> EvalResult:
+    """The evaluation's figures and records from every rank's ``parts`` (``mine`` among them)."""
     every = {key: [v for p in parts for v in p[key]] for key in mine if isinstance(mine[key], list)}
     seconds = max(p["seconds"] for p in parts)
     total_tokens = sum(p["tokens"] for p in parts)
@@ -134,15 +144,25 @@ def evaluate(
     return EvalResult(metrics, every["records"])
 
 
-def _record(ex: Example, text: str, scored: Any, i: int, acc_name: str | None) -> dict[str, Any]:
+def completion_record(
+    example: Example, completion: str, scored: Any, i: int, reward: float, **fields: Any
+) -> dict[str, Any]:
+    """The record of completion ``i`` of a scored batch, as training's completions.jsonl and
+    `mlxgrpo eval --output` write it: its prompt and answer, the completion, each reward
+    function's value, the total ``reward``, then ``fields`` in the order given."""
     return {
-        "prompt": ex.prompt,
-        "answer": ex.answer,
-        "completion": text,
+        "prompt": example.prompt,
+        "answer": example.answer,
+        "completion": completion,
         "rewards": {n: scored.values[n][i] for n in scored.names},
-        "reward": scored.totals[i],
-        "correct": None if acc_name is None else bool((scored.values[acc_name][i] or 0) > 0),
+        "reward": reward,
+        **fields,
     }
+
+
+def _record(ex: Example, text: str, scored: Any, i: int, acc_name: str | None) -> dict[str, Any]:
+    correct = None if acc_name is None else bool((scored.values[acc_name][i] or 0) > 0)
+    return completion_record(ex, text, scored, i, scored.totals[i], correct=correct)
 
 
 def _generate(
@@ -226,13 +246,7 @@ def evaluate_config(
     from mlxgrpo.errors import ConfigError
     from mlxgrpo.models.finetune import adapters_disabled
     from mlxgrpo.models.loading import check_adapter_dir, load_model, resolve_load_target
-    from mlxgrpo.task import (
-        build_reward_set,
-        build_tool_runner,
-        check_tools,
-        load_eval_examples,
-        text_codec,
-    )
+    from mlxgrpo.task import Task
 
     cfg = resolved.config
     if compare_base and adapter_dir is None:
@@ -243,25 +257,30 @@ def evaluate_config(
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     resolve_load_target(cfg.model.path)
-    check_tools(resolved)
-    examples = load_eval_examples(resolved, limit)
-    reward_set = build_reward_set(resolved)
+    task = Task.load(resolved, train=False, eval_limit=limit)
     model, tokenizer = load_model(
         cfg.model.path,
         adapter_path=adapter_dir,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    tools = build_tool_runner(resolved, tokenizer)
-    codec = text_codec(tokenizer, cfg, tools)
+    task = task.with_tokenizer(tokenizer)
     dist = distributed.init()
     if on_start is not None:  # this rank's share of the generations
-        share = len(dist.split(examples)[0])
+        share = len(dist.split(task.eval_examples)[0])
         on_start(share * (1 + (cfg.eval.pass_k > 1)) * (1 + compare_base))
 
     def run() -> EvalResult:
         return evaluate_task(
-            model, examples, reward_set, codec, cfg, batch_size, on_batch, dist, tools
+            model,
+            task.eval_examples,
+            task.reward_set,
+            task.codec,
+            cfg,
+            batch_size,
+            on_batch,
+            dist,
+            task.tools,
         )
 
     results = []

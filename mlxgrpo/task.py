@@ -1,17 +1,22 @@
 """The task a config describes: its prompts, its rewards and how prompts become token ids.
 
 Shared by `mlxgrpo train` (training and periodic evaluation) and `mlxgrpo eval`, so both see
-the same prompts, the same system prompt and the same chat rendering.
+the same prompts, the same system prompt and the same chat rendering. Both build one
+:class:`Task`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from mlxgrpo.config import ResolvedConfig
 from mlxgrpo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlxgrpo.data import Example
+    from mlxgrpo.rewards import RewardSet
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,46 @@ class TextCodec:
     decode: Callable[[list[int]], str]
     eos_ids: set[int]
     pad_id: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """A config's task: its training and eval prompts, its reward functions and, once the
+    model's tokenizer is known, the rollout's tool runner and the text codec.
+
+    Built in two steps. :meth:`load` checks the tools, reads the prompts and builds the
+    rewards before any model loads, so bad data or a broken reward fails fast;
+    :meth:`with_tokenizer` then adds what depends on the tokenizer (``tools`` and ``codec``
+    are None until it has run).
+    """
+
+    resolved: ResolvedConfig
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    reward_set: RewardSet
+    tools: Any = None  # generation.tool_loop.ToolRunner when rollout.tools is set
+    codec: TextCodec | None = None
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedConfig,
+        *,
+        train: bool = True,
+        evaluate: bool = True,
+        eval_limit: int | None = None,
+    ) -> Task:
+        """The task's prompts (the train split with `train`, at most `eval_limit` prompts of
+        the eval split with `evaluate`; otherwise none) and its reward set."""
+        check_tools(resolved)
+        train_examples = _load_train_examples(resolved) if train else []
+        eval_examples = _load_eval_examples(resolved, eval_limit) if evaluate else []
+        return cls(resolved, train_examples, eval_examples, _build_reward_set(resolved))
+
+    def with_tokenizer(self, tokenizer: Any) -> Task:
+        """This task with the tool runner and text codec of `tokenizer`."""
+        tools = build_tool_runner(self.resolved, tokenizer)
+        return replace(self, tools=tools, codec=text_codec(tokenizer, self.resolved.config, tools))
 
 
 def _loader_options(resolved: ResolvedConfig) -> dict[str, Any]:
@@ -35,7 +80,7 @@ def _loader_options(resolved: ResolvedConfig) -> dict[str, Any]:
     )
 
 
-def load_train_examples(resolved: ResolvedConfig) -> list:
+def _load_train_examples(resolved: ResolvedConfig) -> list:
     from mlxgrpo.data import load_examples
 
     cfg = resolved.config
@@ -48,7 +93,7 @@ def load_train_examples(resolved: ResolvedConfig) -> list:
     )
 
 
-def load_eval_examples(resolved: ResolvedConfig, limit: int | None = None) -> list:
+def _load_eval_examples(resolved: ResolvedConfig, limit: int | None = None) -> list:
     """The eval split, in file order, at most `limit` (default eval.samples) prompts."""
     from mlxgrpo.data import load_examples
 
@@ -62,7 +107,7 @@ def load_eval_examples(resolved: ResolvedConfig, limit: int | None = None) -> li
     )
 
 
-def build_reward_set(resolved: ResolvedConfig) -> Any:
+def _build_reward_set(resolved: ResolvedConfig) -> Any:
     from mlxgrpo.data import default_rewards
     from mlxgrpo.rewards import RewardSet
 

@@ -1,4 +1,7 @@
-"""Shared fixtures. Importing mlxgrpo first loads a system OpenBLAS before MLX (DESIGN §8)."""
+"""Shared fixtures.
+
+Importing mlxgrpo first loads a fast BLAS before MLX (docs/architecture.md §8).
+"""
 
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ def test_doctor_report_paints_a_slow_blas_and_its_hint_red(monkeypatch):
     report = json.loads(json.dumps(backend.environment_report(measure=False)))
     report["blas"].update(name="reference BLAS (x)", fast=False, hint="install it", path=None)
     sink = io.StringIO()
-    monkeypatch.setattr(ui, "out", Console(file=sink, force_terminal=True, width=200))
+    monkeypatch.setattr(ui.console, "out", Console(file=sink, force_terminal=True, width=200))
     ui.doctor_report(report)
     text = sink.getvalue()
     assert "\x1b[31mreference BLAS (x)" in text and "\x1b[31minstall it" in text

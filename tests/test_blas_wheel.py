@@ -199,9 +199,9 @@ def test_doctor_names_the_wheel_when_it_serves_mlx():
 def test_elf_reader_agrees_with_the_section_header_reader_on_cblas_sgemm():
     import mlx.core  # noqa: F401
 
-    from mlxgrpo.blas_probe import _got_slot_offset, _mapped_library
+    from mlxgrpo.blas_probe import _got_slot_offset, mapped_library
 
-    libmlx = _mapped_library("libmlx")[0]
+    libmlx = mapped_library("libmlx")[0]
     slots, odd = blas_slots._relocations(libmlx)
     assert slots["cblas_sgemm"] == [_got_slot_offset(libmlx, b"cblas_sgemm")]
     assert "sgesdd_" in slots and not odd

@@ -43,6 +43,14 @@ def test_version(cli):
     assert code == 0 and out.strip() == f"mlxgrpo {__version__}"
 
 
+def test_version_module_matches_pyproject():
+    """pyproject.toml states the version statically; mlxgrpo/version.py must say the same."""
+    from mlxgrpo import version
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert version.__version__ == pyproject["project"]["version"] == __version__
+
+
 def test_every_preset_validates(cli):
     presets = sorted((REPO / "configs").glob("*.toml"))
     assert {p.stem for p in presets} >= {

@@ -1,4 +1,6 @@
-"""Data-parallel training (DESIGN §9): pure parts in-process, the rest with 2 real ranks.
+"""Data-parallel training: pure parts in-process, the rest with 2 real ranks.
+
+The rules tested here are in docs/architecture.md §7.
 
 Multi-rank runs go through `mlx.launch --backend ring` on loopback, or start the ranks directly
 (MLX_RANK + MLX_HOSTFILE) where a test must signal or kill one rank by its process id.

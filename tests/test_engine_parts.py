@@ -99,9 +99,9 @@ def test_truncated_completions_leave_the_update_when_masked():
     rollout = SimpleNamespace(truncated=[False, True, True, False])
     sets = ("rollout.num_generations=2", "algorithm.mask_truncated_completions=true")
     masked = resolve_config((), sets, {}).config
-    adv, keep = update._advantages(rewards, rollout.truncated, masked)
+    adv, keep = update.advantages_and_keep(rewards, rollout.truncated, masked.algorithm, 2)
     assert keep == [0, 3]  # out of the loss and of its normalisers, not just zero-weighted
     assert adv[1] == adv[2] == 0.0 and adv[0] == -adv[3] > 0
     plain = resolve_config((), sets[:1], {}).config
-    adv, keep = update._advantages(rewards, rollout.truncated, plain)
+    adv, keep = update.advantages_and_keep(rewards, rollout.truncated, plain.algorithm, 2)
     assert keep == [0, 1, 2, 3] and adv[1] == -adv[0] != 0

@@ -1,6 +1,6 @@
-"""Precision policy (DESIGN §8): frozen weights in the compute dtype; trainable parameters, their
-gradients and optimizer state, log-probs and the loss always float32; quantized layers follow
-the compute dtype in their scales and keep their packed weights."""
+"""Precision policy (docs/architecture.md §8): frozen weights in the compute dtype; trainable
+parameters, their gradients and optimizer state, log-probs and the loss always float32; quantized
+layers follow the compute dtype in their scales and keep their packed weights."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from random_models import random_lm
 
 from mlxgrpo.config import resolve_config
 from mlxgrpo.engine.io.checkpoint import ADAPTER_WEIGHTS, adapter_config, write_weights
+from mlxgrpo.engine.loop.context import UpdateContext
 from mlxgrpo.engine.loop.precision import describe, precision_report
-from mlxgrpo.engine.loop.update import UpdateContext
 from mlxgrpo.engine.loss import grpo
 from mlxgrpo.engine.memory.lm_head import sequence_logprobs
 from mlxgrpo.errors import ConfigError
@@ -52,7 +52,16 @@ def test_adapters_on_a_bfloat16_model_train_in_float32(kind, tmp_path):
     assert _dtypes(frozen.values()) == {mx.bfloat16}
 
     optimizer = optim.Adam(learning_rate=1e-2)
-    ctx = UpdateContext(model=model, cfg=cfg, reward_set=None, optimizer=optimizer, codec=None)
+    ctx = UpdateContext(
+        model=model,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        finetune=cfg.finetune,
+        reward_set=None,
+        optimizer=optimizer,
+        codec=None,
+    )
     batch = build_micro_batch([[40, 41, 42], [40, 41, 42]], [[50, 51], [52]])
     with adapters_disabled(model):
         ref = sequence_logprobs(model, batch.tokens, batch.start)

@@ -17,9 +17,10 @@ from random_models import add_random_adapters, random_lm
 from tolerance import assert_close
 
 from mlxgrpo.config import resolve_config
+from mlxgrpo.engine.loop.context import UpdateContext
 from mlxgrpo.engine.loop.training_pass import learn
-from mlxgrpo.engine.loop.update import UpdateContext
-from mlxgrpo.engine.memory.replay import RecordedActivations, replay_applies
+from mlxgrpo.engine.memory.replay import replay_applies
+from mlxgrpo.generation.recording import RecordedActivations
 from mlxgrpo.generation.rollout import SamplingConfig, generate_groups, join_rollouts
 
 VOCAB = 48
@@ -139,7 +140,14 @@ def _context(model: nn.Module, *sets: str) -> UpdateContext:
     ).config
     codec = types.SimpleNamespace(pad_id=0)
     return UpdateContext(
-        model=model, cfg=cfg, reward_set=None, optimizer=optim.Adam(1e-2), codec=codec
+        model=model,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        finetune=cfg.finetune,
+        reward_set=None,
+        optimizer=optim.Adam(1e-2),
+        codec=codec,
     )
 
 
@@ -178,13 +186,13 @@ def test_replay_is_used_only_where_it_is_valid() -> None:
     dropout = random_lm("qwen2", seed=7, vocab=VOCAB)
     add_random_adapters(dropout, seed=9, dropout=0.1)
     dropout.eval()  # dropout counts whatever the mode at the time of the check
-    assert not replay_applies(dropout, _context(_model()).cfg)
-    assert not replay_applies(_model(), _context(_model()).cfg, tools=object())
+    assert not replay_applies(dropout, _context(_model()).finetune)
+    assert not replay_applies(_model(), _context(_model()).finetune, tools=object())
     from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
 
     no_shared_layout = _model()
     no_shared_layout.model.layers[1].self_attn.rope = DynamicNTKScalingRoPE(8, 64, False, 1e4, 2.0)
-    assert not replay_applies(no_shared_layout, _context(_model()).cfg)
+    assert not replay_applies(no_shared_layout, _context(_model()).finetune)
 
 
 def test_a_mismatched_record_is_an_error_not_a_silent_result() -> None:
@@ -200,7 +208,7 @@ def test_a_mismatched_record_is_an_error_not_a_silent_result() -> None:
 def test_a_call_the_recorder_does_not_understand_drops_the_whole_rollout() -> None:
     """Positions are numbered by armed calls: after a call it could not record, keeping the
     later ones would shift every position, so nothing is kept."""
-    from mlxgrpo.engine.memory.replay import ActivationRecorder
+    from mlxgrpo.generation.recording import ActivationRecorder
 
     recorder = ActivationRecorder(num_blocks=2)
     step = mx.zeros((2, 1, 4))

@@ -1,4 +1,7 @@
-"""Reward values per DESIGN §5, the pre-filled prefix trap, registry resolution, RewardSet."""
+"""Reward values, the pre-filled prefix trap, registry resolution, RewardSet.
+
+The reward contract and built-in values are in docs/architecture.md §11.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import sys
 
 import typer
 
-from mlxgrpo import __version__
 from mlxgrpo.cli import (
     chat,
     completions,
@@ -24,6 +23,7 @@ from mlxgrpo.cli import (
     train,
 )
 from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.version import __version__
 
 app = typer.Typer(
     name="mlxgrpo",

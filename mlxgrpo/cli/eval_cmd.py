@@ -80,8 +80,15 @@ def eval_(
             on_start=progress.set_total,
             on_batch=progress.add,
         )
-    if not main:
-        return 0
+    if main:
+        _report(runs, cfg, adapters, output, json_output)
+    return 0
+
+
+def _report(runs, cfg, adapters: str | None, output: Path | None, json_output: bool) -> None:
+    """Rank 0's part: the per-sample records to `output`, then a table or one JSON object."""
+    from mlxgrpo import ui
+
     if output is not None:
         _write_records(output, runs)
     results = [
@@ -96,12 +103,11 @@ def eval_(
     if json_output:
         split = cfg.data.eval_split
         ui.raw(json.dumps({"dataset": cfg.data.dataset, "split": split, "results": results}) + "\n")
-        return 0
+        return
     rows = [(_display_name(r), r) for r in results]
     ui.eval_table(f"eval: {cfg.data.dataset} ({cfg.data.eval_split})", rows)
     if output is not None:
         ui.note(f"per-sample results: {output}")
-    return 0
 
 
 def _write_records(path: Path, runs) -> None:

@@ -17,40 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from mlxgrpo.config import legacy
-from mlxgrpo.config.schema import SECTIONS, Config, FieldSpec, build_config, field_specs
+from mlxgrpo.config.resolved import ResolvedConfig, Source
+from mlxgrpo.config.schema import SECTIONS, FieldSpec, build_config, field_specs
+from mlxgrpo.config.validate import check_config
 from mlxgrpo.config.values import ValueProblem, check_bounds, closest, coerce, parse_cli_text
 from mlxgrpo.errors import ConfigError
 
 ENV_VAR = "MLX_GRPO_CONFIG"
 SPECS: dict[str, FieldSpec] = field_specs()
-
-
-@dataclass(frozen=True)
-class Source:
-    """Which layer set a value, and where exactly."""
-
-    layer: str  # default | file | env | --set | flag
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return self.layer if not self.detail else f"{self.layer} {self.detail}"
-
-
 DEFAULT = Source("default")
-
-
-@dataclass
-class ResolvedConfig:
-    config: Config
-    sources: dict[str, Source]
-    files: list[Path] = field(default_factory=list)
-
-    def changed_keys(self) -> list[str]:
-        return [k for k, s in self.sources.items() if s.layer != "default"]
-
-    def base_dir(self) -> Path:
-        """Directory that relative paths in the config are read against (the last file's)."""
-        return self.files[-1].parent if self.files else Path.cwd()
 
 
 class ConfigProblems(ConfigError):
@@ -107,8 +82,6 @@ def resolve_config(
             col.entries.append(_Entry(key, value, Source("flag", flag)))
     resolved, problems = _finish(col, environ)
     if resolved is not None and check_paths:
-        from mlxgrpo.config.validate import check_config
-
         problems += check_config(resolved)
     if problems:
         raise ConfigProblems(problems)

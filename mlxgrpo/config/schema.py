@@ -11,6 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxgrpo.config.choices import (
+    IMPORTANCE_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    ROLLOUT_CORRECTIONS,
+    SCALE_MODES,
+)
+
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its help text and validation metadata."""
@@ -156,13 +164,13 @@ class AlgorithmConfig:
         "stop-gradient ratio times log-prob, upper bound 1 + clip_eps_high only, token-"
         "normalised (MiniMax-M1); sapo = soft gate sigmoid(tau (r - 1)) 4 / tau instead of a "
         "clip, per sequence (SAPO, tau from sapo_tau_pos / sapo_tau_neg).",
-        choices=("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"),
+        choices=LOSS_TYPES,
     )
     importance_sampling_level: str = opt(
         "token",
         "Importance ratio per token, or per sequence (exp of the mean token log-ratio, as in "
         "GSPO) for any loss type; gspo is always sequence.",
-        choices=("token", "sequence"),
+        choices=IMPORTANCE_LEVELS,
     )
     clip_eps: float = opt(0.2, "Lower clip range: ratios below 1 - clip_eps are clipped.", min=0)
     clip_eps_high: float | None = opt(
@@ -184,13 +192,13 @@ class AlgorithmConfig:
         "Correct for a sampler that differs from the trainer, with w = pi_old / pi_sampler from "
         "the rollout's recorded log-probs: tis multiplies the policy term by min(w, cap), mis "
         "drops tokens (or sequences) with w > cap.",
-        choices=("none", "tis", "mis"),
+        choices=ROLLOUT_CORRECTIONS,
     )
     rollout_correction_cap: float = opt(2.0, "The cap on w for rollout_correction.", gt=0)
     rollout_correction_level: str = opt(
         "token",
         "w per token, or per sequence (the product over the completion's tokens).",
-        choices=("token", "sequence"),
+        choices=IMPORTANCE_LEVELS,
     )
     top_entropy_quantile: float = opt(
         1.0,
@@ -204,14 +212,14 @@ class AlgorithmConfig:
     kl_coeff: float = opt(
         0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0
     )
-    kl_estimator: str = opt("k3", "KL estimator per token.", choices=("k1", "k2", "k3"))
+    kl_estimator: str = opt("k3", "KL estimator per token.", choices=KL_ESTIMATORS)
     entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
     scale_rewards: str = opt(
         "group",
         "Advantage scaling: group = divide by the group's std, batch = the batch's std, none. "
         "Population std (divides by G): TRL uses the sample std (G - 1), so its advantages are "
         "sqrt(G / (G - 1)) times smaller.",
-        choices=("group", "batch", "none"),
+        choices=SCALE_MODES,
     )
     num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
     mask_truncated_completions: bool = opt(

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from mlxgrpo.config.resolved import ResolvedConfig
 from mlxgrpo.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mlxgrpo.config.resolver import ResolvedConfig
 
 
 def check_config(resolved: ResolvedConfig) -> list[str]:

@@ -15,36 +15,29 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxgrpo.engine.memory.replay import (
+from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.generation.decode_state import (
+    DecodeBatch,
+    drop_finished_rows,
+    first_step,
+    queue_next_token,
+)
+from mlxgrpo.generation.recording import (
     ActivationRecorder,
     RecordedActivations,
     join_activations,
     recording,
 )
-from mlxgrpo.errors import ConfigError, MlxgrpoError
-from mlxgrpo.generation.sampling import (
-    SamplingConfig,
-    apply_repetition_penalty,
-    mark_seen,
-    prompt_presence,
-    sample_recorded,
-    sample_tokens,
-)
-
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-
-# A decoded stop string may start this many tokens before the first token not yet checked.
-_STOP_STRING_TOKEN_MARGIN = 16
-# Drop finished rows from the decode batch once at least this share of it is finished.
-_COMPACT_FINISHED_SHARE = 0.25
+from mlxgrpo.generation.sampling import SamplingConfig
+from mlxgrpo.generation.stop_rules import FINISH_LENGTH, StopTracker
+from mlxgrpo.generation.tool_loop import ToolLoop
 
 
 @dataclass(frozen=True)
@@ -200,7 +193,7 @@ class Rollout:
     # there), and each completion's calls (generation.tool_loop.ToolCall).
     completion_forced: list[list[bool]] | None = None
     tool_calls: list[list[Any]] | None = None
-    # Each block's outputs at the completions' positions, when recorded (engine.memory.replay).
+    # Each block's outputs at the completions' positions, when recorded (generation.recording).
     activations: RecordedActivations | None = None
 
     @property
@@ -295,12 +288,6 @@ def prefill_prompts(
     return batch_cache, logits
 
 
-def _select_rows(cache: list[Any], rows: mx.array) -> None:
-    """Keep (and repeat) batch rows of every layer cache, in the order given."""
-    for c in cache:
-        c.filter(rows)
-
-
 @contextmanager
 def _inference_mode(model: nn.Module) -> Iterator[None]:
     """Switch dropout etc. off for the rollout and restore every module's flag afterwards."""
@@ -311,104 +298,6 @@ def _inference_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, was_training in flags:
             module._set_training_mode(was_training)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host-side stop rules
-
-
-class _StopTracker:
-    """Collects tokens per completion and decides where each one stops."""
-
-    def __init__(
-        self,
-        count: int,
-        max_new_tokens: int,
-        eos_token_ids: set[int],
-        stop_sequences: list[list[int]],
-        stop_strings: list[str],
-        decode: Callable[[list[int]], str] | None,
-    ) -> None:
-        self.ids: list[list[int]] = [[] for _ in range(count)]
-        self.stats: list[list[list[float]]] = [[] for _ in range(count)]  # per token, if recorded
-        self.reason: list[str | None] = [None] * count
-        self.max_new_tokens = max_new_tokens
-        self.eos = eos_token_ids
-        self.stop_sequences = [s for s in stop_sequences if s]
-        self.stop_strings = [s for s in stop_strings if s]
-        self.decode = decode
-        self.string_margin = _STOP_STRING_TOKEN_MARGIN + max(
-            (len(s) for s in self.stop_strings), default=0
-        )
-
-    def finished(self, row: int) -> bool:
-        return self.reason[row] is not None
-
-    def add(
-        self,
-        rows: Sequence[int],
-        new_tokens: list[list[int]],
-        new_stats: list[list[list[float]]] | None = None,
-    ) -> None:
-        """new_tokens[i] are the tokens sampled for completion rows[i] since the last call
-        (new_stats[i] their recorded statistics, one list per token)."""
-        for i, (row, tokens) in enumerate(zip(rows, new_tokens, strict=True)):
-            if not self.finished(row):
-                self._extend(row, tokens, None if new_stats is None else new_stats[i])
-
-    def force(self, row: int, token: int, stats: list[float] | None) -> None:
-        """A token the rollout put in (a tool's result): kept without stop checks, so an end
-        token inside a chat template's tool turn does not end the completion."""
-        if self.finished(row):
-            return
-        self.ids[row].append(token)
-        if stats is not None:
-            self.stats[row].append(stats)
-        if len(self.ids[row]) >= self.max_new_tokens:
-            self.reason[row] = FINISH_LENGTH
-
-    def close(self) -> None:
-        for row, reason in enumerate(self.reason):
-            if reason is None:
-                self.reason[row] = FINISH_LENGTH
-
-    def _extend(self, row: int, tokens: list[int], stats: list[list[float]] | None) -> None:
-        ids = self.ids[row]
-        checked = len(ids)
-        ids.extend(tokens[: self.max_new_tokens - checked])
-        if stats is not None:
-            self.stats[row].extend(stats[: self.max_new_tokens - checked])
-        cut = self._token_stop(ids, checked)
-        if self.stop_strings:
-            cut = self._string_stop(ids, checked, len(ids) if cut is None else cut) or cut
-        if cut is not None:
-            del ids[cut:]
-            del self.stats[row][cut:]
-            self.reason[row] = FINISH_STOP
-        elif len(ids) >= self.max_new_tokens:
-            self.reason[row] = FINISH_LENGTH
-
-    def _token_stop(self, ids: list[int], checked: int) -> int | None:
-        """Length up to and including the first EOS or stop sequence ending after `checked`."""
-        for end in range(checked + 1, len(ids) + 1):
-            if ids[end - 1] in self.eos:
-                return end
-            for seq in self.stop_sequences:
-                if len(seq) <= end and ids[end - len(seq) : end] == seq:
-                    return end
-        return None
-
-    def _string_stop(self, ids: list[int], checked: int, limit: int) -> int | None:
-        """Shortest length <= limit whose decoded tail contains a stop string."""
-        assert self.decode is not None
-        begin = max(0, checked - self.string_margin)
-        if not any(s in self.decode(ids[begin:limit]) for s in self.stop_strings):
-            return None
-        for end in range(max(begin, checked) + 1, limit + 1):
-            text = self.decode(ids[begin:end])
-            if any(s in text for s in self.stop_strings):
-                return end
-        return limit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,49 +362,6 @@ def _initial_key(seed: int | None, key: mx.array | None) -> mx.array:
     return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.uint32)
 
 
-@dataclass
-class _DecodeBatch:
-    """The rows being decoded right now and their on-device state."""
-
-    rows: list[int]
-    tokens: mx.array
-    cache: list[Any]
-    seen: mx.array | None = None
-    pending: list[mx.array] = field(default_factory=list)
-    # Record each sampled token's log-prob (and entropy) with it: None = record nothing.
-    record_entropy: bool | None = None
-    pending_stats: list[mx.array] = field(default_factory=list)
-    recorder: ActivationRecorder | None = None  # records the blocks' outputs of each step
-
-    def sample(self, logits: mx.array, key: mx.array | None, sampling: SamplingConfig) -> None:
-        """Draw the next token of every row (and its statistics, when recording)."""
-        if self.record_entropy is None:
-            self.tokens = sample_tokens(logits, key, sampling)
-            mx.async_eval(self.tokens)
-            return
-        self.tokens, stats = sample_recorded(logits, key, sampling, self.record_entropy)
-        self.pending_stats.append(stats)
-        mx.async_eval(self.tokens, stats)
-
-    def take_window(self) -> tuple[mx.array, mx.array | None]:
-        """The pending steps' tokens [rows, steps] and stats [rows, steps, k] (queued)."""
-        tokens = mx.stack(self.pending, axis=1)
-        stats = mx.stack(self.pending_stats, axis=1) if self.pending_stats else None
-        mx.async_eval(tokens, *([] if stats is None else [stats]))
-        self.pending, self.pending_stats = [], []
-        return tokens, stats
-
-    def keep(self, positions: list[int]) -> None:
-        index = mx.array(positions, dtype=mx.int32)
-        _select_rows(self.cache, index)
-        self.rows = [self.rows[p] for p in positions]
-        self.tokens = self.tokens[index]
-        self.pending = [t[index] for t in self.pending]
-        self.pending_stats = [t[index] for t in self.pending_stats]
-        if self.seen is not None:
-            self.seen = self.seen[index]
-
-
 def generate_groups(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -560,25 +406,19 @@ def generate_groups(
 
     ``record_activations`` keeps every transformer block's output at each completion's
     positions (``Rollout.activations``) for the training pass to replay
-    (:mod:`mlxgrpo.engine.memory.replay`); not with ``tools``, whose results run as longer steps.
+    (:mod:`mlxgrpo.generation.recording`); not with ``tools``, whose results run as longer steps.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
     prompts = [list(p) for p in prompts]
     count = len(prompts) * num_generations
-    tracker = _StopTracker(
-        count,
-        max_new_tokens,
-        set(eos_token_ids),
-        [list(s) for s in stop_sequences or []],
-        list(stop_strings or []),
-        decode,
+    stops = [list(s) for s in stop_sequences or []]
+    tracker = StopTracker(
+        count, max_new_tokens, set(eos_token_ids), stops, list(stop_strings or []), decode
     )
-    step_keys = None
-    if not sampling.greedy:
-        base = _initial_key(seed, key)
-        step_keys = completion_step_keys(
-            base, len(prompts), num_generations, max_new_tokens, prompt_offset
-        )
+    step_keys = _step_keys(
+        sampling, seed, key, len(prompts), num_generations, max_new_tokens, prompt_offset
+    )
+    record = record_entropies if (record_logprobs or record_entropies) else None
     with _inference_mode(model), recording(model, record_activations and not tools) as recorder:
         started = time.perf_counter()
         cache, logits = prefill_prompts(
@@ -586,20 +426,51 @@ def generate_groups(
         )
         mx.eval(logits)
         prefilled = time.perf_counter()
-        record = record_entropies if (record_logprobs or record_entropies) else None
-        batch = _first_step(prompts, num_generations, cache, logits, sampling, step_keys, record)
-        batch.recorder = recorder
-        loop = None
-        if tools is not None:
-            from mlxgrpo.generation.tool_loop import ToolLoop
-
-            loop = ToolLoop(tools, prompts, num_generations)
+        batch = first_step(
+            prompts, num_generations, cache, logits, sampling, step_keys, record, recorder
+        )
+        loop = None if tools is None else ToolLoop(tools, prompts, num_generations)
+        if loop is not None:
             steps = loop.decode(model, batch, tracker, max_new_tokens, sampling, step_keys)
         else:
             steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
         activations = None if recorder is None else recorder.records(count)
-        finished = time.perf_counter()
+        seconds = (prefilled - started, time.perf_counter() - prefilled)
+    return _finished_rollout(
+        prompts, num_generations, tracker, record, loop, steps, activations, seconds
+    )
+
+
+def _step_keys(
+    sampling: SamplingConfig,
+    seed: int | None,
+    key: mx.array | None,
+    prompts: int,
+    num_generations: int,
+    max_new_tokens: int,
+    prompt_offset: int,
+) -> mx.array | None:
+    """Every completion's keys for every step (:func:`completion_step_keys`); None when greedy."""
+    if sampling.greedy:
+        return None
+    base = _initial_key(seed, key)
+    return completion_step_keys(base, prompts, num_generations, max_new_tokens, prompt_offset)
+
+
+def _finished_rollout(
+    prompts: list[list[int]],
+    num_generations: int,
+    tracker: StopTracker,
+    record: bool | None,
+    loop: ToolLoop | None,
+    steps: int,
+    activations: RecordedActivations | None,
+    seconds: tuple[float, float],
+) -> Rollout:
+    """The rollout of a finished decode: ``record`` as :func:`first_step`'s ``record_entropy``,
+    ``seconds`` the prefill's and the decode's."""
     tracker.close()
+    count = len(prompts) * num_generations
     stats = tracker.stats if record is not None else None
     return Rollout(
         prompt_ids=prompts,
@@ -611,8 +482,8 @@ def generate_groups(
         prefill_tokens=sum(len(p) for p in prompts),
         generated_tokens=sum(len(ids) for ids in tracker.ids),
         decode_steps=steps,
-        prefill_seconds=prefilled - started,
-        decode_seconds=finished - prefilled,
+        prefill_seconds=seconds[0],
+        decode_seconds=seconds[1],
         completion_logprobs=None if stats is None else [[t[0] for t in row] for row in stats],
         completion_entropies=(
             [[t[1] for t in row] for row in stats] if stats is not None and record else None
@@ -623,38 +494,10 @@ def generate_groups(
     )
 
 
-def _first_step(
-    prompts: list[list[int]],
-    num_generations: int,
-    cache: list[Any],
-    logits: mx.array,
-    sampling: SamplingConfig,
-    step_keys: mx.array | None,
-    record_entropy: bool | None,
-) -> _DecodeBatch:
-    """Repeat each prompt's cache and logits G times and sample every completion's first token."""
-    group_rows = mx.repeat(mx.arange(len(prompts), dtype=mx.int32), num_generations)
-    _select_rows(cache, group_rows)
-    logits = logits[group_rows]
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = prompt_presence(prompts, logits.shape[-1])[group_rows]
-        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    key = None if step_keys is None else step_keys[:, 0]
-    rows = list(range(len(prompts) * num_generations))
-    placeholder = mx.zeros((len(rows),), dtype=mx.uint32)  # sample() sets the first tokens
-    batch = _DecodeBatch(
-        rows=rows, tokens=placeholder, cache=cache, seen=seen, record_entropy=record_entropy
-    )
-    batch.sample(logits, key, sampling)
-    batch.pending = [batch.tokens]
-    return batch
-
-
 def _decode(
     model: nn.Module,
-    batch: _DecodeBatch,
-    tracker: _StopTracker,
+    batch: DecodeBatch,
+    tracker: StopTracker,
     max_new_tokens: int,
     sampling: SamplingConfig,
     step_keys: mx.array | None,
@@ -668,36 +511,13 @@ def _decode(
             # Queued before the next step, so reading it back does not wait for that step.
             window, stats = batch.take_window()
         keys = None if step_keys is None else step_keys[mx.array(batch.rows), step]
-        _queue_next_token(model, batch, sampling, keys)
+        queue_next_token(model, batch, sampling, keys)
         step += 1
         if sync:
             tracker.add(batch.rows, window.tolist(), None if stats is None else stats.tolist())
-            if not _drop_finished_rows(batch, tracker):
+            if not drop_finished_rows(batch, tracker):
                 return step
         batch.pending.append(batch.tokens)
     window, stats = batch.take_window()
     tracker.add(batch.rows, window.tolist(), None if stats is None else stats.tolist())
     return step
-
-
-def _queue_next_token(
-    model: nn.Module, batch: _DecodeBatch, sampling: SamplingConfig, key: mx.array | None
-) -> None:
-    inputs = batch.tokens
-    if batch.recorder is not None:
-        batch.recorder.arm([[row] for row in batch.rows])
-    logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
-    if batch.seen is not None:
-        batch.seen = mark_seen(batch.seen, inputs)
-        logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)
-    batch.sample(logits, key, sampling)
-
-
-def _drop_finished_rows(batch: _DecodeBatch, tracker: _StopTracker) -> bool:
-    """Shrink the batch when enough rows finished; False when none is left to decode."""
-    active = [i for i, row in enumerate(batch.rows) if not tracker.finished(row)]
-    if not active:
-        return False
-    if len(batch.rows) - len(active) >= _COMPACT_FINISHED_SHARE * len(batch.rows):
-        batch.keep(active)
-    return True

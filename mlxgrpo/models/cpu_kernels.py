@@ -1,4 +1,4 @@
-"""Faster exp, SwiGLU and attention for MLX's CPU backend (DESIGN §8).
+"""Faster exp, SwiGLU and attention for MLX's CPU backend (docs/architecture.md §8).
 
 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` one element at a time on one core (about
 10 and 15 ns per float32 here), while ``power(2, x)`` runs about 2.5-3x faster with the same
@@ -28,9 +28,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-LOG2E = 1.4426950408889634
+from mlxgrpo.models.class_swap import subclass_with_call
 
-_FAST_CLASSES: dict[type, type] = {}
+LOG2E = 1.4426950408889634
 
 # Below this many elements an op is too short for a second stream to pay for itself.
 PARALLEL_MIN_ELEMENTS = 1 << 18
@@ -275,12 +275,14 @@ def _mlx_lm_attention() -> Any:
     return getattr(base, "scaled_dot_product_attention", None)
 
 
+def _fast_call(cls: type) -> Callable | None:
+    """The ``__call__`` of ``cls``'s CPU subclass, None when the class stays."""
+    return _rebound_call(cls) if cls.__module__.startswith("mlx_lm.models.") else None
+
+
 def _fast_class(cls: type) -> type | None:
     """The class to switch ``cls`` to, None when it stays (a switched class stays too)."""
-    if cls not in _FAST_CLASSES:
-        call = _rebound_call(cls) if cls.__module__.startswith("mlx_lm.models.") else None
-        _FAST_CLASSES[cls] = type(f"Cpu{cls.__name__}", (cls,), {"__call__": call}) if call else cls
-    fast = _FAST_CLASSES[cls]
+    fast = subclass_with_call(cls, "Cpu", _fast_call)
     return fast if fast is not cls else None
 
 

@@ -30,7 +30,7 @@ import re
 import warnings
 from collections.abc import Callable
 
-from mlxgrpo.tools import ToolError, one_line
+from mlxgrpo.tools.calls import ToolError, one_line
 
 MAX_EXPRESSION_CHARS = 500
 MAX_STRING_CHARS = 1000

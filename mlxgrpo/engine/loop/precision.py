@@ -1,9 +1,9 @@
 """The dtypes a run actually holds, for the run header: read off the arrays, not the config.
 
-Policy (DESIGN §8): frozen weights in the compute dtype (`model.dtype`; auto = bfloat16 on a
-GPU, float32 on CPU); trainable parameters and so their optimizer state always float32; full
-fine-tuning loads the whole model in float32 (its weights are the trainable ones); log-probs
-and the loss are float32 whatever the weights are.
+Policy (docs/architecture.md §8): frozen weights in the compute dtype (`model.dtype`; auto =
+bfloat16 on a GPU, float32 on CPU); trainable parameters and so their optimizer state always
+float32; full fine-tuning loads the whole model in float32 (its weights are the trainable
+ones); log-probs and the loss are float32 whatever the weights are.
 """
 
 from __future__ import annotations

@@ -38,8 +38,7 @@ class Session:
     model: Any
     tokenizer: Any
     stream: Any
-    eval_examples: list
-    reward_set: Any
+    task: Any  # mlxgrpo.task.Task: prompts, rewards, tool runner and codec
     optimizer: Any
     ctx: Any
     total_updates: int
@@ -148,49 +147,79 @@ def _write_resolved_config(resolved: ResolvedConfig, run_dir: Path) -> None:
 
 
 def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = None) -> Session:
-    import mlx.optimizers as optim
-
+    """Build what the loop works with: the task (its prompts and rewards checked before the
+    model loads, so bad data fails fast), the model with its trainable weights, the reference
+    model of full fine-tuning with KL, the prompt stream, the optimizer and the update context;
+    then resume from a checkpoint where run.resume says so."""
     from mlxgrpo.backend import seed_everything, set_memory_limits
-    from mlxgrpo.data import PromptStream, num_updates
     from mlxgrpo.distributed import Dist
-    from mlxgrpo.engine.loop.update import UpdateContext
+    from mlxgrpo.engine.loop.context import UpdateContext
     from mlxgrpo.models.finetune import prepare_trainable
     from mlxgrpo.models.loading import load_model
-    from mlxgrpo.task import (
-        build_reward_set,
-        build_tool_runner,
-        check_tools,
-        load_eval_examples,
-        load_train_examples,
-        text_codec,
-    )
+    from mlxgrpo.task import Task
 
     cfg = resolved.config
-    check_tools(resolved)
     seed_everything(cfg.run.seed)
     set_memory_limits()
-    train_examples = load_train_examples(resolved)
     wants_eval = cfg.eval.every_updates > 0 or cfg.eval.before_training
-    eval_examples = load_eval_examples(resolved) if wants_eval else []
-    reward_set = build_reward_set(resolved)
-    source = dict(
-        adapter_path=cfg.model.adapter_path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    task = Task.load(resolved, evaluate=wants_eval)
     # Full fine-tuning trains every weight, so all are float32 masters (bfloat16 would round
     # small updates away); the frozen reference copy stays in the compute dtype.
     full = cfg.finetune.type == "full"
     model, tokenizer = load_model(
-        cfg.model.path, dtype="float32" if full else cfg.model.dtype, **source
+        cfg.model.path, dtype="float32" if full else cfg.model.dtype, **_model_source(cfg)
     )
     # Loading may draw from MLX's generator (a first build of a builtin model initialises a
     # module): seed again so that new adapters start the same whether or not it did.
     seed_everything(cfg.run.seed)
     trainable = prepare_trainable(model, cfg.finetune)
-    tools = build_tool_runner(resolved, tokenizer)
+    task = task.with_tokenizer(tokenizer)
     ref_model = None
     if cfg.algorithm.kl_coeff > 0 and full:
-        ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **source)
+        ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **_model_source(cfg))
         ref_model.freeze()
+    stream, total = _prompt_stream(cfg, task.train_examples)
+    optimizer = _optimizer(cfg.optim, model)
+    ctx = UpdateContext(
+        model=model,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        rollout=cfg.rollout,
+        finetune=cfg.finetune,
+        reward_set=task.reward_set,
+        optimizer=optimizer,
+        codec=task.codec,
+        ref_model=ref_model,
+        dist=dist or Dist(),
+        tools=task.tools,
+    )
+    session = Session(
+        resolved,
+        run_dir,
+        model,
+        tokenizer,
+        stream,
+        task,
+        optimizer,
+        ctx,
+        total,
+        trainable,
+        dist=ctx.dist,
+    )
+    _maybe_resume(session, cb)
+    return session
+
+
+def _model_source(cfg: Any) -> dict[str, Any]:
+    """Where the weights come from, besides model.path: adapters to load, remote code."""
+    return dict(adapter_path=cfg.model.adapter_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _prompt_stream(cfg: Any, train_examples: list) -> tuple[Any, int]:
+    """The training prompts in batches of optim.batch_size, for as many epochs as the run's
+    updates (and dynamic sampling's extra draws) may read; and the number of updates."""
+    from mlxgrpo.data import PromptStream, num_updates
+
     per_epoch = num_updates(len(train_examples), cfg.optim.batch_size, 1)
     if per_epoch == 0:
         raise ConfigError(
@@ -209,42 +238,24 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         num_epochs=epochs,
         shuffle=cfg.data.shuffle,
     )
-    opt_cls = optim.AdamW if cfg.optim.optimizer == "adamw" else optim.Adam
+    return stream, total
+
+
+def _optimizer(optim_cfg: Any, model: Any) -> Any:
+    """Adam or AdamW as [optim] says, its state allocated for the model's trainable weights."""
+    import mlx.optimizers as optim
+
+    opt_cls = optim.AdamW if optim_cfg.optimizer == "adamw" else optim.Adam
     kwargs: dict[str, Any] = {
-        "learning_rate": cfg.optim.learning_rate,
-        "betas": [cfg.optim.adam_beta1, cfg.optim.adam_beta2],
+        "learning_rate": optim_cfg.learning_rate,
+        "betas": [optim_cfg.adam_beta1, optim_cfg.adam_beta2],
     }
-    if cfg.optim.optimizer == "adamw":
-        kwargs["weight_decay"] = cfg.optim.weight_decay
+    if optim_cfg.optimizer == "adamw":
+        kwargs["weight_decay"] = optim_cfg.weight_decay
     optimizer = opt_cls(**kwargs)
     # State allocated now rather than at the first step, so the header can report its dtype.
     optimizer.init(model.trainable_parameters())
-    ctx = UpdateContext(
-        model=model,
-        cfg=cfg,
-        reward_set=reward_set,
-        optimizer=optimizer,
-        codec=text_codec(tokenizer, cfg, tools),
-        ref_model=ref_model,
-        dist=dist or Dist(),
-        tools=tools,
-    )
-    session = Session(
-        resolved,
-        run_dir,
-        model,
-        tokenizer,
-        stream,
-        eval_examples,
-        reward_set,
-        optimizer,
-        ctx,
-        total,
-        trainable,
-        dist=ctx.dist,
-    )
-    _maybe_resume(session, cb)
-    return session
+    return optimizer
 
 
 def _maybe_resume(session: Session, cb: Callback) -> None:
@@ -324,7 +335,7 @@ def _start_info(s: Session) -> dict[str, Any]:
         "adapted_blocks": _adapted_blocks(s),
         "trainable_parameters": s.trainable,
         "dataset": cfg.data.dataset,
-        "rewards": list(s.reward_set.names),
+        "rewards": list(s.task.reward_set.names),
         "loss_type": cfg.algorithm.loss_type,
         "num_generations": cfg.rollout.num_generations,
         "batch_size": cfg.optim.batch_size,
@@ -348,7 +359,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
     guards = RunGuards(cfg.optim.max_nonfinite_updates, cfg.rewards.max_consecutive_failures)
-    if cfg.eval.before_training and s.start_update == 0 and s.eval_examples:
+    if cfg.eval.before_training and s.start_update == 0 and s.task.eval_examples:
         cb.on_eval(0, _evaluate(s))
     update = s.start_update
     while update < s.total_updates:
@@ -372,7 +383,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         guards.enforce(update, result)
         first = first if first is not None else result.metrics["reward_mean"]
         last = result.metrics["reward_mean"]
-        if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.eval_examples:
+        if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.task.eval_examples:
             cb.on_eval(update, _evaluate(s))
         stopping = s.dist.any(should_stop())  # one rank's Ctrl-C stops all at this update
         if stopping or (cfg.checkpoint.save_steps and update % cfg.checkpoint.save_steps == 0):
@@ -399,11 +410,10 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
 def _evaluate(s: Session) -> dict[str, Any]:
     from mlxgrpo.evaluation import evaluate_task
 
-    cfg = s.resolved.config
+    cfg, task = s.resolved.config, s.task
     # Several ranks share the eval prompts; every rank gets the global figures.
-    ctx = s.ctx
     result = evaluate_task(
-        s.model, s.eval_examples, s.reward_set, ctx.codec, cfg, dist=s.dist, tools=ctx.tools
+        s.model, task.eval_examples, task.reward_set, task.codec, cfg, dist=s.dist, tools=task.tools
     )
     return result.metrics
 

@@ -1,7 +1,8 @@
 """The training pass of one GRPO update: micro-batches, the update's loss normalisers, the KL
-reference log-probs, gradient accumulation over the passes, and the optimizer step.
+reference log-probs, gradient accumulation over the passes, and the optimizer step
+(docs/architecture.md §3).
 
-DESIGN §4.1. Old log-probs are never computed by a separate model: for num_iterations = 1 the
+Old log-probs are never computed by a separate model: for num_iterations = 1 the
 ratio is exactly 1 (stop-gradient of the current log-probs); for more passes the first pass's
 log-probs, taken before any optimizer step of this update, serve as the old policy.
 """
@@ -9,34 +10,27 @@ log-probs, taken before any optimizer step of this update, serve as the old poli
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
 from mlxgrpo import distributed
+from mlxgrpo.engine.loop.context import UpdateContext, trainer_temperature
 from mlxgrpo.engine.loop.microbatch import plan_microbatches
 from mlxgrpo.engine.loss import grpo
 from mlxgrpo.engine.memory.lm_head import sequence_logprobs
-from mlxgrpo.engine.memory.replay import GatheredActivations
 from mlxgrpo.errors import TrainingDivergedError
 from mlxgrpo.generation.logprobs import completion_slice
+from mlxgrpo.generation.recording import GatheredActivations
 from mlxgrpo.generation.rollout import MicroBatch, Rollout
 from mlxgrpo.models.finetune import adapters_disabled
-
-if TYPE_CHECKING:
-    from mlxgrpo.engine.loop.update import UpdateContext
-
-
-def trainer_temperature(cfg: Any) -> float:
-    """The temperature of the trainer's log-probs: the rollout's (1 for greedy rollouts)."""
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
 
 def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
     """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
-    cfg, dist = ctx.cfg, ctx.dist
+    algo, dist = ctx.algorithm, ctx.dist
     # Every rank takes the same branch: a rank with nothing to train still joins the sums.
     if not dist.sum_floats([len(keep)])[0]:
         return {"skipped": 1.0, "nonfinite_skipped": 0.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
@@ -47,20 +41,20 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
     chunks = plan_microbatches(
         keep,
         lengths,
-        parts=cfg.optim.gradient_accumulation_steps,
-        max_tokens=cfg.optim.max_tokens_per_microbatch,
+        parts=ctx.optim.gradient_accumulation_steps,
+        max_tokens=ctx.optim.max_tokens_per_microbatch,
     )
     chunks = [c for c in chunks if c]  # none at all on a rank that kept nothing
     batches = [rollout.training_batch(c, pad_id=ctx.codec.pad_id) for c in chunks]
     advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
-    norm = distributed.global_norm(dist, _local_norm(batches, cfg.rollout.max_new_tokens))
-    policy_masks = _top_entropy_masks(batches, cfg.algorithm.top_entropy_quantile)
-    refs = [reference_logprobs(ctx, b) for b in batches] if cfg.algorithm.kl_coeff > 0 else None
+    norm = distributed.global_norm(dist, _local_norm(batches, ctx.rollout.max_new_tokens))
+    policy_masks = _top_entropy_masks(batches, algo.top_entropy_quantile)
+    refs = [reference_logprobs(ctx, b) for b in batches] if algo.kl_coeff > 0 else None
     olds: list[mx.array | None] = [None] * len(batches)
     known = _replay_inputs(rollout, chunks)
     totals: dict[str, float] = {}
     mismatch = _Mismatch()
-    passes, nonfinite = cfg.algorithm.num_iterations, False
+    passes, nonfinite = algo.num_iterations, False
     for iteration in range(passes):
         loss_sum, grads, metrics_sum = 0.0, None, {}
         for k, batch in enumerate(batches):
@@ -187,10 +181,10 @@ def _top_entropy_masks(batches: list[MicroBatch], quantile: float) -> list[mx.ar
 def reference_logprobs(ctx: UpdateContext, batch: MicroBatch) -> mx.array:
     options = dict(
         mask=batch.completion_mask,
-        chunk_size=ctx.cfg.finetune.lm_head_chunk or None,
+        chunk_size=ctx.finetune.lm_head_chunk or None,
         differentiable=False,
         prompt_lengths=batch.prompt_lengths,
-        temperature=trainer_temperature(ctx.cfg),
+        temperature=trainer_temperature(ctx.rollout),
     )
     if ctx.ref_model is not None:
         ref = sequence_logprobs(ctx.ref_model, batch.tokens, batch.start, **options)
@@ -211,7 +205,7 @@ def step(ctx: UpdateContext, grads: Any, loss: float) -> tuple[float, bool]:
     """
     import mlx.optimizers as optim
 
-    limit = ctx.cfg.optim.max_grad_norm
+    limit = ctx.optim.max_grad_norm
     grads, norm = optim.clip_grad_norm(grads, limit if limit > 0 else math.inf)
     norm_value = norm.item()  # the gradients are evaluated already: a cheap reduction
     if not (math.isfinite(norm_value) and math.isfinite(loss)):

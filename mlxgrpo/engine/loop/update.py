@@ -8,15 +8,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlxgrpo import distributed
 from mlxgrpo.data import Example
 from mlxgrpo.engine.loop import dynamic_sampling
-from mlxgrpo.engine.loop.training_pass import learn, trainer_temperature
+from mlxgrpo.engine.loop.context import UpdateContext
+from mlxgrpo.engine.loop.dynamic_sampling import ScoredRollout
+from mlxgrpo.engine.loop.training_pass import learn
 from mlxgrpo.engine.loop.update_metrics import (
     advantage_metrics,
     completion_metrics,
@@ -25,90 +26,13 @@ from mlxgrpo.engine.loop.update_metrics import (
     tool_metrics,
 )
 from mlxgrpo.engine.loss import grpo
-from mlxgrpo.engine.memory.lm_head import sequence_logprobs
-from mlxgrpo.engine.memory.recompute import checkpointed_blocks
-from mlxgrpo.engine.memory.replay import replay_applies
-from mlxgrpo.generation.logprobs import completion_slice
-from mlxgrpo.generation.rollout import MicroBatch, Rollout, SamplingConfig, generate_groups
+from mlxgrpo.evaluation import score_completions
+from mlxgrpo.generation.rollout import Rollout, SamplingConfig, generate_groups
 from mlxgrpo.models.tokenizer import strip_eos
 from mlxgrpo.rewards import RewardResult, RewardSet
-from mlxgrpo.task import TextCodec
 
-
-@dataclass
-class UpdateContext:
-    """Everything an update needs that stays the same across updates."""
-
-    model: nn.Module
-    cfg: Any  # mlxgrpo.config.Config
-    reward_set: RewardSet
-    optimizer: Any
-    codec: TextCodec  # prompt encoder, decoder, EOS ids, pad id
-    ref_model: nn.Module | None = None  # full fine-tuning with KL only
-    tools: Any = None  # generation.tool_loop.ToolRunner when rollout.tools is set
-    dist: distributed.Dist = field(default_factory=distributed.Dist)  # size 1: one process
-    _value_and_grad: Callable[..., Any] = field(init=False, repr=False)
-    # Whether rollouts record the blocks' outputs for the training pass (engine.memory.replay).
-    replays_rollout: bool = field(init=False, default=False)
-
-    def __post_init__(self) -> None:
-        self._value_and_grad = nn.value_and_grad(self.model, self._loss)
-        self.replays_rollout = replay_applies(self.model, self.cfg, self.tools)
-
-    def loss_and_grad(
-        self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask=None, known=None
-    ):
-        """``((loss, (metrics, logp)), grads)`` of one micro-batch (see :meth:`_loss`).
-
-        With ``finetune.grad_checkpoint`` the blocks recompute their activations in the
-        backward pass, which runs inside this call: the context spans all of it. ``known``:
-        the rollout's block outputs at these rows (``GatheredActivations``,
-        :mod:`~mlxgrpo.engine.memory.replay`), valid only while the weights are the rollout's.
-        """
-        with checkpointed_blocks(self.model, self.cfg.finetune.grad_checkpoint):
-            return self._value_and_grad(
-                batch, advantages, old_logp, ref_logp, norm, policy_mask, known
-            )
-
-    def _loss(self, batch: MicroBatch, advantages, old_logp, ref_logp, norm, policy_mask, known):
-        algo, mask = self.cfg.algorithm, batch.completion_mask
-        # The entropy is always reported; it is differentiated only when it is in the loss.
-        logp, entropy = sequence_logprobs(
-            self.model,
-            batch.tokens,
-            batch.start,
-            with_entropy=True,
-            entropy_grad=algo.entropy_coeff != 0,
-            chunk_size=self.cfg.finetune.lm_head_chunk or None,
-            mask=mask,
-            prompt_lengths=batch.prompt_lengths,
-            temperature=trainer_temperature(self.cfg),
-            known=known,
-        )
-        loss, metrics = grpo.policy_loss(
-            logp,
-            old_logp,
-            advantages,
-            completion_slice(mask, batch.start),
-            norm=norm,
-            loss_type=algo.loss_type,
-            clip_eps=algo.clip_eps,
-            clip_eps_high=algo.clip_eps_high,
-            kl_coeff=algo.kl_coeff,
-            ref_logp=ref_logp,
-            kl_estimator=algo.kl_estimator,
-            entropy=entropy,
-            entropy_coeff=algo.entropy_coeff,
-            importance_sampling_level=algo.importance_sampling_level,
-            sapo_tau_pos=algo.sapo_tau_pos,
-            sapo_tau_neg=algo.sapo_tau_neg,
-            sampler_logp=batch.sampler_logp,
-            rollout_correction=algo.rollout_correction,
-            rollout_correction_cap=algo.rollout_correction_cap,
-            rollout_correction_level=algo.rollout_correction_level,
-            policy_mask=policy_mask,
-        )
-        return loss, (metrics, mx.stop_gradient(logp))
+if TYPE_CHECKING:
+    from mlxgrpo.config.schema import AlgorithmConfig
 
 
 @dataclass
@@ -132,41 +56,20 @@ def run_update(
     With ``algorithm.dynamic_sampling``, ``more_examples()`` supplies further batches of
     prompts (None when the data ran out) until the update holds enough informative groups.
     """
-    cfg, started, dist = ctx.cfg, time.perf_counter(), ctx.dist
+    started, dist = time.perf_counter(), ctx.dist
     comm_before = dist.comm_seconds
     mx.random.seed(seed)  # dropout and sampling are a function of (run seed, update)
     # Several ranks: this rank's contiguous share; sampling is keyed by global prompt index.
     local, offset = dist.shard(examples)
-    sample = _sample(ctx, local, seed, offset)
-    scored_parts = [sample.scored]
-    extra: dict[str, float] = {}
-    trained_groups = list(range(sample.num_groups))
-    if cfg.algorithm.dynamic_sampling and more_examples is not None:
-
-        def draw(k: int) -> dynamic_sampling.ScoredRollout | None:
-            batch = more_examples()
-            if batch is None:
-                return None
-            part = _sample(ctx, batch, dynamic_sampling.draw_seed(seed, k))
-            scored_parts.append(part.scored)
-            return part
-
-        filled = dynamic_sampling.fill(
-            sample,
-            draw,
-            batch_size=cfg.optim.batch_size,
-            max_extra_draws=cfg.algorithm.max_resample_batches,
-        )
-        sample, trained, trained_groups = filled.sampled, filled.trained, filled.trained_groups
-        extra = {
-            "sampling_draws": float(filled.draws),
-            "trained_groups": float(len(trained_groups)),
-        }
-    else:
-        trained = sample
+    scored_parts: list[RewardResult] = []
+    sample = _sample(ctx, local, seed, offset, scored_parts)
+    sample, trained, trained_groups, extra = _fill(ctx, sample, seed, more_examples, scored_parts)
     # Advantages from the whole update's rewards (batch-scaled std is global), then our rows.
     rows = distributed.global_rows(dist, trained)
-    all_advantages, all_keep = _advantages(rows.rewards, rows.truncated, cfg)
+    group = ctx.rollout.num_generations
+    all_advantages, all_keep = advantages_and_keep(
+        rows.rewards, rows.truncated, ctx.algorithm, group
+    )
     advantages, keep = distributed.local_part(rows, len(trained.rewards), all_advantages, all_keep)
     shown = rows if trained is sample else distributed.global_rows(dist, sample)
     if sample is not trained:  # learn() consumes the records; no other copy may keep them
@@ -176,7 +79,7 @@ def run_update(
     train_started = time.perf_counter()
     train_metrics, trained_tokens = learn(ctx, trained.rollout, advantages, keep)
     train_seconds = time.perf_counter() - train_started
-    rollout, group = sample.rollout, cfg.rollout.num_generations
+    rollout = sample.rollout
     # Tokens summed over ranks, seconds of the slowest: the throughput of the whole run.
     (rollout_rate, rollout_seconds), (train_rate, train_seconds) = distributed.global_rates(
         dist,
@@ -202,16 +105,55 @@ def run_update(
     }
     if dist.active:  # rank 0's time in collectives this update (data moved, peers waited for)
         metrics["comm_seconds"] = dist.comm_seconds - comm_before
-    # Every sampled completion is logged; those of groups the update did not train on carry
-    # advantage 0.
-    per_row = [0.0] * len(sample.rewards)
-    for position, g in enumerate(trained_groups):
-        for j in range(group):
-            per_row[g * group + j] = advantages[position * group + j]
+    per_row = _sampled_advantages(advantages, trained_groups, len(sample.rewards), group)
     records = distributed.join_records(dist, completion_records(sample, per_row))
     errors = {name: f.first_message for name, f in sample.scored.errors.items() if f.count == 1}
     failures = distributed.common_failures(dist, _failed_every_call(scored_parts))
     return UpdateResult(metrics, records, errors, failures)
+
+
+def _fill(
+    ctx: UpdateContext,
+    sample: ScoredRollout,
+    seed: int,
+    more_examples: Callable[[], Sequence[Example] | None] | None,
+    scored_parts: list[RewardResult],
+) -> tuple[ScoredRollout, ScoredRollout, list[int], dict[str, float]]:
+    """(sampled, trained, trained groups, metrics): with ``algorithm.dynamic_sampling``, the
+    rollouts drawn until the update holds enough informative groups; else ``sample`` itself."""
+    algo = ctx.algorithm
+    if not (algo.dynamic_sampling and more_examples is not None):
+        return sample, sample, list(range(sample.num_groups)), {}
+
+    def draw(k: int) -> ScoredRollout | None:
+        batch = more_examples()
+        if batch is None:
+            return None
+        return _sample(ctx, batch, dynamic_sampling.draw_seed(seed, k), 0, scored_parts)
+
+    filled = dynamic_sampling.fill(
+        sample,
+        draw,
+        batch_size=ctx.optim.batch_size,
+        max_extra_draws=algo.max_resample_batches,
+    )
+    extra = {
+        "sampling_draws": float(filled.draws),
+        "trained_groups": float(len(filled.trained_groups)),
+    }
+    return filled.sampled, filled.trained, filled.trained_groups, extra
+
+
+def _sampled_advantages(
+    advantages: list[float], trained_groups: list[int], rows: int, group: int
+) -> list[float]:
+    """Per sampled completion, its advantage: every sampled completion is logged, and those of
+    groups the update did not train on carry advantage 0."""
+    per_row = [0.0] * rows
+    for position, g in enumerate(trained_groups):
+        for j in range(group):
+            per_row[g * group + j] = advantages[position * group + j]
+    return per_row
 
 
 def _failed_every_call(parts: Sequence[RewardResult]) -> dict[str, str]:
@@ -220,20 +162,29 @@ def _failed_every_call(parts: Sequence[RewardResult]) -> dict[str, str]:
     return {name: parts[-1].errors[name].last_message for name in sorted(names)}
 
 
-def _sample(ctx: UpdateContext, examples: Sequence[Example], seed: int, prompt_offset: int = 0):
-    """Roll out and score one batch of prompts (the first is the update's prompt_offset-th)."""
+def _sample(
+    ctx: UpdateContext,
+    examples: Sequence[Example],
+    seed: int,
+    prompt_offset: int,
+    scored_parts: list[RewardResult],
+) -> ScoredRollout:
+    """Roll out and score one batch of prompts (the first is the update's prompt_offset-th);
+    its reward result joins ``scored_parts``."""
     prompts = [ctx.codec.encode(ex) for ex in examples]
     rollout = _rollout(ctx, prompts, seed, prompt_offset)
     texts = [ctx.codec.decode(strip_eos(ids, ctx.codec.eos_ids)) for ids in rollout.completion_ids]
     scored = _score(ctx.reward_set, examples, rollout, texts)
-    rewards = _with_overlong_penalty(scored.totals, rollout, ctx.cfg)
-    return dynamic_sampling.ScoredRollout(list(examples), rollout, texts, scored, rewards)
+    scored_parts.append(scored)
+    budget = ctx.rollout.max_new_tokens
+    rewards = _with_overlong_penalty(scored.totals, rollout, ctx.algorithm, budget)
+    return ScoredRollout(list(examples), rollout, texts, scored, rewards)
 
 
 def _rollout(
     ctx: UpdateContext, prompts: list[list[int]], seed: int, prompt_offset: int = 0
 ) -> Rollout:
-    r = ctx.cfg.rollout
+    r = ctx.rollout
     sampling = SamplingConfig.from_section(r)
     return generate_groups(
         ctx.model,
@@ -246,7 +197,7 @@ def _rollout(
         decode=ctx.codec.decode if r.stop else None,
         seed=seed,
         record_logprobs=True,
-        record_entropies=ctx.cfg.algorithm.top_entropy_quantile < 1.0,
+        record_entropies=ctx.algorithm.top_entropy_quantile < 1.0,
         prompt_offset=prompt_offset,
         tools=ctx.tools,
         record_activations=ctx.replays_rollout,
@@ -254,14 +205,14 @@ def _rollout(
 
 
 def _score(reward_set: RewardSet, examples, rollout: Rollout, texts: list[str]) -> RewardResult:
-    from mlxgrpo.evaluation import score_completions
-
     return score_completions(reward_set, [examples[i] for i in rollout.prompt_index], texts)
 
 
-def _with_overlong_penalty(totals: Sequence[float], rollout: Rollout, cfg: Any) -> list[float]:
-    """DAPO's soft overlong punishment: a linear penalty through the last `buffer` tokens."""
-    algo, budget = cfg.algorithm, cfg.rollout.max_new_tokens
+def _with_overlong_penalty(
+    totals: Sequence[float], rollout: Rollout, algo: AlgorithmConfig, budget: int
+) -> list[float]:
+    """DAPO's soft overlong punishment: a linear penalty through the last `buffer` tokens of
+    the ``budget`` (rollout.max_new_tokens)."""
     if algo.overlong_penalty <= 0:
         return list(totals)
     buffer = algo.overlong_buffer or max(1, budget // 4)
@@ -272,9 +223,11 @@ def _with_overlong_penalty(totals: Sequence[float], rollout: Rollout, cfg: Any) 
     ]
 
 
-def _advantages(rewards: list[float], truncated: list[bool], cfg: Any):
-    """Per-completion advantages and the indices of the completions that train."""
-    algo, group = cfg.algorithm, cfg.rollout.num_generations
+def advantages_and_keep(
+    rewards: list[float], truncated: list[bool], algo: AlgorithmConfig, group: int
+) -> tuple[list[float], list[int]]:
+    """Per-completion advantages (groups of ``group`` = rollout.num_generations completions)
+    and the indices of the completions that train."""
     r = mx.array(rewards, dtype=mx.float32)
     adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
     if algo.mask_truncated_completions:

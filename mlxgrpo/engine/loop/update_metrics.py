@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from mlxgrpo import distributed
 from mlxgrpo.engine.loss import grpo
+from mlxgrpo.evaluation import accuracy, completion_record
 from mlxgrpo.generation.rollout import Rollout
 from mlxgrpo.rewards import RewardResult
 
@@ -28,8 +29,6 @@ def reward_metrics(scored: RewardResult, rewards, group: int) -> dict[str, Any]:
     for name in scored.names:
         per_fn[name] = {"mean": scored.mean(name), "std": scored.std(name)}
     out["rewards"] = per_fn
-    from mlxgrpo.evaluation import accuracy
-
     if (share := accuracy(scored)) is not None:
         out["accuracy"] = share
     flat = grpo.zero_std_group_mask(mx.array(rewards, dtype=mx.float32), group)
@@ -80,21 +79,14 @@ def tool_metrics(dist: distributed.Dist, rollout: Rollout) -> dict[str, float]:
 
 
 def completion_records(sample, advantages: list[float]) -> list[dict]:
+    """One record per sampled completion (``sample``: a ScoredRollout), as completions.jsonl
+    holds them: the shared record, then its advantage, truncation and any tool calls."""
     records = []
     rollout, scored = sample.rollout, sample.scored
     for i, text in enumerate(sample.texts):
         ex = sample.examples[rollout.prompt_index[i]]
-        records.append(
-            {
-                "prompt": ex.prompt,
-                "answer": ex.answer,
-                "completion": text,
-                "rewards": {n: scored.values[n][i] for n in scored.names},
-                "reward": sample.rewards[i],
-                "advantage": advantages[i],
-                "truncated": rollout.truncated[i],
-            }
-        )
+        fields: dict[str, Any] = {"advantage": advantages[i], "truncated": rollout.truncated[i]}
         if rollout.tool_calls is not None:
-            records[-1]["tool_calls"] = [c.as_record() for c in rollout.tool_calls[i]]
+            fields["tool_calls"] = [c.as_record() for c in rollout.tool_calls[i]]
+        records.append(completion_record(ex, text, scored, i, sample.rewards[i], **fields))
     return records

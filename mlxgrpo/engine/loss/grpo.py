@@ -2,7 +2,7 @@
 
 Pure functions over ``mx.array``; nothing here loads models, prints or touches the filesystem.
 The token log-probs live in :mod:`~mlxgrpo.generation.logprobs` (math) and
-:mod:`~mlxgrpo.engine.memory.lm_head` (applied to a model); their public names are re-exported here.
+:mod:`~mlxgrpo.engine.memory.lm_head` (applied to a model).
 
 Batch layout shared by the whole engine: a micro-batch is ``tokens`` [N, T] int32, right-padded;
 each row is prompt ids, then completion ids (the EOS token kept as the last completion token when
@@ -17,11 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from mlxgrpo.config.choices import (
+    IMPORTANCE_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    ROLLOUT_CORRECTIONS,
+    SCALE_MODES,
+    ImportanceLevel,
+    KLEstimator,
+    LossType,
+    RolloutCorrection,
+    ScaleMode,
+)
 from mlxgrpo.errors import ConfigError
 
 __all__ = [
@@ -35,18 +47,6 @@ __all__ = [
     "sapo_gate",
     "zero_std_group_mask",
 ]
-
-ScaleMode = Literal["group", "batch", "none"]
-KLEstimator = Literal["k1", "k2", "k3"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"]
-ImportanceLevel = Literal["token", "sequence"]
-RolloutCorrection = Literal["none", "tis", "mis"]
-
-SCALE_MODES: tuple[str, ...] = ("group", "batch", "none")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo")
-IMPORTANCE_LEVELS: tuple[str, ...] = ("token", "sequence")
-ROLLOUT_CORRECTIONS: tuple[str, ...] = ("none", "tis", "mis")
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -330,38 +330,16 @@ def policy_loss(
     (ratio > 1+eps_high with A > 0; for ``cispo`` any ratio above its cap), ``ratio``, plus
     ``kl``, ``entropy``, ``rollout_corrected`` and ``policy_tokens`` when those apply.
     """
-    _check_choice("loss type", loss_type, LOSS_TYPES)
-    _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
-    _check_choice("importance-sampling level", importance_sampling_level, IMPORTANCE_LEVELS)
-    if old_logp is None:
-        old_logp = logp
+    _check_loss_choices(loss_type, kl_estimator, importance_sampling_level)
+    old_logp = logp if old_logp is None else old_logp
     _validate_loss_inputs(logp, old_logp, advantages, mask)
-    if kl_coeff != 0.0 and ref_logp is None:
-        raise ValueError("kl_coeff != 0 needs ref_logp")
-    if entropy_coeff != 0.0 and entropy is None:
-        raise ValueError("entropy_coeff != 0 needs entropy")
-    if rollout_correction != "none" and sampler_logp is None:
-        raise ValueError("a rollout correction needs sampler_logp")
-    eps_low = clip_eps
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    mask = mask.astype(mx.float32)
-    old_logp = mx.stop_gradient(old_logp)
-
+    _require_inputs(kl_coeff, ref_logp, entropy_coeff, entropy, rollout_correction, sampler_logp)
+    mask, old_logp = mask.astype(mx.float32), mx.stop_gradient(old_logp)
     sequence_level = importance_sampling_level == "sequence" or loss_type == "gspo"
     ratio = mx.exp(_log_ratios(logp, old_logp, mask, sequence_level=sequence_level))
-    adv = advantages.astype(mx.float32)[:, None]
-    if loss_type == "cispo":
-        pg = -mx.stop_gradient(mx.minimum(ratio, 1.0 + eps_high)) * adv * logp
-        clipped_high = ratio > 1.0 + eps_high
-        clipped_low = mx.zeros(ratio.shape, dtype=mx.bool_)
-    elif loss_type == "sapo":
-        pg = -sapo_gate(ratio, adv, sapo_tau_pos, sapo_tau_neg) * adv
-        clipped_high = clipped_low = mx.zeros(ratio.shape, dtype=mx.bool_)
-    else:
-        pg = -mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
-        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
-
+    pg, clipped_low, clipped_high = _policy_term(
+        loss_type, logp, ratio, advantages, (clip_eps, clip_eps_high), (sapo_tau_pos, sapo_tau_neg)
+    )
     metrics: dict[str, mx.array] = {
         "clip_low": _token_share(clipped_low, mask, norm),
         "clip_high": _token_share(clipped_high, mask, norm),
@@ -369,25 +347,99 @@ def policy_loss(
     }
     if rollout_correction != "none":
         assert sampler_logp is not None
-        factor, corrected = rollout_correction_factor(
-            old_logp,
-            sampler_logp,
-            mask,
-            kind=rollout_correction,
-            cap=rollout_correction_cap,
-            level=rollout_correction_level,
-        )
-        pg = pg * factor
-        metrics["rollout_corrected"] = _token_share(corrected, mask, norm)
+        correction = (rollout_correction, rollout_correction_cap, rollout_correction_level)
+        pg = _rollout_corrected(pg, old_logp, sampler_logp, mask, norm, correction, metrics)
     if policy_mask is not None:
         pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
         metrics["policy_tokens"] = _token_share(policy_mask, mask, norm)
+    kl = None if ref_logp is None else kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator)
+    token_loss = _with_regularisers(pg, kl, kl_coeff, entropy, entropy_coeff, mask, norm, metrics)
+    return _aggregate(token_loss, mask, loss_type, norm), metrics
+
+
+def _check_loss_choices(loss_type: str, kl_estimator: str, importance_level: str) -> None:
+    _check_choice("loss type", loss_type, LOSS_TYPES)
+    _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
+    _check_choice("importance-sampling level", importance_level, IMPORTANCE_LEVELS)
+
+
+def _require_inputs(
+    kl_coeff: float,
+    ref_logp: mx.array | None,
+    entropy_coeff: float,
+    entropy: mx.array | None,
+    rollout_correction: str,
+    sampler_logp: mx.array | None,
+) -> None:
+    """Each optional input that a setting of :func:`policy_loss` relies on is given."""
+    if kl_coeff != 0.0 and ref_logp is None:
+        raise ValueError("kl_coeff != 0 needs ref_logp")
+    if entropy_coeff != 0.0 and entropy is None:
+        raise ValueError("entropy_coeff != 0 needs entropy")
+    if rollout_correction != "none" and sampler_logp is None:
+        raise ValueError("a rollout correction needs sampler_logp")
+
+
+def _policy_term(
+    loss_type: str,
+    logp: mx.array,
+    ratio: mx.array,
+    advantages: mx.array,
+    clip: tuple[float, float | None],
+    sapo_taus: tuple[float, float],
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(pg, clipped_low, clipped_high)`` [N, L]: the loss type's policy term per token (see
+    :func:`policy_loss`) and where its clip acted. ``clip`` is ``(clip_eps, clip_eps_high)``,
+    the upper range None for the lower one."""
+    eps_low = clip[0]
+    eps_high = eps_low if clip[1] is None else clip[1]
+    adv = advantages.astype(mx.float32)[:, None]
+    if loss_type == "cispo":
+        pg = -mx.stop_gradient(mx.minimum(ratio, 1.0 + eps_high)) * adv * logp
+        return pg, mx.zeros(ratio.shape, dtype=mx.bool_), ratio > 1.0 + eps_high
+    if loss_type == "sapo":
+        unclipped = mx.zeros(ratio.shape, dtype=mx.bool_)
+        return -sapo_gate(ratio, adv, *sapo_taus) * adv, unclipped, unclipped
+    pg = -mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    return pg, (ratio < 1.0 - eps_low) & (adv < 0), (ratio > 1.0 + eps_high) & (adv > 0)
+
+
+def _rollout_corrected(
+    pg: mx.array,
+    old_logp: mx.array,
+    sampler_logp: mx.array,
+    mask: mx.array,
+    norm: LossNorm,
+    correction: tuple[RolloutCorrection, float, ImportanceLevel],
+    metrics: dict[str, mx.array],
+) -> mx.array:
+    """``pg`` times the rollout correction's factor; records ``rollout_corrected`` in
+    ``metrics``. ``correction`` is ``(kind, cap, level)``."""
+    kind, cap, level = correction
+    factor, corrected = rollout_correction_factor(
+        old_logp, sampler_logp, mask, kind=kind, cap=cap, level=level
+    )
+    metrics["rollout_corrected"] = _token_share(corrected, mask, norm)
+    return pg * factor
+
+
+def _with_regularisers(
+    pg: mx.array,
+    kl: mx.array | None,
+    kl_coeff: float,
+    entropy: mx.array | None,
+    entropy_coeff: float,
+    mask: mx.array,
+    norm: LossNorm,
+    metrics: dict[str, mx.array],
+) -> mx.array:
+    """The per-token loss: ``pg + kl_coeff*kl - entropy_coeff*entropy`` (each term when given);
+    records ``kl`` and ``entropy`` in ``metrics``."""
     token_loss = pg
-    if ref_logp is not None:
-        kl = kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator)
+    if kl is not None:
         token_loss = token_loss + kl_coeff * kl
         metrics["kl"] = _token_share(kl, mask, norm)
     if entropy is not None:
         token_loss = token_loss - entropy_coeff * entropy
         metrics["entropy"] = _token_share(entropy, mask, norm)
-    return _aggregate(token_loss, mask, loss_type, norm), metrics
+    return token_loss

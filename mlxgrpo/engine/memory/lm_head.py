@@ -1,4 +1,5 @@
-"""Per-token log-probs of a sequence under a model, with a chunked LM head (DESIGN §4.2, §9b).
+"""Per-token log-probs of a sequence under a model, with a chunked LM head
+(docs/architecture.md §4 and §5).
 
 The vocabulary-sized LM head dominates memory at real shapes: at Qwen2.5's 151,936 tokens one
 micro-batch of 8 x 128 completion positions has 0.6 GB of float32 logits, and autodiff keeps the
@@ -226,31 +227,7 @@ def sequence_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     width = length - start
-    split = split_lm_head(model)
-    layout = None
-    if split is not None and mask is not None and prompt_lengths is not None:
-        if shared_prefix.supports(split[0]):
-            layout = shared_prefix.plan(
-                np.asarray(tokens), np.asarray(prompt_lengths), np.asarray(mask) > 0
-            )
-    if layout is not None:
-        trunk, head = split  # type: ignore[misc]
-        hidden = shared_prefix.suffix_hidden(trunk, layout, known)
-        features = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
-        selected = _selected_positions(mask[:, start:], rows, width)
-        if selected is None:
-            selected = np.arange(rows * width)
-    else:
-        selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
-        if split is None:
-            logits = model(tokens[:, :-1])[:, start - 1 :]
-            features, head = logits.reshape(rows * width, -1), None
-        else:
-            trunk, head = split
-            hidden = trunk(tokens[:, :-1])[:, start - 1 :]
-            features = hidden.reshape(rows * width, hidden.shape[-1])
-        if selected is not None:
-            features = features[mx.array(selected, dtype=mx.int32)]
+    head, features, selected = _head_features(model, tokens, start, mask, prompt_lengths, known)
     targets = tokens[:, start:].reshape(-1)
     if selected is not None:
         targets = targets[mx.array(selected, dtype=mx.int32)]
@@ -269,6 +246,58 @@ def sequence_logprobs(
         outputs = [_scatter(values, selected, rows * width) for values in outputs]
     logp, *rest = (values.reshape(rows, width) for values in outputs)
     return (logp, rest[0]) if with_entropy else logp
+
+
+def _head_features(
+    model: nn.Module,
+    tokens: mx.array,
+    start: int,
+    mask: mx.array | None,
+    prompt_lengths: Any,
+    known: shared_prefix.KnownOutputs | None,
+) -> tuple[Callable | None, mx.array, np.ndarray | None]:
+    """``(head, features, selected)``: the LM head (None when the model is not split and the
+    features are its logits), the flat features [P, H] of the positions whose log-prob is
+    wanted, and those positions' flat indices in [N, T-start] (None = all)."""
+    rows, length = tokens.shape
+    width = length - start
+    split = split_lm_head(model)
+    layout = _shared_prefix_layout(split, tokens, mask, prompt_lengths)
+    if layout is not None:
+        assert split is not None and mask is not None
+        trunk, head = split
+        hidden = shared_prefix.suffix_hidden(trunk, layout, known)
+        features = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
+        selected = _selected_positions(mask[:, start:], rows, width)
+        if selected is None:
+            selected = np.arange(rows * width)
+        return head, features, selected
+    selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
+    if split is None:
+        logits = model(tokens[:, :-1])[:, start - 1 :]
+        features, head = logits.reshape(rows * width, -1), None
+    else:
+        trunk, head = split
+        hidden = trunk(tokens[:, :-1])[:, start - 1 :]
+        features = hidden.reshape(rows * width, hidden.shape[-1])
+    if selected is not None:
+        features = features[mx.array(selected, dtype=mx.int32)]
+    return head, features, selected
+
+
+def _shared_prefix_layout(
+    split: tuple[Callable, Callable] | None,
+    tokens: mx.array,
+    mask: mx.array | None,
+    prompt_lengths: Any,
+) -> shared_prefix.SharedPrefixPlan | None:
+    """The shared-prompt layout of the rows, when the model, the mask and the prompt lengths
+    allow one (:mod:`~mlxgrpo.engine.memory.shared_prefix`)."""
+    if split is None or mask is None or prompt_lengths is None:
+        return None
+    if not shared_prefix.supports(split[0]):
+        return None
+    return shared_prefix.plan(np.asarray(tokens), np.asarray(prompt_lengths), np.asarray(mask) > 0)
 
 
 def _scatter(values: mx.array, selected: np.ndarray, size: int) -> mx.array:

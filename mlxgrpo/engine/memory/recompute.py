@@ -1,4 +1,4 @@
-"""Activation checkpointing for the training forward pass (DESIGN §9b).
+"""Activation checkpointing for the training forward pass (docs/architecture.md §5).
 
 Autodiff keeps every intermediate of every transformer block for the backward pass: rows x
 tokens x blocks x (~10 hidden + 3 MLP) floats, gigabytes at Qwen2.5-0.5B's shape. Inside
@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxgrpo.engine.memory.chunked_head import flat_params, rebuilt_params, recomputing
-
-_SUBCLASSES: dict[tuple[type, str], type] = {}
+from mlxgrpo.models.blocks import has_dropout, transformer_blocks
+from mlxgrpo.models.class_swap import subclass_with_call
 
 # Memory the MLP of one block may take during its backward pass: about eight float32
 # [tokens, intermediate] buffers (gate, up, activation, product and their gradients). 431
@@ -60,12 +60,6 @@ class _KeyedDropout(nn.Dropout):
             return super().__call__(x)
         mask = mx.random.bernoulli(self._p_1, x.shape, key=_KeyStream.next())
         return (mask * x) * (1 / self._p_1)
-
-
-def _has_active_dropout(block: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.Dropout) and m.training and m._p_1 < 1 for _, m in block.named_modules()
-    )
 
 
 def recompute_in_backward(
@@ -139,14 +133,6 @@ class CarriedState(Protocol):
         ...
 
 
-def call_subclass(cls: type, prefix: str, wrap: Callable[[Callable], Callable]) -> type:
-    """``cls`` with ``__call__`` replaced by ``wrap(cls.__call__)``, made once per class."""
-    key = (cls, prefix)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"{prefix}{cls.__name__}", (cls,), {"__call__": wrap(cls.__call__)})
-    return _SUBCLASSES[key]
-
-
 def _carried_position(args: tuple, kwargs: dict) -> int | str | None:
     """Where among a block's arguments a :class:`CarriedState` is (index or keyword)."""
     for i, value in enumerate(args):
@@ -165,8 +151,9 @@ def _checkpointing_call(plain_call: Callable) -> Callable:
         # gradients would not flow through its recomputation.
         params = self.trainable_parameters()
         # A captured constant, not an input: autodiff must not trace into the random bits.
+        # Drawn only with active dropout: without it the global random stream stays as is.
         key = None
-        if _has_active_dropout(self):  # drawn only then: the global random stream stays as is
+        if has_dropout(self, active_only=True):
             key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
         where = _carried_position(args, kwargs)
         carried = None
@@ -247,12 +234,6 @@ def _chunked_mlp_call(plain_call: Callable) -> Callable:
     return __call__
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (mlx-lm models expose them as ``model.layers``)."""
-    blocks = getattr(model, "layers", None)
-    return list(blocks) if blocks is not None else []
-
-
 @contextmanager
 def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Checkpoint every transformer block of ``model`` inside the context; yields their count."""
@@ -264,11 +245,15 @@ def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]
     try:
         for block in blocks:
             swapped.append((block, type(block)))
-            block.__class__ = call_subclass(type(block), "Checkpointed", _checkpointing_call)
+            block.__class__ = subclass_with_call(
+                type(block), "Checkpointed", lambda cls: _checkpointing_call(cls.__call__)
+            )
             mlp = getattr(block, "mlp", None)
             if isinstance(mlp, nn.Module):
                 swapped.append((mlp, type(mlp)))
-                mlp.__class__ = call_subclass(type(mlp), "Chunked", _chunked_mlp_call)
+                mlp.__class__ = subclass_with_call(
+                    type(mlp), "Chunked", lambda cls: _chunked_mlp_call(cls.__call__)
+                )
             for _, module in block.named_modules():
                 if type(module) is nn.Dropout:
                     swapped.append((module, nn.Dropout))

@@ -1,4 +1,4 @@
-"""Each distinct prompt of a micro-batch runs through the trunk once (DESIGN §9b).
+"""Each distinct prompt of a micro-batch runs through the trunk once (docs/architecture.md §5).
 
 GRPO scores G completions of every prompt, so a plain forward pass over ``prompt +
 completion`` rows runs each prompt G times. Here the trunk runs in two passes:
