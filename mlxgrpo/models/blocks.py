@@ -11,6 +11,18 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(blocks) if blocks is not None else []
 
 
+def plain_kv_caches(model: nn.Module) -> bool:
+    """Whether every layer of ``model`` caches plain keys and values (mlx-lm's ``KVCache``): no
+    sliding window (a rotating cache), no recurrent state. Models without ``make_cache`` get
+    one ``KVCache`` per layer from mlx-lm, so they count as plain."""
+    make_cache = getattr(model, "make_cache", None)
+    if not callable(make_cache):
+        return True
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(cache) is KVCache for cache in make_cache())
+
+
 def has_dropout(module: nn.Module, *, active_only: bool = False) -> bool:
     """Whether ``module`` holds a dropout that drops something (``p > 0``); with
     ``active_only``, only one in training mode counts."""

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from mlxgrpo.ui import console
 from mlxgrpo.ui.console import escape
+from mlxgrpo.ui.training import memory_line
 
 
 def doctor_report(report: dict[str, Any]) -> None:
@@ -39,6 +40,11 @@ def doctor_report(report: dict[str, Any]) -> None:
         (escape(name), escape(version or "not installed"))
         for name, version in report["packages"].items()
     ]
+    if "memory_paths" in report:
+        rows += [
+            ("model", escape(report["model"])),
+            ("memory paths", memory_line(report["memory_paths"])),
+        ]
     table = Table(title="mlxgrpo doctor", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

@@ -11,6 +11,15 @@ from mlxgrpo.ui import console
 from mlxgrpo.ui.console import escape, fmt, sparkline
 
 
+def memory_line(paths: dict[str, str]) -> str:
+    """``tiled head ✓ · shared prompt ✗ (why) · ...`` from the run's memory-path report."""
+    parts = [
+        f"{escape(name)} ✓" if state == "on" else f"{escape(name)} ✗ ({escape(state[5:])})"
+        for name, state in paths.items()
+    ]
+    return " · ".join(parts) or "?"
+
+
 class TrainProgress:
     """Console view of a training run: header panel, progress bar, periodic reward tables.
 
@@ -63,6 +72,7 @@ class TrainProgress:
             f"[bold]device[/]     {escape(str(device.get('backend', '?')))}, "
             f"BLAS: {escape(info['blas'])}",
             "[bold]precision[/]  " + _hanging(info.get("precision", "?"), indent=11),
+            "[bold]memory[/]     " + _hanging(memory_line(info.get("memory_paths", {})), indent=11),
             f"[bold]run[/]        {escape(info['run_dir'])}",
         ]
         panel = Panel("\n".join(lines), title="mlxgrpo train", title_align="left", expand=False)

@@ -76,10 +76,12 @@ def _jsonable(value: Any) -> Any:
 
 
 class JsonlLogger(Callback):
-    """metrics.jsonl: one object per update, plus eval records (kind = "eval")."""
+    """metrics.jsonl: one object per update, plus eval records (kind = "eval"). The first
+    update record of a run (or of a resumed run) also carries the run's ``memory_paths``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._start_fields: dict[str, Any] = {}
         with io_errors(path.parent, "create"):
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -87,8 +89,13 @@ class JsonlLogger(Callback):
         with io_errors(self.path), self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
 
+    def on_start(self, info: dict[str, Any]) -> None:
+        if "memory_paths" in info:
+            self._start_fields = {"memory_paths": info["memory_paths"]}
+
     def on_update(self, update: int, metrics: dict[str, Any]) -> None:
-        self._write({"kind": "train", "update": update, **metrics})
+        self._write({"kind": "train", "update": update, **metrics, **self._start_fields})
+        self._start_fields = {}
 
     def on_eval(self, update: int, metrics: dict[str, Any]) -> None:
         self._write({"kind": "eval", "update": update, **metrics})

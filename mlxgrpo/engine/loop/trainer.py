@@ -326,6 +326,7 @@ def _adapted_blocks(s: Session) -> str | None:
 def _start_info(s: Session) -> dict[str, Any]:
     from mlxgrpo.backend import blas_info, device_summary
     from mlxgrpo.engine.loop.precision import describe, precision_report
+    from mlxgrpo.engine.memory.report import memory_paths
 
     cfg = s.resolved.config
     return {
@@ -347,6 +348,10 @@ def _start_info(s: Session) -> dict[str, Any]:
         "precision": describe(
             precision_report(s.model, s.optimizer, cfg.finetune.type, s.ctx.ref_model)
         ),
+        "memory_paths": {
+            path.name: path.describe()
+            for path in memory_paths(s.model, cfg.finetune, cfg.algorithm, s.ctx.tools)
+        },
     }
 
 

@@ -27,6 +27,7 @@ from mlxgrpo.engine.memory.frozen_head import (
     target_rows,
 )
 from mlxgrpo.generation.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
+from mlxgrpo.models.heads import split_head
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
 # at its peak (logits, shifted logits, exponentials, probabilities, the logits' gradient and
@@ -35,29 +36,15 @@ from mlxgrpo.generation.logprobs import tempered, token_logprobs, token_logprobs
 HEAD_BUDGET_BYTES = 320 * 2**20
 _BUFFERS_PER_CHUNK = 8
 
-# mlx-lm model modules whose Model.__call__ is exactly `head(self.model(inputs, cache))`, the
-# head being `model.embed_tokens.as_linear` when embeddings are tied, else `lm_head`.
-_PLAIN_HEAD_MODULES = frozenset(
-    {"llama", "qwen2", "qwen3", "qwen3_moe", "olmo2", "smollm3", "phi3"}
-)
-
 
 def split_lm_head(model: nn.Module) -> tuple[Callable, Callable] | None:
-    """``(trunk, head)`` with ``model(x) == head(trunk(x))``, or None when unknown.
+    """``(trunk, head)`` with ``model(x) == head(trunk(x))``, or None when the model does more
+    after its head (:func:`mlxgrpo.models.heads.split_head`).
 
     Lets callers apply the (vocabulary-sized, often dominant) LM head to the positions they
     need only. Looked up on every call, so swapped adapter modules are honoured.
     """
-    package, _, name = type(model).__module__.rpartition(".")
-    if package != "mlx_lm.models" or name not in _PLAIN_HEAD_MODULES:
-        return None
-    trunk = getattr(model, "model", None)
-    if trunk is None:
-        return None
-    if getattr(model.args, "tie_word_embeddings", False):
-        return trunk, trunk.embed_tokens.as_linear
-    head = getattr(model, "lm_head", None)
-    return (trunk, head) if head is not None else None
+    return split_head(model)
 
 
 def head_chunk_positions(
@@ -262,7 +249,7 @@ def _head_features(
     rows, length = tokens.shape
     width = length - start
     split = split_lm_head(model)
-    layout = _shared_prefix_layout(split, tokens, mask, prompt_lengths)
+    layout = _shared_prefix_layout(model, split, tokens, mask, prompt_lengths)
     if layout is not None:
         assert split is not None and mask is not None
         trunk, head = split
@@ -286,6 +273,7 @@ def _head_features(
 
 
 def _shared_prefix_layout(
+    model: nn.Module,
     split: tuple[Callable, Callable] | None,
     tokens: mx.array,
     mask: mx.array | None,
@@ -295,7 +283,7 @@ def _shared_prefix_layout(
     allow one (:mod:`~mlxgrpo.engine.memory.shared_prefix`)."""
     if split is None or mask is None or prompt_lengths is None:
         return None
-    if not shared_prefix.supports(split[0]):
+    if not shared_prefix.supports(split[0], model):
         return None
     return shared_prefix.plan(np.asarray(tokens), np.asarray(prompt_lengths), np.asarray(mask) > 0)
 

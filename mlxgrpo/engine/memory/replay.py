@@ -38,7 +38,7 @@ def replay_applies(model: nn.Module, finetune: Any, tools: Any = None) -> bool:
     if tools is not None:
         return False
     split = split_lm_head(model)
-    if split is None or not shared_prefix.supports(split[0]):
+    if split is None or not shared_prefix.supports(split[0], model):
         return False
     # The training pass runs in training mode, the rollout without dropout: any dropout in the
     # blocks (whatever the model's mode right now) makes the two forward passes differ.

@@ -27,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxgrpo.models.blocks import plain_kv_caches
+
 # Below this share of the plain pass's tokens the two passes are not worth their overhead.
 _MIN_SAVING = 0.9
 
@@ -39,11 +41,14 @@ def _fixed_table_ropes() -> tuple[type, ...]:
     return (nn.RoPE, *(getattr(rope_utils, n) for n in names if hasattr(rope_utils, n)))
 
 
-def supports(trunk: nn.Module) -> bool:
-    """Whether every attention layer of the trunk can run the two passes."""
+def supports(trunk: nn.Module, model: nn.Module | None = None) -> bool:
+    """Whether every attention layer of the trunk can run the two passes (``model``: the model
+    the trunk belongs to, whose caches must be plain keys and values)."""
     layers = getattr(trunk, "layers", None)
     if not layers:
         return False
+    if model is not None and not plain_kv_caches(model):
+        return False  # a sliding window or a recurrent state: the reader's view is incomplete
     ropes = _fixed_table_ropes()
     for layer in layers:
         attention = getattr(layer, "self_attn", None)

@@ -1,0 +1,106 @@
+"""Which memory techniques a run's training pass uses, and why any of them is off.
+
+`mlxgrpo train` prints this once at the start and writes it into the first update record of
+`metrics.jsonl`, so a model the techniques cannot serve is never silently slower or hungrier
+than the figures in docs/architecture.md §5. Each answer comes from the same predicates the
+techniques themselves use when they decide, so the report cannot drift from what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.nn as nn
+
+from mlxgrpo.engine.memory import shared_prefix
+from mlxgrpo.engine.memory.frozen_head import target_rows
+from mlxgrpo.engine.memory.lm_head import split_lm_head
+from mlxgrpo.engine.memory.replay import replay_applies
+from mlxgrpo.models.blocks import has_dropout, plain_kv_caches, transformer_blocks
+from mlxgrpo.models.heads import conventional_head
+
+
+@dataclass(frozen=True)
+class MemoryPath:
+    """One technique: whether this run's training pass uses it, and if not, why."""
+
+    name: str
+    on: bool
+    why: str = ""
+
+    def describe(self) -> str:
+        return "on" if self.on else f"off: {self.why}"
+
+
+def memory_paths(
+    model: nn.Module, finetune: Any, algorithm: Any, tools: Any = None
+) -> list[MemoryPath]:
+    """The techniques of docs/architecture.md §5 for this model and these config sections
+    (``[finetune]``, ``[algorithm]``; ``tools``: the rollout's tool runner, if any)."""
+    split = split_lm_head(model)
+    unsplit = (
+        "the model changes its logits after the LM head (a softcap or a scale)"
+        if conventional_head(model) is not None
+        else "no LM head where mlx-lm's conventions put it"
+    )
+    return [
+        _tiled_head(split, unsplit, algorithm),
+        _shared_prompt(model, split, unsplit),
+        _replay(model, split, finetune, tools),
+        _checkpointing(model, finetune),
+    ]
+
+
+def _tiled_head(split: Any, unsplit: str, algorithm: Any) -> MemoryPath:
+    name = "tiled head"
+    if split is None:
+        return MemoryPath(name, False, unsplit)
+    head = split[1]
+    owner = getattr(head, "__self__", head)
+    if isinstance(owner, nn.Module) and owner.trainable_parameters():
+        return MemoryPath(name, False, "the LM head trains (chunked head with recomputation)")
+    if algorithm.entropy_coeff != 0:
+        return MemoryPath(name, False, "the entropy bonus is differentiated (chunked head)")
+    if target_rows(head) is None:
+        return MemoryPath(name, False, f"a {type(owner).__name__} head (chunked head)")
+    return MemoryPath(name, True)
+
+
+def _shared_prompt(model: nn.Module, split: Any, unsplit: str) -> MemoryPath:
+    name = "shared prompt"
+    if split is None:
+        return MemoryPath(name, False, unsplit)
+    if shared_prefix.supports(split[0], model):
+        return MemoryPath(name, True)
+    if not plain_kv_caches(model):
+        return MemoryPath(name, False, "sliding-window or recurrent layers")
+    return MemoryPath(name, False, "attention without a position-only RoPE in every layer")
+
+
+def _replay(model: nn.Module, split: Any, finetune: Any, tools: Any) -> MemoryPath:
+    name = "replay"
+    if replay_applies(model, finetune, tools):
+        return MemoryPath(name, True)
+    if not finetune.reuse_rollout_activations:
+        why = "finetune.reuse_rollout_activations = false"
+    elif not finetune.grad_checkpoint:
+        why = "it needs finetune.grad_checkpoint"
+    elif tools is not None:
+        why = "tool results enter the rollout"
+    elif split is None or not shared_prefix.supports(split[0], model):
+        why = "it needs the shared-prompt pass"
+    elif any(has_dropout(block) for block in transformer_blocks(model)):
+        why = "dropout in the blocks"
+    else:
+        why = "not applicable to this model"
+    return MemoryPath(name, False, why)
+
+
+def _checkpointing(model: nn.Module, finetune: Any) -> MemoryPath:
+    name = "checkpointing"
+    if not finetune.grad_checkpoint:
+        return MemoryPath(name, False, "finetune.grad_checkpoint = false")
+    if not transformer_blocks(model):
+        return MemoryPath(name, False, "no transformer blocks at model.layers")
+    return MemoryPath(name, True)

@@ -1,0 +1,158 @@
+"""mlx-lm architectures beyond the ones the code once knew by name: where the LM head splits
+off, and that every path the engine takes (split head in chunks, shared prompt pass,
+checkpointed blocks) gives the log-probs and gradients of the whole model.
+
+Tiny random models, one per architecture, from configurations written here (hidden 32, two
+blocks, vocabulary 48). Architectures whose model does more after its head (a final softcap, a
+logit scale) must not be split; the rest must be.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from loss_checks import weighted_loss_and_grad
+from mlx.utils import tree_flatten
+from random_models import add_random_adapters
+from tolerance import assert_close
+
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.generation.rollout import build_micro_batch
+from mlxgrpo.models.heads import conventional_head, split_head
+
+VOCAB = 48
+TERMS = 64  # the longest sum in these models: the MLP's 64
+BASE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    rms_norm_eps=1e-5,
+    head_dim=8,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+# model type -> (extra configuration, whether its head splits off exactly)
+ARCHITECTURES = {
+    "llama": ({}, True),
+    "qwen3": ({"tie_word_embeddings": True}, True),
+    "gemma": ({}, True),  # embeddings scaled inside the trunk, tied head
+    "gemma3_text": (
+        {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 8.0},
+        True,
+    ),  # fmt: skip
+    "starcoder2": ({"norm_epsilon": 1e-5}, True),
+    "glm4": ({"partial_rotary_factor": 0.5, "attention_bias": False}, True),
+    "hunyuan_v1_dense": ({}, True),
+    "seed_oss": ({}, True),
+    "deepseek": ({}, True),
+    "minicpm": ({"dim_model_base": 8, "scale_depth": 1.0, "scale_emb": 2.0}, False),  # head / 4
+    "gemma2": (
+        {
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 8.0,
+        },
+        False,
+    ),  # fmt: skip
+    "cohere": ({"logit_scale": 0.5, "layer_norm_eps": 1e-5, "use_qk_norm": False}, False),
+    "granite": (
+        {
+            "logits_scaling": 4.0,
+            "embedding_multiplier": 2.0,
+            "attention_multiplier": 0.25,
+            "residual_multiplier": 0.5,
+            "attention_bias": False,
+            "mlp_bias": False,
+        },
+        False,
+    ),  # fmt: skip
+}
+
+
+def _model(model_type: str) -> nn.Module:
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    extra, _ = ARCHITECTURES[model_type]
+    args = module.ModelArgs.from_dict({"model_type": model_type, **BASE, **extra})
+    mx.random.seed(7)
+    model = module.Model(args)
+    add_random_adapters(model, seed=9, b_std=0.1)
+    mx.eval(model.parameters())
+    return model
+
+
+def _batch():
+    """Two groups of completions sharing a prompt (9 and 6 tokens) and a lone prompt."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (9, 6, 4)]
+    rows = [0, 0, 1, 1, 1, 2]
+    completions = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 8, 1, 6, 2)]
+    return build_micro_batch([prompts[r] for r in rows], completions)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_the_head_splits_off_exactly_where_the_model_allows(model_type):
+    model = _model(model_type)
+    assert conventional_head(model) is not None
+    split = split_head(model)
+    assert (split is not None) == ARCHITECTURES[model_type][1]
+    if split is not None:
+        trunk, head = split
+        x = mx.array([[3, 9, 4, 17, 22, 5]])
+        assert mx.array_equal(head(trunk(x)), model(x)).item()
+
+
+def _whole_model_loss_and_grad(model: nn.Module, batch):
+    """The loss of :func:`weighted_loss_and_grad` from the whole model's logits and the
+    textbook log-softmax, with no engine path at all."""
+    start = batch.start
+    width = batch.tokens.shape[1] - start
+    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
+    kept = batch.completion_mask[:, start:] * weights
+    targets = batch.tokens[:, start:]
+
+    def loss():
+        logits = model(batch.tokens[:, :-1])[:, start - 1 :].astype(mx.float32)
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logp = mx.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        entropy = -mx.sum(mx.exp(log_probs) * log_probs, axis=-1)
+        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept)
+
+    value, grads = nn.value_and_grad(model, loss)()
+    mx.eval(value, grads)
+    return value.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_path_gives_the_whole_models_logprobs_and_gradients(model_type):
+    model, batch = _model(model_type), _batch()
+    start = batch.start
+    # The definition: the whole model's logits, float64 log-softmax.
+    logits = np.array(model(batch.tokens[:, :-1]).astype(mx.float32)).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    targets = np.array(batch.tokens)[:, 1:]
+    want = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0][:, start - 1 :]
+    mask = np.array(batch.completion_mask)[:, start:]
+    logp = sequence_logprobs(
+        model, batch.tokens, start, mask=batch.completion_mask,
+        prompt_lengths=batch.prompt_lengths, chunk_size=3,
+    )  # fmt: skip
+    assert_close(np.array(logp) * mask, want * mask, terms=TERMS * VOCAB, what="log-probs")
+    # Gradients: every path (split head in chunks, shared prompt pass where it applies,
+    # checkpointed blocks) against the whole model differentiated as it is.
+    value, _, _, grads = weighted_loss_and_grad(
+        model, batch, blocks=True, prompt_lengths=batch.prompt_lengths, chunk_size=3
+    )
+    want_value, want_grads = _whole_model_loss_and_grad(model, batch)
+    assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, terms=TERMS * VOCAB, what=name)
