@@ -156,3 +156,19 @@ def test_every_path_gives_the_whole_models_logprobs_and_gradients(model_type):
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in want_grads.items():
         assert_close(grads[name], grad, terms=TERMS * VOCAB, what=name)
+
+
+def test_the_check_runs_without_dropout_and_leaves_every_modules_mode_as_it_was():
+    """Active dropout would make two forward passes differ: the check runs the model in eval
+    mode, then puts back each module's own mode."""
+    module = importlib.import_module("mlx_lm.models.gemma")
+    args = module.ModelArgs.from_dict({"model_type": "gemma", **BASE})
+    mx.random.seed(7)
+    model = module.Model(args)
+    add_random_adapters(model, seed=9, b_std=0.1, dropout=0.5)
+    mx.eval(model.parameters())
+    model.train()
+    model.model.layers[0].eval()  # one subtree in another mode
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert split_head(model) is not None
+    assert {name: m.training for name, m in model.named_modules()} == modes

@@ -97,13 +97,9 @@ def _probe(model: nn.Module) -> bool:
     trunk, head = found
     # Each module's mode, parents first: train() sets a whole subtree, so restoring in this
     # order leaves every module as it was.
-    modes = [
-        (module, module.training)
-        for name, module in sorted(
-            model.named_modules(), key=lambda nm: nm[0].count(".") + bool(nm[0])
-        )
-    ]
-    if has_dropout(model, active_only=True):
+    modes = [(module, module.training) for _, module in sorted(model.named_modules(), key=_depth)]
+    switched = has_dropout(model, active_only=True)
+    if switched:
         model.eval()  # two forward passes must see the same function
     try:
         tokens = mx.arange(PROBE_TOKENS, dtype=mx.int32)[None]
@@ -115,5 +111,6 @@ def _probe(model: nn.Module) -> bool:
             return False
         return bool(mx.array_equal(whole.astype(mx.float32), split.astype(mx.float32)).item())
     finally:
-        for module, training in modes:
-            module.train(training)
+        if switched:
+            for module, training in modes:
+                module.train(training)
