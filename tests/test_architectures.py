@@ -172,3 +172,53 @@ def test_the_check_runs_without_dropout_and_leaves_every_modules_mode_as_it_was(
     modes = {name: m.training for name, m in model.named_modules()}
     assert split_head(model) is not None
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+MLA = {  # DeepSeek-V3's multi-head latent attention: value heads narrower than query heads
+    "model_type": "deepseek_v3",
+    **BASE,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 4,
+    "n_group": 2,
+    "topk_group": 1,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 8,
+    "q_lora_rank": 8,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 4,
+}
+
+
+def test_mla_runs_through_the_cpu_kernels_with_its_own_value_width():
+    """Decoding (cached, one query) and training attention (many queries, gradient) with value
+    heads of another width than the queries', through the CPU kernels."""
+    from mlxgrpo.generation.rollout import generate_groups
+    from mlxgrpo.generation.sampling import SamplingConfig
+    from mlxgrpo.models.cpu_kernels import use_cpu_kernels
+
+    module = importlib.import_module("mlx_lm.models.deepseek_v3")
+    mx.random.seed(5)
+    model = module.Model(module.ModelArgs.from_dict(MLA))
+    mx.eval(model.parameters())
+    prompts = [[3, 9, 4, 17, 22], [8, 1, 30]]
+    plain = []  # greedy by whole forward passes, before the kernels are switched in
+    for prompt in prompts:
+        sequence = list(prompt)
+        for _ in range(6):
+            sequence.append(int(mx.argmax(model(mx.array([sequence]))[0, -1]).item()))
+        plain.append(sequence[len(prompt) :])
+    batch = _batch()
+    want_value, want_grads = _whole_model_loss_and_grad(model, batch)
+    assert use_cpu_kernels(model) > 0
+    rollout = generate_groups(
+        model, prompts, num_generations=2, max_new_tokens=6,
+        sampling=SamplingConfig(temperature=0.0), eos_token_ids=[],
+    )  # fmt: skip
+    assert rollout.completion_ids == [ids for ids in plain for _ in range(2)]
+    value, _, _, grads = weighted_loss_and_grad(model, batch, blocks=True, chunk_size=3)
+    assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, terms=TERMS * VOCAB, what=name)

@@ -53,11 +53,12 @@ def test_swiglu_values_and_gradients_match_float64():
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
 @pytest.mark.parametrize("length", [1, 3])
-def test_decode_attention_matches_fused_attention(mask_kind, length):
+@pytest.mark.parametrize("value_dim", [8, 12])  # 12: MLA's value heads differ from the queries'
+def test_decode_attention_matches_fused_attention(mask_kind, length, value_dim):
     batch, heads, kv_heads, keys_len, dim = 3, 6, 2, 11, 8
     k = mx.random.key(1)
     kv_shape = (batch, kv_heads, keys_len, dim)
-    shapes = [(batch, heads, length, dim), kv_shape, kv_shape]
+    shapes = [(batch, heads, length, dim), kv_shape, (batch, kv_heads, keys_len, value_dim)]
     q, kk, v = (
         mx.random.normal(shape, key=key)
         for shape, key in zip(shapes, mx.random.split(k, 3), strict=True)
@@ -82,13 +83,15 @@ def test_decode_attention_matches_fused_attention(mask_kind, length):
 @pytest.mark.parametrize(
     "mask_kind", ["none", "causal", "causal_offset", "bool", "additive", "per_head", "square"]
 )
-def test_sequence_attention_matches_fused_attention_and_its_gradient(mask_kind):
+@pytest.mark.parametrize("value_dim", [8, 12])  # 12: MLA's value heads differ from the queries'
+def test_sequence_attention_matches_fused_attention_and_its_gradient(mask_kind, value_dim):
     """Values and gradients (queries, keys, values) of the many-query kernel against MLX's
     fused attention, for every mask form the router sends it."""
     batch, heads, kv_heads, length, dim = 3, 6, 2, 5, 8
     keys_len = length if mask_kind in ("causal", "square") else 9
     kv_shape = (batch, kv_heads, keys_len, dim)
-    shapes = [(batch, heads, length, dim), kv_shape, kv_shape, (batch, heads, length, dim)]
+    v_shape = (batch, kv_heads, keys_len, value_dim)
+    shapes = [(batch, heads, length, dim), kv_shape, v_shape, (batch, heads, length, value_dim)]
     q, kk, v, cot = (
         mx.random.normal(shape, key=key)
         for shape, key in zip(shapes, mx.random.split(mx.random.key(3), 4), strict=True)
@@ -215,3 +218,41 @@ def test_model_with_kernels_gives_the_plain_models_numbers():
         a = fast(tokens[:, step : step + 1], cache=caches[0])
         b = plain(tokens[:, step : step + 1], cache=caches[1])
         assert_close(a, b, terms=terms, what=f"step {step}")
+
+
+@pytest.mark.parametrize("bias_heads", [1, 6])
+def test_an_additive_mask_is_an_input_with_its_gradient(bias_heads):
+    """MLA (DeepSeek-V2/V3) passes its positional scores as the additive mask: they depend on
+    the weights, so the kernel must differentiate them like the rest."""
+    batch, heads, kv_heads, length, keys_len, dim, value_dim = 2, 6, 2, 5, 7, 8, 4
+    shapes = [
+        (batch, heads, length, dim),
+        (batch, kv_heads, keys_len, dim),
+        (batch, kv_heads, keys_len, value_dim),
+        (batch, bias_heads, length, keys_len),
+        (batch, heads, length, value_dim),
+    ]
+    q, kk, v, bias, cot = (
+        mx.random.normal(shape, key=key)
+        for shape, key in zip(shapes, mx.random.split(mx.random.key(8), 5), strict=True)
+    )
+    scale = dim**-0.5
+
+    def plain(q, k, v, b):
+        k = mx.repeat(k, heads // kv_heads, axis=1)
+        v = mx.repeat(v, heads // kv_heads, axis=1)
+        return mx.softmax((q * scale) @ k.swapaxes(-1, -2) + b, axis=-1) @ v
+
+    def ours(q, k, v, b):
+        return cpu_kernels.sequence_attention(q, k, v, scale, b)
+
+    def loss(attention):
+        return lambda *args: mx.sum(attention(*args) * cot)
+
+    assert_close(ours(q, kk, v, bias), plain(q, kk, v, bias), terms=keys_len)
+    want = mx.grad(loss(plain), argnums=(0, 1, 2, 3))(q, kk, v, bias)
+    got = mx.grad(loss(ours), argnums=(0, 1, 2, 3))(q, kk, v, bias)
+    terms = max(keys_len, length * heads)
+    for name, g, w in zip(["q", "k", "v", "bias"], got, want, strict=True):
+        assert g.shape == w.shape, name
+        assert_close(g, w, terms=terms, what=name)

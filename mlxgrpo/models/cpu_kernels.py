@@ -126,8 +126,9 @@ def decode_attention(
 ) -> mx.array:
     """Grouped-query attention of few queries against a KV cache, softmax through :func:`exp`.
 
-    ``queries`` [B, H, L, D], ``keys``/``values`` [B, KV, S, D]; ``mask`` None, or a boolean
-    (True = attend) or additive array broadcastable to [B, H, L, S].
+    ``queries`` [B, H, L, D], ``keys`` [B, KV, S, D], ``values`` [B, KV, S, Dv] (Dv may
+    differ from D, as in MLA); ``mask`` None, or a boolean (True = attend) or additive array
+    broadcastable to [B, H, L, S]. Returns [B, H, L, Dv].
     """
     batch, heads, length, dim = queries.shape
     kv_heads = keys.shape[1]
@@ -144,39 +145,43 @@ def decode_attention(
     weights = exp(scores - peak)
     weights = weights / mx.sum(weights, axis=-1, keepdims=True)
     out = weights.astype(values.dtype) @ values[:, :, None]
-    return out.reshape(batch, heads, length, dim)
+    return out.reshape(batch, heads, length, values.shape[-1])
 
 
 def _probabilities_attention(mask: Any) -> Callable:
-    """``(scaled queries, keys, values) -> (output, probabilities)`` under ``mask`` (a bool
-    or additive array, or None), with a gradient that reuses the probabilities."""
+    """``(scaled queries, keys, values, bias) -> (output, probabilities)`` with a gradient
+    that reuses the probabilities. A boolean ``mask`` is applied inside; an additive one comes
+    in as ``bias``, an input with its own gradient (MLA passes its positional scores that way,
+    so they must be differentiated); without one, ``bias`` is a zero and gets none."""
+    keep = mask if isinstance(mask, mx.array) and mask.dtype == mx.bool_ else None
+    additive = isinstance(mask, mx.array) and mask.dtype != mx.bool_
 
     @mx.custom_function
-    def attend(queries: mx.array, keys: mx.array, values: mx.array):
+    def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array):
         batch, heads, length, dim = queries.shape
         kv_heads = keys.shape[1]
         grouped = queries.reshape(batch, kv_heads, heads // kv_heads, length, dim)
         scores = grouped @ keys[:, :, None].swapaxes(-1, -2)
-        if mask is not None:
-            if mask.dtype == mx.bool_:
-                # The float minimum, as MLX's own fallback: a fully masked row stays finite.
-                scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
+        if keep is not None:
+            # The float minimum, as MLX's own fallback: a fully masked row stays finite.
+            scores = mx.where(keep, scores, mx.finfo(scores.dtype).min)
+        if additive:
+            scores = scores + bias
         weights = exp(scores - mx.max(scores, axis=-1, keepdims=True))
         weights = weights / mx.sum(weights, axis=-1, keepdims=True)
         out = weights.astype(values.dtype) @ values[:, :, None]
-        return out.reshape(batch, heads, length, dim), weights
+        return out.reshape(batch, heads, length, values.shape[-1]), weights
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
         # The probabilities are an output only for this: their own cotangent is ignored.
-        queries, keys, values = primals
+        queries, keys, values, bias = primals
         weights = outputs[1]
         batch, heads, length, dim = queries.shape
         kv_heads = keys.shape[1]
-        shape = (batch, kv_heads, heads // kv_heads, length, dim)
-        grouped, grad_out = queries.reshape(shape), cotangents[0].reshape(shape)
+        groups = (batch, kv_heads, heads // kv_heads, length)
+        grouped = queries.reshape(*groups, dim)
+        grad_out = cotangents[0].reshape(*groups, values.shape[-1])  # MLA: Dv may differ
         grad_values = (weights.swapaxes(-1, -2) @ grad_out).sum(axis=2)
         grad_weights = grad_out @ values[:, :, None].swapaxes(-1, -2)
         grad_scores = weights * (
@@ -184,9 +189,19 @@ def _probabilities_attention(mask: Any) -> Callable:
         )
         grad_queries = (grad_scores @ keys[:, :, None]).reshape(queries.shape)
         grad_keys = (grad_scores.swapaxes(-1, -2) @ grouped).sum(axis=2)
-        return grad_queries, grad_keys, grad_values
+        grad_bias = _summed_to(grad_scores, bias.shape) if additive else mx.zeros_like(bias)
+        return grad_queries, grad_keys, grad_values, grad_bias.astype(bias.dtype)
 
     return attend
+
+
+def _summed_to(grad: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """``grad`` summed over the axes that ``shape`` broadcast over (the gradient of a
+    broadcast)."""
+    extra = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(extra))) if extra > 0 else grad
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
 def sequence_attention(
@@ -210,7 +225,9 @@ def sequence_attention(
         offset = keys_length - length
         mask = mx.arange(length)[:, None] + offset >= mx.arange(keys_length)[None]
     mask = _expanded_mask(mask, batch, keys.shape[1], heads // keys.shape[1])
-    out, _ = _probabilities_attention(mask)(queries * scale, keys, values)
+    additive = isinstance(mask, mx.array) and mask.dtype != mx.bool_
+    bias = mask if additive else mx.zeros((), dtype=queries.dtype)
+    out, _ = _probabilities_attention(mask)(queries * scale, keys, values, bias)
     return out
 
 
