@@ -149,3 +149,27 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.update_modules(tree_unflatten([(name, adapter) for name, adapter, _ in swaps]))
+
+
+def model_source(model_cfg: Any) -> dict[str, Any]:
+    """Where the weights come from, besides ``model.path``: adapters to load, remote code."""
+    return dict(adapter_path=model_cfg.adapter_path, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def load_policy(model_cfg: Any, finetune: Any, seed: int | None = None) -> tuple[Any, Any, int]:
+    """``(model, tokenizer, trainable parameter count)``: the model a run trains, loaded and
+    prepared as `mlxgrpo train` does (``model_cfg``, ``finetune``: the config's sections).
+
+    Full fine-tuning trains every weight, so all are float32 masters (bfloat16 would round
+    small updates away). Loading may draw from MLX's generator (the first build of a builtin
+    model initialises a module), so with ``seed`` the generator is seeded again before the
+    adapters are made: they start the same whether or not loading drew.
+    """
+    from mlxgrpo.backend import seed_everything
+    from mlxgrpo.models.loading import load_model
+
+    dtype = "float32" if finetune.type == "full" else model_cfg.dtype
+    model, tokenizer = load_model(model_cfg.path, dtype=dtype, **model_source(model_cfg))
+    if seed is not None:
+        seed_everything(seed)
+    return model, tokenizer, prepare_trainable(model, finetune)

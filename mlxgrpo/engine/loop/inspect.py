@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from mlxgrpo.config import ResolvedConfig
 from mlxgrpo.engine.memory.report import memory_paths
-from mlxgrpo.models.finetune import prepare_trainable
-from mlxgrpo.models.loading import load_model
+from mlxgrpo.models.finetune import load_policy
 from mlxgrpo.task import build_tool_runner, check_tools
 
 
@@ -18,14 +17,7 @@ def planned_memory_paths(resolved: ResolvedConfig) -> dict[str, str]:
     """``{technique: "on" | "off: why"}`` for a run of ``resolved``'s model and settings."""
     cfg = resolved.config
     check_tools(resolved, task=False)
-    full = cfg.finetune.type == "full"
-    model, tokenizer = load_model(
-        cfg.model.path,
-        dtype="float32" if full else cfg.model.dtype,
-        adapter_path=cfg.model.adapter_path,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    prepare_trainable(model, cfg.finetune)
+    model, tokenizer, _ = load_policy(cfg.model, cfg.finetune)
     tools = build_tool_runner(resolved, tokenizer)
     return {
         path.name: path.describe()

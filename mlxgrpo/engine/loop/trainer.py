@@ -154,7 +154,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     from mlxgrpo.backend import seed_everything, set_memory_limits
     from mlxgrpo.distributed import Dist
     from mlxgrpo.engine.loop.context import UpdateContext
-    from mlxgrpo.models.finetune import prepare_trainable
+    from mlxgrpo.models.finetune import load_policy, model_source
     from mlxgrpo.models.loading import load_model
     from mlxgrpo.task import Task
 
@@ -163,20 +163,12 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     set_memory_limits()
     wants_eval = cfg.eval.every_updates > 0 or cfg.eval.before_training
     task = Task.load(resolved, evaluate=wants_eval)
-    # Full fine-tuning trains every weight, so all are float32 masters (bfloat16 would round
-    # small updates away); the frozen reference copy stays in the compute dtype.
-    full = cfg.finetune.type == "full"
-    model, tokenizer = load_model(
-        cfg.model.path, dtype="float32" if full else cfg.model.dtype, **_model_source(cfg)
-    )
-    # Loading may draw from MLX's generator (a first build of a builtin model initialises a
-    # module): seed again so that new adapters start the same whether or not it did.
-    seed_everything(cfg.run.seed)
-    trainable = prepare_trainable(model, cfg.finetune)
+    model, tokenizer, trainable = load_policy(cfg.model, cfg.finetune, seed=cfg.run.seed)
     task = task.with_tokenizer(tokenizer)
     ref_model = None
-    if cfg.algorithm.kl_coeff > 0 and full:
-        ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **_model_source(cfg))
+    if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
+        # The frozen reference copy of full fine-tuning stays in the compute dtype.
+        ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **model_source(cfg.model))
         ref_model.freeze()
     stream, total = _prompt_stream(cfg, task.train_examples)
     optimizer = _optimizer(cfg.optim, model)
@@ -208,11 +200,6 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     )
     _maybe_resume(session, cb)
     return session
-
-
-def _model_source(cfg: Any) -> dict[str, Any]:
-    """Where the weights come from, besides model.path: adapters to load, remote code."""
-    return dict(adapter_path=cfg.model.adapter_path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _prompt_stream(cfg: Any, train_examples: list) -> tuple[Any, int]:
