@@ -40,7 +40,8 @@ def memory_paths(
     (``[finetune]``, ``[algorithm]``; ``tools``: the rollout's tool runner, if any)."""
     split = split_lm_head(model)
     unsplit = (
-        "the model changes its logits after the LM head (a softcap or a scale)"
+        "the output is not the LM head applied to the trunk (a logit softcap or scale, or a "
+        "trunk that cannot run alone)"
         if conventional_head(model) is not None
         else "no LM head where mlx-lm's conventions put it"
     )
