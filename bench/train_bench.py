@@ -69,12 +69,9 @@ def _context(model_dir: str, overrides: list[str]) -> tuple[UpdateContext, Any]:
     set_memory_limits()  # as the trainer does (on Linux: glibc keeps freed buffers)
     model, tokenizer = load_model(model_dir)
     prepare_trainable(model, cfg.finetune)
-    ctx = UpdateContext(
-        model=model,
-        algorithm=cfg.algorithm,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        finetune=cfg.finetune,
+    ctx = UpdateContext.from_config(
+        model,
+        cfg,
         reward_set=None,
         optimizer=None,
         codec=TextCodec(

@@ -52,12 +52,9 @@ def test_adapters_on_a_bfloat16_model_train_in_float32(kind, tmp_path):
     assert _dtypes(frozen.values()) == {mx.bfloat16}
 
     optimizer = optim.Adam(learning_rate=1e-2)
-    ctx = UpdateContext(
-        model=model,
-        algorithm=cfg.algorithm,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        finetune=cfg.finetune,
+    ctx = UpdateContext.from_config(
+        model,
+        cfg,
         reward_set=None,
         optimizer=optimizer,
         codec=None,

@@ -139,12 +139,9 @@ def _context(model: nn.Module, *sets: str) -> UpdateContext:
         (), ["algorithm.kl_coeff=0.1", "rollout.temperature=1.0", *sets], environ={}
     ).config
     codec = types.SimpleNamespace(pad_id=0)
-    return UpdateContext(
-        model=model,
-        algorithm=cfg.algorithm,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        finetune=cfg.finetune,
+    return UpdateContext.from_config(
+        model,
+        cfg,
         reward_set=None,
         optimizer=optim.Adam(1e-2),
         codec=codec,

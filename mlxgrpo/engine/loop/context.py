@@ -59,6 +59,19 @@ class UpdateContext:
     # Whether rollouts record the blocks' outputs for the training pass (engine.memory.replay).
     replays_rollout: bool = field(init=False, default=False)
 
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any, **rest: Any) -> UpdateContext:
+        """The context of ``model`` with the sections of ``cfg`` (a Config) that an update
+        reads; ``rest``: the other fields."""
+        return cls(
+            model=model,
+            algorithm=cfg.algorithm,
+            optim=cfg.optim,
+            rollout=cfg.rollout,
+            finetune=cfg.finetune,
+            **rest,
+        )
+
     def __post_init__(self) -> None:
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
         self.replays_rollout = replay_applies(self.model, self.finetune, self.tools)

@@ -172,12 +172,9 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         ref_model.freeze()
     stream, total = _prompt_stream(cfg, task.train_examples)
     optimizer = _optimizer(cfg.optim, model)
-    ctx = UpdateContext(
-        model=model,
-        algorithm=cfg.algorithm,
-        optim=cfg.optim,
-        rollout=cfg.rollout,
-        finetune=cfg.finetune,
+    ctx = UpdateContext.from_config(
+        model,
+        cfg,
         reward_set=task.reward_set,
         optimizer=optimizer,
         codec=task.codec,

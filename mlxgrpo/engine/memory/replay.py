@@ -30,16 +30,26 @@ from mlxgrpo.models.blocks import has_dropout, transformer_blocks
 def replay_applies(model: nn.Module, finetune: Any, tools: Any = None) -> bool:
     """Whether this run's training pass can replay the rollout's block outputs (``finetune``:
     the config's [finetune] section)."""
+    return replay_blocker(model, finetune, tools) is None
+
+
+def replay_blocker(model: nn.Module, finetune: Any, tools: Any = None) -> str | None:
+    """Why this run's training pass cannot replay the rollout's block outputs, or None when
+    it can (see :func:`replay_applies`)."""
     from mlxgrpo.engine.memory import shared_prefix
     from mlxgrpo.engine.memory.lm_head import split_lm_head
 
-    if not (finetune.reuse_rollout_activations and finetune.grad_checkpoint):
-        return False
+    if not finetune.reuse_rollout_activations:
+        return "finetune.reuse_rollout_activations = false"
+    if not finetune.grad_checkpoint:
+        return "it needs finetune.grad_checkpoint"
     if tools is not None:
-        return False
+        return "tool results enter the rollout"
     split = split_lm_head(model)
     if split is None or not shared_prefix.supports(split[0], model):
-        return False
+        return "it needs the shared-prompt pass"
     # The training pass runs in training mode, the rollout without dropout: any dropout in the
     # blocks (whatever the model's mode right now) makes the two forward passes differ.
-    return not any(has_dropout(block) for block in transformer_blocks(model))
+    if any(has_dropout(block) for block in transformer_blocks(model)):
+        return "dropout in the blocks"
+    return None

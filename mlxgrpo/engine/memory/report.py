@@ -16,8 +16,8 @@ import mlx.nn as nn
 from mlxgrpo.engine.memory import shared_prefix
 from mlxgrpo.engine.memory.frozen_head import target_rows
 from mlxgrpo.engine.memory.lm_head import split_lm_head
-from mlxgrpo.engine.memory.replay import replay_applies
-from mlxgrpo.models.blocks import has_dropout, plain_kv_caches, transformer_blocks
+from mlxgrpo.engine.memory.replay import replay_blocker
+from mlxgrpo.models.blocks import plain_kv_caches, transformer_blocks
 from mlxgrpo.models.heads import conventional_head
 
 
@@ -48,7 +48,7 @@ def memory_paths(
     return [
         _tiled_head(split, unsplit, algorithm),
         _shared_prompt(model, split, unsplit),
-        _replay(model, split, finetune, tools),
+        _replay(model, finetune, tools),
         _checkpointing(model, finetune),
     ]
 
@@ -79,23 +79,9 @@ def _shared_prompt(model: nn.Module, split: Any, unsplit: str) -> MemoryPath:
     return MemoryPath(name, False, "attention without a position-only RoPE in every layer")
 
 
-def _replay(model: nn.Module, split: Any, finetune: Any, tools: Any) -> MemoryPath:
-    name = "replay"
-    if replay_applies(model, finetune, tools):
-        return MemoryPath(name, True)
-    if not finetune.reuse_rollout_activations:
-        why = "finetune.reuse_rollout_activations = false"
-    elif not finetune.grad_checkpoint:
-        why = "it needs finetune.grad_checkpoint"
-    elif tools is not None:
-        why = "tool results enter the rollout"
-    elif split is None or not shared_prefix.supports(split[0], model):
-        why = "it needs the shared-prompt pass"
-    elif any(has_dropout(block) for block in transformer_blocks(model)):
-        why = "dropout in the blocks"
-    else:
-        why = "not applicable to this model"
-    return MemoryPath(name, False, why)
+def _replay(model: nn.Module, finetune: Any, tools: Any) -> MemoryPath:
+    why = replay_blocker(model, finetune, tools)
+    return MemoryPath("replay", why is None, why or "")
 
 
 def _checkpointing(model: nn.Module, finetune: Any) -> MemoryPath:
