@@ -63,6 +63,24 @@ ARCHITECTURES = {
         False,
     ),  # fmt: skip
     "cohere": ({"logit_scale": 0.5, "layer_norm_eps": 1e-5, "use_qk_norm": False}, False),
+    "gemma4_text": (
+        {
+            "num_hidden_layers": 4,
+            "global_head_dim": 16,
+            "num_key_value_heads": 1,
+            "num_kv_shared_layers": 2,  # the last two blocks read the keys and values of others
+            "hidden_size_per_layer_input": 8,  # blocks take a per-layer input too
+            "vocab_size_per_layer_input": VOCAB,
+            "sliding_window": 4,
+            "final_logit_softcapping": 30.0,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "rope_parameters": {
+                "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1e6},
+                "sliding_attention": {"rope_theta": 1e4},
+            },
+        },
+        False,
+    ),  # blocks return (hidden, keys and values, offset)
     "granite": (
         {
             "logits_scaling": 4.0,

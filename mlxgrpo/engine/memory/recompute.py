@@ -141,8 +141,36 @@ def _carried_position(args: tuple, kwargs: dict) -> int | str | None:
     return next((k for k, v in kwargs.items() if isinstance(v, CarriedState)), None)
 
 
+def _floating(value: Any) -> bool:
+    return isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating)
+
+
+def map_floating(value: Any, fn: Callable[[mx.array], Any]) -> Any:
+    """``value`` with every floating array inside its tuples, lists and dicts replaced by
+    ``fn(array)``, in a fixed order; everything else (masks, offsets, caches) kept as is."""
+    if _floating(value):
+        return fn(value)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(map_floating(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_floating(v, fn) for k, v in value.items()}
+    return value
+
+
+def floating_leaves(value: Any) -> list[mx.array]:
+    """The floating arrays :func:`map_floating` visits, in its order."""
+    found: list[mx.array] = []
+    map_floating(value, found.append)
+    return found
+
+
 def _checkpointing_call(plain_call: Callable) -> Callable:
-    """A block's ``__call__`` that keeps only the block's inputs for the backward pass."""
+    """A block's ``__call__`` that keeps only the block's inputs for the backward pass.
+
+    Any block signature: the hidden state comes first; every other floating array among the
+    arguments (another layer's keys and values, a per-layer input) is an input of the
+    checkpointed function too, so its gradient flows; the block may return one array or a
+    tuple of them with other values (Gemma 4 returns its keys and values and an offset)."""
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not args or not isinstance(args[0], mx.array):  # no hidden state to checkpoint on
@@ -159,24 +187,30 @@ def _checkpointing_call(plain_call: Callable) -> Callable:
         carried = None
         if where is not None:
             carried = args[where] if isinstance(where, int) else kwargs[where]
+        rest = (list(args[1:]), dict(kwargs))
+        others = floating_leaves(rest)
+        carried_inputs = carried.checkpoint_inputs() if carried is not None else []
+        shape: list[Any] = []  # the output's structure, its floating arrays taken out
 
         def run(params: Any, x: mx.array, extra: list[mx.array]) -> tuple[mx.array, ...]:
             self.update(params)
-            call_args, call_kwargs, local = list(args), dict(kwargs), None
+            fed = iter(extra[len(carried_inputs) :])
+            call_args, call_kwargs = map_floating(rest, lambda _: next(fed))
+            local = None
             if carried is not None:
-                local = carried.replica(extra)
+                local = carried.replica(extra[: len(carried_inputs)])
                 if isinstance(where, int):
-                    call_args[where] = local
+                    call_args[where - 1] = local
                 else:
                     call_kwargs[where] = local
             outer, _KeyStream.key = _KeyStream.key, key
             try:
-                out = plain_call(self, x, *call_args[1:], **call_kwargs)
+                out = plain_call(self, x, *call_args, **call_kwargs)
             finally:
                 _KeyStream.key = outer
-            return (out, *(local.recorded() if local is not None else []))
+            shape[:] = [map_floating(out, lambda _: _SLOT)]
+            return (*floating_leaves(out), *(local.recorded() if local is not None else []))
 
-        inputs = carried.checkpoint_inputs() if carried is not None else []
         known = carried.known_output() if carried is not None and key is None else None
         if known is not None and known.shape != args[0].shape:
             raise ValueError(
@@ -184,16 +218,37 @@ def _checkpointing_call(plain_call: Callable) -> Callable:
                 f"{args[0].shape}"
             )
         try:
-            out, *recorded = recompute_in_backward(run, None if known is None else (known,))(
-                params, args[0], inputs
+            outputs = recompute_in_backward(run, None if known is None else (known,))(
+                params, args[0], [*carried_inputs, *others]
             )
         finally:
             self.update(params)  # leave the module holding its own arrays, not traced copies
+        if known is not None:
+            out, recorded = outputs[0], list(outputs[1:])
+        else:
+            produced = iter(outputs)
+            out = _refill(shape[0], produced)
+            recorded = list(produced)
         if carried is not None:
             carried.adopt(recorded)
         return out
 
     return __call__
+
+
+_SLOT = object()  # where an output's floating array was taken out
+
+
+def _refill(template: Any, values: Iterator[mx.array]) -> Any:
+    """``template`` (an output with :data:`_SLOT` where its floating arrays were) with the
+    next ``values`` put back in :func:`map_floating`'s order."""
+    if template is _SLOT:
+        return next(values)
+    if isinstance(template, (tuple, list)) and not hasattr(template, "_fields"):
+        return type(template)(_refill(v, values) for v in template)
+    if isinstance(template, dict):
+        return {k: _refill(v, values) for k, v in template.items()}
+    return template
 
 
 def _mlp_width(mlp: nn.Module) -> int:
