@@ -3,8 +3,8 @@ off, and that every path the engine takes (split head in chunks, shared prompt p
 checkpointed blocks) gives the log-probs and gradients of the whole model.
 
 Tiny random models, one per architecture, from configurations written here (hidden 32, two
-blocks, vocabulary 48). Architectures whose model does more after its head (a final softcap, a
-logit scale) must not be split; the rest must be.
+blocks, vocabulary 48). Every one of them splits, those that map the head's output (a final
+softcap, a logit scale, features scaled before the head) with that map.
 """
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ ARCHITECTURES = {
     "hunyuan_v1_dense": ({}, True),
     "seed_oss": ({}, True),
     "deepseek": ({}, True),
-    "minicpm": ({"dim_model_base": 8, "scale_depth": 1.0, "scale_emb": 2.0}, False),  # head / 4
+    "minicpm": ({"dim_model_base": 8, "scale_depth": 1.0, "scale_emb": 2.0}, True),  # head(f / 4)
     "gemma2": (
         {
             "final_logit_softcapping": 30.0,
             "attn_logit_softcapping": 50.0,
             "query_pre_attn_scalar": 8.0,
         },
-        False,
+        True,
     ),  # fmt: skip
-    "cohere": ({"logit_scale": 0.5, "layer_norm_eps": 1e-5, "use_qk_norm": False}, False),
+    "cohere": ({"logit_scale": 0.5, "layer_norm_eps": 1e-5, "use_qk_norm": False}, True),
     "gemma4_text": (
         {
             "num_hidden_layers": 4,
@@ -79,7 +79,7 @@ ARCHITECTURES = {
                 "sliding_attention": {"rope_theta": 1e4},
             },
         },
-        False,
+        True,
     ),  # blocks return (hidden, keys and values, offset)
     "granite": (
         {
@@ -90,7 +90,7 @@ ARCHITECTURES = {
             "attention_bias": False,
             "mlp_bias": False,
         },
-        False,
+        True,
     ),  # fmt: skip
 }
 

@@ -10,6 +10,7 @@ from tolerance import assert_close
 from mlxgrpo.engine.memory import frozen_head, lm_head
 from mlxgrpo.generation.logprobs import tempered, token_logprobs_and_entropy
 from mlxgrpo.models import cpu_kernels
+from mlxgrpo.models.heads import LogitMap, MappedHead, head_linear
 
 VOCAB, HIDDEN, POSITIONS = 97, 16, 11
 
@@ -27,11 +28,20 @@ def _heads() -> dict[str, object]:
         "linear": linear,
         "quantized_tied": q_embedding.as_linear,
         "quantized_linear": q_linear,
+        # Heads with what models do around them: a softcap well inside the logits' range (so
+        # tanh bends), a logit scale, features scaled down first, and all of them at once.
+        "softcapped": MappedHead(embedding.as_linear, LogitMap(softcap=2.0)),
+        "scaled": MappedHead(linear, LogitMap(multiplier=0.5, input_divisor=4.0)),
+        "divided_capped": MappedHead(q_linear, LogitMap(divisor=3.0, softcap=1.5)),
     }
 
 
+MAPPED = ["softcapped", "scaled", "divided_capped"]
+
+
 def _inputs(head):
-    width = HIDDEN if getattr(head, "__self__", head).__class__ in (nn.Embedding, nn.Linear) else 32
+    linear = head_linear(head)
+    width = HIDDEN if getattr(linear, "__self__", linear).__class__ in (nn.Embedding, nn.Linear) else 32
     k1, k2 = mx.random.split(mx.random.key(5))
     features = mx.random.normal((POSITIONS, width), key=k1)
     targets = mx.random.randint(0, VOCAB, (POSITIONS,), key=k2)
@@ -49,6 +59,17 @@ def _reference(head, features, targets, temperature):
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("tile", [None, 10, 1])  # whole vocabulary, uneven tiles, one entry
 def test_values_and_gradient_match_autodiff(name, step, parallel, tile, monkeypatch):
+    _check(name, step, parallel, tile, monkeypatch)
+
+
+@pytest.mark.parametrize("name", MAPPED)
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("tile", [None, 10])
+def test_mapped_heads_match_autodiff_through_their_map(name, parallel, tile, monkeypatch):
+    _check(name, 4, parallel, tile, monkeypatch)
+
+
+def _check(name, step, parallel, tile, monkeypatch):
     if parallel:  # tiny inputs: force the two-stream split
         monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_ELEMENTS", 0)
     head = _heads()[name]

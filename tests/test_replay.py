@@ -221,3 +221,18 @@ def test_a_call_the_recorder_does_not_understand_drops_the_whole_rollout() -> No
         recorder._take(0, step)
         recorder._take(1, step)
     assert recorder.records(2) is None
+
+
+def test_replay_holds_with_sliding_windows() -> None:
+    """Gemma 3's local layers see 4 tokens back: the rollout decodes them through rotating
+    caches, the training pass through windowed masks, and the two must agree."""
+    from test_architectures import _model as architecture_model
+
+    from mlxgrpo.engine.memory import shared_prefix
+
+    model = architecture_model("gemma3_text")
+    assert shared_prefix.supports(model.model, model)  # else the records would go unused
+    rollout = _rollout(model, _prompts(9, 6))
+    assert rollout.activations is not None
+    rows = [1, 5, 0, 3]
+    _assert_same(model, rollout.training_batch(rows), rollout.activations.take_rows(rows))

@@ -80,9 +80,10 @@ def test_shared_prompts_give_the_same_results_and_gradients(
     kind: str, blocks: bool, monkeypatch
 ) -> None:
     runs = []
+    model = _model(kind)
+    assert shared_prefix.supports(model.model, model)  # checked once, before counting
     two_passes = shared_prefix.suffix_hidden
     monkeypatch.setattr(shared_prefix, "suffix_hidden", lambda *a: runs.append(1) or two_passes(*a))
-    model = _model(kind)
     batch = _batch()
     value, logp, entropy, plain = _loss_and_grad(model, batch, shared=False, blocks=False)
     shared_value, shared_logp, shared_entropy, grads = _loss_and_grad(
@@ -103,12 +104,12 @@ def test_shared_prompts_give_the_same_results_and_gradients(
 
 
 def test_a_model_with_a_position_dependent_rope_takes_the_plain_pass() -> None:
-    model = _model("lora")
-    assert shared_prefix.supports(model.model)
+    assert shared_prefix.supports(_model("lora").model)
     from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
 
+    model = _model("lora")
     model.model.layers[1].self_attn.rope = DynamicNTKScalingRoPE(8, 64, False, 10000.0, 2.0)
-    assert not shared_prefix.supports(model.model)
+    assert shared_prefix.blocker(model.model, model) is not None
 
 
 @pytest.mark.parametrize("model_type", ["llama", "olmo2", "phi3"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mlx.nn as nn
 
 
@@ -11,16 +14,59 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(blocks) if blocks is not None else []
 
 
+def _caches(model: nn.Module) -> list | None:
+    """``model.make_cache()``, or None for models without one (mlx-lm then gives every layer a
+    plain ``KVCache``)."""
+    make_cache = getattr(model, "make_cache", None)
+    return make_cache() if callable(make_cache) else None
+
+
 def plain_kv_caches(model: nn.Module) -> bool:
     """Whether every layer of ``model`` caches plain keys and values (mlx-lm's ``KVCache``): no
-    sliding window (a rotating cache), no recurrent state. Models without ``make_cache`` get
-    one ``KVCache`` per layer from mlx-lm, so they count as plain."""
-    make_cache = getattr(model, "make_cache", None)
-    if not callable(make_cache):
-        return True
+    sliding window (a rotating cache), no recurrent state."""
     from mlx_lm.models.cache import KVCache
 
-    return all(type(cache) is KVCache for cache in make_cache())
+    caches = _caches(model)
+    return caches is None or all(type(cache) is KVCache for cache in caches)
+
+
+def attention_caches(model: nn.Module) -> bool:
+    """Whether every layer of ``model`` caches keys and values, all of them or a sliding
+    window's worth (no recurrent or convolutional state, no cache of another kind)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    caches = _caches(model)
+    return caches is None or all(type(cache) in (KVCache, RotatingKVCache) for cache in caches)
+
+
+def sliding_windows(model: nn.Module) -> list[int]:
+    """The window sizes of ``model``'s sliding-window layers (from their rotating caches)."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    caches = _caches(model) or []
+    return [int(c.max_size) for c in caches if type(c) is RotatingKVCache]
+
+
+def _depth(named: tuple[str, nn.Module]) -> int:
+    return named[0].count(".") + bool(named[0])  # the root's name is ""
+
+
+@contextmanager
+def without_dropout(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the context when a dropout of it is active (so that two
+    forward passes compute the same function), then every module back in its own mode."""
+    # Each module's mode, parents first: train() sets a whole subtree, so restoring in this
+    # order leaves every module as it was.
+    modes = [(module, module.training) for _, module in sorted(model.named_modules(), key=_depth)]
+    switched = has_dropout(model, active_only=True)
+    if switched:
+        model.eval()
+    try:
+        yield
+    finally:
+        if switched:
+            for module, training in modes:
+                module.train(training)
 
 
 def has_dropout(module: nn.Module, *, active_only: bool = False) -> bool:

@@ -7,29 +7,132 @@ or, as Gemma 3 does after loading a checkpoint without ``lm_head.weight``, the m
 ``tie_word_embeddings``). Splitting there lets the engine run the vocabulary-sized head on the
 positions it needs only, in tiles (docs/architecture.md §5).
 
-Some architectures do more after the head: a final-logit softcap (Gemma 2), a logit scale
-(Granite, Cohere), extra inputs. Rather than list every architecture, :func:`split_head` finds
-the conventional trunk and head and then checks once per model, on a few tokens, that
-``head(trunk(x))`` reproduces ``model(x)`` exactly; a model that does anything else is not
-split, and the engine runs it whole. Architectures known to be plain skip that check
-(:data:`PLAIN_HEAD_ARCHITECTURES`, the one override table).
+Some architectures do more around the head, position by position: a final-logit softcap
+(Gemma 2 and 4), a logit scale (Cohere, Granite, Falcon-H1's tied head), features scaled down
+before it (MiniCPM). :data:`LOGIT_MAPS` says, per architecture, what that is (a
+:class:`LogitMap`); the head is then a :class:`MappedHead` that applies it in the model's own
+order, and the tiled head applies the same map tile by tile. Rather than trust any of this,
+:func:`split_head` checks once per model, on a few tokens, that ``head(trunk(x))`` reproduces
+``model(x)`` exactly; a model that does anything else is not split, and the engine runs it
+whole. Architectures known to be plain skip that check (:data:`PLAIN_HEAD_ARCHITECTURES`).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.models.blocks import has_dropout
+from mlxgrpo.models.blocks import without_dropout
 
 # mlx-lm model modules whose Model.__call__ is exactly ``head(self.model(inputs, cache))``.
 PLAIN_HEAD_ARCHITECTURES = frozenset(
     {"llama", "qwen2", "qwen3", "qwen3_moe", "olmo2", "smollm3", "phi3"}
 )
 PROBE_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """What a model does around its head's matrix product, position by position:
+    ``softcap(linear(f / input_divisor) * multiplier / divisor)``, with
+    ``softcap(z) = tanh(z / c) * c``. None: that step is absent."""
+
+    input_divisor: float | None = None
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def logit_scale(self) -> float:
+        """The factor the logits are scaled by before the softcap."""
+        scale = 1.0 if self.multiplier is None else float(self.multiplier)
+        return scale if self.divisor is None else scale / float(self.divisor)
+
+    def is_identity(self) -> bool:
+        return self == LogitMap()
+
+
+class MappedHead:
+    """The LM head together with its :class:`LogitMap`, applied in the model's own order (so
+    that ``head(trunk(x))`` is bit for bit ``model(x)``). ``linear`` is the vocabulary
+    projection: the ``lm_head`` module or the tied embedding's ``as_linear``."""
+
+    def __init__(self, linear: Callable, logit_map: LogitMap) -> None:
+        self.linear, self.logit_map = linear, logit_map
+
+    def __call__(self, features: mx.array) -> mx.array:
+        m = self.logit_map
+        if m.input_divisor is not None:
+            features = features / m.input_divisor
+        out = self.linear(features)
+        if m.multiplier is not None:
+            out = out * m.multiplier
+        if m.divisor is not None:
+            out = out / m.divisor
+        if m.softcap is not None:
+            out = mx.tanh(out / m.softcap) * m.softcap
+        return out
+
+
+def head_linear(head: Callable) -> Callable:
+    """The vocabulary projection inside a head from :func:`split_head`."""
+    return head.linear if isinstance(head, MappedHead) else head
+
+
+def head_logit_map(head: Callable) -> LogitMap:
+    """The :class:`LogitMap` of a head from :func:`split_head` (identity for a plain one)."""
+    return head.logit_map if isinstance(head, MappedHead) else LogitMap()
+
+
+def _args(model: nn.Module) -> object:
+    return getattr(model, "args", None) or getattr(getattr(model, "model", None), "args", None)
+
+
+def _softcap(model: nn.Module) -> LogitMap:
+    cap = getattr(model, "final_logit_softcapping", None)
+    return LogitMap(softcap=float(cap) if cap else None)
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the head is the embedding matrix: ``args.tie_word_embeddings`` or, as Gemma 3
+    sets after loading a checkpoint without ``lm_head.weight``, the model's own flag."""
+    tied = getattr(model, "tie_word_embeddings", None)
+    if isinstance(tied, bool):
+        return tied
+    return bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+
+
+def _minicpm(model: nn.Module) -> LogitMap:
+    args = _args(model)
+    if _tied(model):
+        return LogitMap()
+    return LogitMap(input_divisor=args.hidden_size / args.dim_model_base)
+
+
+def _falcon_h1(model: nn.Module) -> LogitMap:
+    args = _args(model)
+    if not _tied(model):
+        return LogitMap()
+    return LogitMap(multiplier=args.lm_head_multiplier / args.embedding_multiplier)
+
+
+# mlx-lm model modules whose Model.__call__ maps the head's output (the one table of them);
+# every other architecture's map is the identity.
+LOGIT_MAPS: dict[str, Callable[[nn.Module], LogitMap]] = {
+    "gemma2": _softcap,
+    "gemma4_text": _softcap,
+    "cohere": lambda m: LogitMap(multiplier=m.model.args.logit_scale),
+    "cohere2": lambda m: LogitMap(multiplier=m.model.args.logit_scale),
+    "granite": lambda m: LogitMap(divisor=m.logits_scaling),
+    "granitemoe": lambda m: LogitMap(divisor=m.logits_scaling),
+    "granitemoehybrid": lambda m: LogitMap(divisor=m.logits_scaling),
+    "minicpm": _minicpm,
+    "minicpm3": _minicpm,
+    "falcon_h1": _falcon_h1,
+}
 
 # id(model) -> (a weak reference to it, whether its head splits off exactly).
 _VERDICTS: dict[int, tuple[weakref.ref, bool]] = {}
@@ -42,20 +145,29 @@ def architecture(model: nn.Module) -> str:
 
 
 def conventional_head(model: nn.Module) -> tuple[nn.Module, Callable] | None:
-    """``(trunk, head)`` where mlx-lm's conventions put them, or None; not yet checked."""
+    """``(trunk, head)`` where mlx-lm's conventions put them, or None; not yet checked. The
+    head is the vocabulary projection, or a :class:`MappedHead` where the architecture maps
+    its output (:data:`LOGIT_MAPS`)."""
     trunk = getattr(model, "model", None)
     if not isinstance(trunk, nn.Module):
         return None
     lm_head = getattr(model, "lm_head", None)
-    tied = getattr(model, "tie_word_embeddings", None)
-    if not isinstance(tied, bool):
-        tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+    tied = _tied(model)
+    linear: Callable | None = None
     if isinstance(lm_head, nn.Module) and not tied:
-        return trunk, lm_head
-    embedding = getattr(trunk, "embed_tokens", None)
-    if embedding is not None and hasattr(embedding, "as_linear"):
-        return trunk, embedding.as_linear
-    return None
+        linear = lm_head
+    else:
+        embedding = getattr(trunk, "embed_tokens", None)
+        if embedding is not None and hasattr(embedding, "as_linear"):
+            linear = embedding.as_linear
+    if linear is None:
+        return None
+    reader = LOGIT_MAPS.get(architecture(model))
+    try:
+        logit_map = reader(model) if reader is not None else LogitMap()
+    except (AttributeError, TypeError, ZeroDivisionError):
+        logit_map = LogitMap()  # not as the table expects: the exactness check will say so
+    return trunk, (linear if logit_map.is_identity() else MappedHead(linear, logit_map))
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, Callable] | None:
@@ -86,22 +198,12 @@ def head_splits(model: nn.Module) -> bool:
     return verdict
 
 
-def _depth(named: tuple[str, nn.Module]) -> int:
-    return named[0].count(".") + bool(named[0])  # the root's name is ""
-
-
 def _probe(model: nn.Module) -> bool:
     found = conventional_head(model)
     if found is None:
         return False
     trunk, head = found
-    # Each module's mode, parents first: train() sets a whole subtree, so restoring in this
-    # order leaves every module as it was.
-    modes = [(module, module.training) for _, module in sorted(model.named_modules(), key=_depth)]
-    switched = has_dropout(model, active_only=True)
-    if switched:
-        model.eval()  # two forward passes must see the same function
-    try:
+    with without_dropout(model):  # two forward passes must see the same function
         tokens = mx.arange(PROBE_TOKENS, dtype=mx.int32)[None]
         try:
             whole, split = model(tokens), head(trunk(tokens))
@@ -110,7 +212,3 @@ def _probe(model: nn.Module) -> bool:
         if not isinstance(whole, mx.array) or whole.shape != split.shape:
             return False
         return bool(mx.array_equal(whole.astype(mx.float32), split.astype(mx.float32)).item())
-    finally:
-        if switched:
-            for module, training in modes:
-                module.train(training)

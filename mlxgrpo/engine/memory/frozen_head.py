@@ -28,6 +28,7 @@ import mlx.nn as nn
 
 from mlxgrpo.engine.memory.chunked_head import prepared_gradient, run_in_chunks
 from mlxgrpo.models.cpu_kernels import exp, joined_row_parts, parallel_row_parts
+from mlxgrpo.models.heads import LogitMap, head_linear, head_logit_map
 
 # float32 [positions, tile] buffers one tile holds at its peak: logits, shifted logits, the
 # two halves' exponentials, their joined copy for the product and a temporary.
@@ -47,7 +48,9 @@ def tile_entries(positions: int, budget_bytes: int | None = None) -> int:
 
 
 def target_rows(head: Callable) -> Callable[[mx.array], mx.array] | None:
-    """``y -> W[y]`` (float rows) for the heads this module handles, else None."""
+    """``y -> W[y]`` (float rows) for the heads this module handles, else None: linear ones,
+    plain or quantized, with any :class:`~mlxgrpo.models.heads.LogitMap` around them."""
+    head = head_linear(head)
     owner = getattr(head, "__self__", head)
     name = getattr(head, "__name__", "")
     if isinstance(owner, (nn.Embedding, nn.QuantizedEmbedding)) and name == "as_linear":
@@ -74,10 +77,11 @@ def target_rows(head: Callable) -> Callable[[mx.array], mx.array] | None:
 def tile_head(head: Callable) -> Callable[[mx.array, int, int], mx.array]:
     """``(f, lo, hi) -> head(f)[:, lo:hi]``, computed from the vocabulary rows lo:hi alone.
 
-    ``head`` must be one :func:`target_rows` accepts. Slicing rows of a row-major weight (or of
-    a quantized one's packed weight, scales and biases) is a view, not a copy.
+    ``head`` must be one :func:`target_rows` accepts (its logit map is not applied here).
+    Slicing rows of a row-major weight (or of a quantized one's packed weight, scales and
+    biases) is a view, not a copy.
     """
-    owner = getattr(head, "__self__", head)
+    owner = getattr(head_linear(head), "__self__", head_linear(head))
     bias = owner.get("bias") if type(owner) in (nn.Linear, nn.QuantizedLinear) else None
     if isinstance(owner, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
         biases = owner.get("biases")
@@ -155,6 +159,26 @@ class _Running:
         return [p for p in parts if p is not None]
 
 
+def _mapped(z: mx.array, logit_map: LogitMap) -> tuple[mx.array, mx.array | None]:
+    """The map's logits ``u`` of raw float32 logits ``z``, and ``du/dz`` (None when 1)."""
+    scale, cap = logit_map.logit_scale(), logit_map.softcap
+    if scale != 1.0:
+        z = z * scale
+    if cap is None:
+        return z, (None if scale == 1.0 else mx.full(z.shape, scale, dtype=z.dtype))
+    t = mx.tanh(z / cap)
+    return t * cap, scale * (1.0 - t * t)
+
+
+def _target_slope(picked: mx.array, logit_map: LogitMap, temperature: float) -> mx.array | float:
+    """``du/dz`` at the target, from its tempered mapped logit ``picked`` (``u / T``)."""
+    scale, cap = logit_map.logit_scale(), logit_map.softcap
+    if cap is None:
+        return scale
+    t = picked * (temperature / cap)
+    return scale * (1.0 - t * t)
+
+
 def frozen_head_logprobs(
     head: Callable,
     features: mx.array,
@@ -171,17 +195,28 @@ def frozen_head_logprobs(
     :data:`FROZEN_TILE_BUDGET_BYTES`).
 
     ``head`` must be one :func:`target_rows` accepts. When ``differentiable``, logp carries the
-    gradient above; the entropy is a value (not differentiated).
+    gradient above; the entropy is a value (not differentiated). A head's logit map
+    (:class:`~mlxgrpo.models.heads.LogitMap`) is applied tile by tile: with ``u = g(z)`` the
+    gradient is ``(g'(z_y) W[y] - sum_v softmax(u / T)_v g'(z_v) W_v) / T``.
     """
     rows_of = target_rows(head)
     if rows_of is None:
         raise ValueError("frozen_head_logprobs needs a plain or quantized linear head")
+    logit_map = head_logit_map(head)
+    divisor = logit_map.input_divisor
     positions = int(targets.shape[0])
-    owner = getattr(head, "__self__", head)
+    linear = head_linear(head)
+    owner = getattr(linear, "__self__", linear)
     vocab = int(owner["weight"].shape[0])
     width = tile or tile_entries(min(step, positions))
+    if tile is None and logit_map.softcap is not None:  # one more buffer: the slopes
+        width = max(1, width * FROZEN_TILE_BUFFERS // (FROZEN_TILE_BUFFERS + 1))
     bounds = [(lo, min(lo + width, vocab)) for lo in range(0, vocab, width)]
-    logits_of = tile_head(head)
+    tile_logits = tile_head(head)
+
+    def logits_of(x: mx.array, lo: int, hi: int) -> mx.array:
+        return tile_logits(x if divisor is None else x / divisor, lo, hi)
+
     stats = _tile_statistics(with_entropy)
 
     def chunk(params: dict, f: mx.array, lo: int, hi: int) -> list[mx.array]:
@@ -190,16 +225,18 @@ def frozen_head_logprobs(
         for start, end in bounds:
             # a tile starts once the last one is folded in: one tile's buffers at a time
             tile_input = mx.depends(f, running.arrays()) if running.peak is not None else f
-            z = logits_of(tile_input, start, end).astype(mx.float32)
+            z, slope = _mapped(logits_of(tile_input, start, end).astype(mx.float32), logit_map)
             if temperature != 1.0:
                 z = z * (1.0 / temperature)
             peak, total, picked, *rest = joined_row_parts(parallel_row_parts(stats, z, y - start))
             weighted = rest[0] if with_entropy else None
             spread = None
             if differentiable:
-                # e W in one product over the tile's rows of W
-                e = rest[-1].astype(f.dtype)
-                spread = mx.vjp(lambda x, s=start, t=end: logits_of(x, s, t), [f], [e])[1][0]
+                # e g'(z) W in one product over the tile's rows of W
+                e = rest[-1] if slope is None else rest[-1] * slope
+                spread = mx.vjp(
+                    lambda x, s=start, t=end: logits_of(x, s, t), [f], [e.astype(f.dtype)]
+                )[1][0]
             running.add(peak, total, picked, weighted, spread)
         log_total = mx.log(running.total)
         values = [(running.picked - running.peak) - log_total]
@@ -208,7 +245,13 @@ def frozen_head_logprobs(
         if not differentiable:
             return values
         softmax_w = running.spread / running.total[:, None]
-        jacobian = (rows_of(y).astype(mx.float32) - softmax_w) / temperature
+        direct = rows_of(y).astype(mx.float32)
+        if divisor is not None:
+            direct = direct / divisor
+        if not logit_map.is_identity():
+            slope_y = _target_slope(running.picked, logit_map, temperature)
+            direct = direct * (slope_y[:, None] if isinstance(slope_y, mx.array) else slope_y)
+        jacobian = (direct - softmax_w) / temperature
         return [*values, jacobian]
 
     if not differentiable:

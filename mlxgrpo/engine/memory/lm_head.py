@@ -27,7 +27,7 @@ from mlxgrpo.engine.memory.frozen_head import (
     target_rows,
 )
 from mlxgrpo.generation.logprobs import tempered, token_logprobs, token_logprobs_and_entropy
-from mlxgrpo.models.heads import split_head
+from mlxgrpo.models.heads import head_linear, split_head
 
 # Memory one chunk of the head may take. A chunk holds about eight float32 [chunk, V] buffers
 # at its peak (logits, shifted logits, exponentials, probabilities, the logits' gradient and
@@ -60,7 +60,8 @@ def _identity(x: mx.array) -> mx.array:
 
 def _head_owner(head: Callable) -> nn.Module | None:
     """The module whose weights the head uses (an `as_linear` method's embedding, or itself)."""
-    owner = getattr(head, "__self__", head)
+    linear = head_linear(head)
+    owner = getattr(linear, "__self__", linear)
     return owner if isinstance(owner, nn.Module) else None
 
 

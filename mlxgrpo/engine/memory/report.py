@@ -17,8 +17,8 @@ from mlxgrpo.engine.memory import shared_prefix
 from mlxgrpo.engine.memory.frozen_head import target_rows
 from mlxgrpo.engine.memory.lm_head import split_lm_head
 from mlxgrpo.engine.memory.replay import replay_blocker
-from mlxgrpo.models.blocks import plain_kv_caches, transformer_blocks
-from mlxgrpo.models.heads import conventional_head
+from mlxgrpo.models.blocks import transformer_blocks
+from mlxgrpo.models.heads import conventional_head, head_linear
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _tiled_head(split: Any, unsplit: str, algorithm: Any) -> MemoryPath:
     name = "tiled head"
     if split is None:
         return MemoryPath(name, False, unsplit)
-    head = split[1]
+    head = head_linear(split[1])
     owner = getattr(head, "__self__", head)
     if isinstance(owner, nn.Module) and owner.trainable_parameters():
         return MemoryPath(name, False, "the LM head trains (chunked head with recomputation)")
@@ -72,11 +72,8 @@ def _shared_prompt(model: nn.Module, split: Any, unsplit: str) -> MemoryPath:
     name = "shared prompt"
     if split is None:
         return MemoryPath(name, False, unsplit)
-    if shared_prefix.supports(split[0], model):
-        return MemoryPath(name, True)
-    if not plain_kv_caches(model):
-        return MemoryPath(name, False, "sliding-window or recurrent layers")
-    return MemoryPath(name, False, "attention without a position-only RoPE in every layer")
+    why = shared_prefix.blocker(split[0], model)
+    return MemoryPath(name, why is None, why or "")
 
 
 def _replay(model: nn.Module, finetune: Any, tools: Any) -> MemoryPath:

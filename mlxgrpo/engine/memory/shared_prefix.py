@@ -14,12 +14,20 @@ pass, so the results are the same up to float rounding, and gradients flow back 
 recorded keys and values into the prompt's pass. At the scale bench's shape (131-token prompts,
 128 new tokens, G = 8) the trunk runs 44% fewer tokens.
 
-Used for mlx-lm models whose trunk takes a per-layer cache list and whose attention layers use
-a RoPE with a fixed frequency table (:func:`supports`); others take the plain pass.
+Used for mlx-lm models whose trunk takes a per-layer cache list and whose layers all attend
+through keys and values (:func:`blocker`): RoPE of any kind that takes per-row offsets, layers
+without RoPE, sliding windows (the model asks the cache for a window's mask, as mlx-lm's models
+do) and MLA's narrower value heads. Rather than trust a list of attention classes, each model
+is checked once (:func:`two_passes_match`): the two passes must give the plain pass's hidden
+states on a probe batch whose prompt is longer than the model's widest window. Recurrent and
+convolutional layers (Mamba, gated delta nets, LFM2's convolutions) carry a state, not keys and
+values, so those models take the plain pass.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,37 +35,88 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.models.blocks import plain_kv_caches
+from mlxgrpo.models.blocks import attention_caches, sliding_windows, without_dropout
 
 # Below this share of the plain pass's tokens the two passes are not worth their overhead.
 _MIN_SAVING = 0.9
+# The probe's two passes may differ from the plain one by float rounding only: this share of
+# the hidden states' RMS (a wrong mask or position is off by the whole scale).
+PROBE_TOLERANCE = 1e-3
+PROBE_SUFFIX = 3  # completion tokens per probe row
 
-
-def _fixed_table_ropes() -> tuple[type, ...]:
-    """RoPE classes whose result depends on the position only (array offsets pass through)."""
-    from mlx_lm.models import rope_utils
-
-    names = ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE")
-    return (nn.RoPE, *(getattr(rope_utils, n) for n in names if hasattr(rope_utils, n)))
+# id(trunk) -> (a weak reference to it, why not, or None)
+_VERDICTS: dict[int, tuple[weakref.ref, str | None]] = {}
 
 
 def supports(trunk: nn.Module, model: nn.Module | None = None) -> bool:
-    """Whether every attention layer of the trunk can run the two passes (``model``: the model
-    the trunk belongs to, whose caches must be plain keys and values)."""
-    layers = getattr(trunk, "layers", None)
-    if not layers:
-        return False
-    if model is not None and not plain_kv_caches(model):
-        return False  # a sliding window or a recurrent state: the reader's view is incomplete
-    ropes = _fixed_table_ropes()
-    for layer in layers:
-        attention = getattr(layer, "self_attn", None)
-        if not isinstance(getattr(attention, "rope", None), ropes):
-            return False
-        # A sliding window would make the reader's mask incomplete.
-        if getattr(attention, "sliding_window", None) or getattr(layer, "use_sliding", False):
-            return False
-    return True
+    """Whether the trunk can run the two passes (``model``: the model it belongs to)."""
+    return blocker(trunk, model) is None
+
+
+def blocker(trunk: nn.Module, model: nn.Module | None = None) -> str | None:
+    """Why the two passes cannot serve this trunk, or None when they can.
+
+    ``model``: the model the trunk belongs to; its caches tell its layers' kinds and windows.
+    The first call per trunk runs :func:`two_passes_match` and its verdict holds for the
+    trunk's life: call it once outside any gradient transformation, with the model as it will
+    train (the engine does, when a run is set up)."""
+    if not getattr(trunk, "layers", None):
+        return "no blocks at model.layers"
+    if model is not None and not attention_caches(model):
+        return "recurrent or convolutional layers (a state, not keys and values, to carry)"
+    seen = _VERDICTS.get(id(trunk))
+    if seen is not None and seen[0]() is trunk:
+        return seen[1]
+    windows = sliding_windows(model) if model is not None else []
+    with without_dropout(model if model is not None else trunk):
+        verdict = two_passes_match(trunk, max(windows, default=0))
+    key = id(trunk)
+    _VERDICTS[key] = (weakref.ref(trunk, lambda _ref: _VERDICTS.pop(key, None)), verdict)
+    return verdict
+
+
+def _probe_batch(trunk: nn.Module, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens [3, T], prompt lengths and wanted positions: two rows share a prompt longer than
+    ``window``, a third has a shorter prompt of its own."""
+    embedding = getattr(trunk, "embed_tokens", None)
+    weight = getattr(embedding, "weight", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, mx.array) else 32
+    prompt = max(window, 6) + 3
+    ids = (np.arange(prompt + 2 * PROBE_SUFFIX + 8) * 7 + 3) % min(vocab, 97)
+    rows = [
+        np.concatenate([ids[:prompt], ids[prompt : prompt + PROBE_SUFFIX]]),
+        np.concatenate([ids[:prompt], ids[prompt + PROBE_SUFFIX : prompt + 2 * PROBE_SUFFIX]]),
+        ids[5 : 5 + prompt - 2 + PROBE_SUFFIX],
+    ]
+    lengths = np.array([prompt, prompt, prompt - 2])
+    tokens = np.zeros((3, prompt + PROBE_SUFFIX), dtype=np.int32)
+    wanted = np.zeros(tokens.shape, dtype=bool)
+    for r, row in enumerate(rows):
+        tokens[r, : len(row)] = row
+        wanted[r, lengths[r] : len(row)] = True
+    return tokens, lengths, wanted
+
+
+def two_passes_match(trunk: nn.Module, window: int = 0) -> str | None:
+    """None when the two passes give the plain pass's hidden states on a probe batch (prompts
+    longer than ``window``, the widest sliding window), else why not."""
+    tokens, lengths, wanted = _probe_batch(trunk, window)
+    layout = plan(tokens, lengths, wanted, min_saving=1.0)
+    if layout is None:
+        raise AssertionError("the probe batch has no shared-prompt layout")
+    rows, columns = np.nonzero(wanted)
+    try:
+        plain = trunk(mx.array(tokens[:, :-1]))[mx.array(rows), mx.array(columns - 1)]
+        hidden = suffix_hidden(trunk, layout)
+        shared = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
+        plain, shared = plain.astype(mx.float32), shared.astype(mx.float32)
+        scale = float(mx.sqrt(mx.mean(plain * plain)).item())
+        error = float(mx.max(mx.abs(plain - shared)).item())
+    except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        return f"its attention cannot take a per-row cache ({type(e).__name__})"
+    if not error <= PROBE_TOLERANCE * max(scale, 1e-6):
+        return "its attention is not a mask over the prompt's keys and values"
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,18 +135,26 @@ class SharedPrefixPlan:
     source: np.ndarray  # [K] flat [N * Ls] suffix positions of the wanted log-probs
     tokens_run: int  # trunk tokens of the two passes (the plain pass runs N * (T - 1))
 
-    def reader_mask(self) -> mx.array:
-        """[N, 1, Ls, Lp + Ls] bool: the row's own prompt, then its suffix causally."""
+    def reader_mask(self, window: int | None = None) -> mx.array:
+        """[N, 1, Ls, Lp + Ls] bool: the row's own prompt, then its suffix causally; with a
+        ``window``, only keys less than ``window`` positions behind the query."""
         prefix_width = int(self.prefix_tokens.shape[1])
         suffix_width = int(self.suffix_tokens.shape[1])
         lengths = self.prefix_lengths[self.prompt_of_row]
-        prefix = np.arange(prefix_width)[None, :] < lengths[:, None]  # [N, Lp]
-        causal = np.tril(np.ones((suffix_width, suffix_width), dtype=bool))
+        keys = np.arange(prefix_width)[None, None, :]  # positions of the prompt's keys
+        queries = np.arange(suffix_width)[None, :, None]  # suffix index of each query
+        prefix = keys < lengths[:, None, None]  # [N, 1 or Ls, Lp]
+        steps = queries - np.arange(suffix_width)[None, None, :]  # query minus key, suffix
+        suffix = steps >= 0
+        if window is not None:
+            # the query at position L + s sees prompt key j when L + s - j < window
+            prefix = prefix & (lengths[:, None, None] + queries - keys < window)
+            suffix = suffix & (steps < window)
         rows = len(self.prompt_of_row)
         mask = np.concatenate(
             [
-                np.broadcast_to(prefix[:, None, :], (rows, suffix_width, prefix_width)),
-                np.broadcast_to(causal, (rows, suffix_width, suffix_width)),
+                np.broadcast_to(prefix, (rows, suffix_width, prefix_width)),
+                np.broadcast_to(suffix, (rows, suffix_width, suffix_width)),
             ],
             axis=-1,
         )
@@ -95,12 +162,16 @@ class SharedPrefixPlan:
 
 
 def plan(
-    tokens: np.ndarray, prompt_lengths: np.ndarray, wanted: np.ndarray
+    tokens: np.ndarray,
+    prompt_lengths: np.ndarray,
+    wanted: np.ndarray,
+    min_saving: float = _MIN_SAVING,
 ) -> SharedPrefixPlan | None:
     """The two-pass layout of ``tokens`` [N, T], or None when it does not pay or apply.
 
     ``wanted`` [N, T] marks the positions whose log-probs are needed; they must all lie after
-    their row's prompt (the completion mask does).
+    their row's prompt (the completion mask does). The layout pays when its trunk tokens are
+    under ``min_saving`` times the plain pass's.
     """
     rows, length = tokens.shape
     lengths = np.asarray(prompt_lengths, dtype=np.int64).reshape(rows)
@@ -119,7 +190,7 @@ def plan(
     last = np.where(wanted.any(axis=1), length - 1 - np.argmax(wanted[:, ::-1], axis=1), lengths)
     suffix_width = int(max(1, (last - lengths + 1).max()))
     tokens_run = len(firsts) * int(prefix_lengths.max()) + rows * suffix_width
-    if tokens_run >= _MIN_SAVING * rows * (length - 1):
+    if tokens_run >= min_saving * rows * (length - 1):
         return None
     prefix = np.zeros((len(firsts), int(prefix_lengths.max())), dtype=np.int32)
     for p, r in enumerate(firsts):
@@ -155,6 +226,9 @@ class PrefixRecorder:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         # Right-padded rows: the padding sits after every real token, so causal is enough.
+        if window_size is not None and window_size < n:
+            steps = mx.arange(n)[:, None] - mx.arange(n)[None, :]
+            return (steps >= 0) & (steps < window_size)
         if return_array:
             return mx.tril(mx.ones((n, n), dtype=mx.bool_))
         return "causal"
@@ -187,11 +261,11 @@ class PrefixReader:
         values: mx.array,
         prompt_of_row: mx.array,
         offsets: mx.array,
-        mask: mx.array,
+        masks: Callable[[int | None], mx.array],
         known: mx.array | None = None,
     ) -> None:
         self.prefix_keys, self.prefix_values = keys, values
-        self.prompt_of_row, self.offset, self.mask = prompt_of_row, offsets, mask
+        self.prompt_of_row, self.offset, self.masks = prompt_of_row, offsets, masks
         self.known = known  # the layer's block output, when replayed from the rollout
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -202,14 +276,14 @@ class PrefixReader:
         )
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        return self.mask
+        return self.masks(window_size)
 
     def checkpoint_inputs(self) -> list[mx.array]:
         return [self.prefix_keys, self.prefix_values]
 
     def replica(self, inputs: list[mx.array]) -> PrefixReader:
         keys, values = inputs
-        return PrefixReader(keys, values, self.prompt_of_row, self.offset, self.mask)
+        return PrefixReader(keys, values, self.prompt_of_row, self.offset, self.masks)
 
     def recorded(self) -> list[mx.array]:
         return []
@@ -239,7 +313,13 @@ def suffix_hidden(
     trunk(layout.prefix_tokens, recorders)
     rows = mx.array(layout.prompt_of_row.astype(np.int32))
     offsets = mx.array(layout.suffix_offsets.astype(np.int32))
-    mask = layout.reader_mask()
+    built: dict[int | None, mx.array] = {}
+
+    def masks(window: int | None) -> mx.array:
+        if window not in built:
+            built[window] = layout.reader_mask(window)
+        return built[window]
+
     width = int(layout.suffix_tokens.shape[1])
     outputs = known.block_outputs(width) if known is not None else [None] * len(recorders)
     if len(outputs) != len(recorders):
@@ -248,5 +328,5 @@ def suffix_hidden(
     for recorder, output in zip(recorders, outputs, strict=True):
         if recorder.keys is None or recorder.values is None:
             raise RuntimeError("a layer of the prefix pass recorded no keys and values")
-        readers.append(PrefixReader(recorder.keys, recorder.values, rows, offsets, mask, output))
+        readers.append(PrefixReader(recorder.keys, recorder.values, rows, offsets, masks, output))
     return trunk(layout.suffix_tokens, readers)
