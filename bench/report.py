@@ -122,7 +122,7 @@ def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         m, ours = entry["model"], entry["mlxgrpo"]
         rows.append(
             (
-                f"[bold]{key}[/]: {m['parameters']:,} parameters",
+                f"[bold]{key}[/] ({m.get('model_type', 'qwen2')}): {m['parameters']:,} parameters",
                 _gb(m["weights_bytes"] / 1e9),
                 f"weights (float32); prompts of {entry['prompt_tokens']} tokens",
             )

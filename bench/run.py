@@ -2,7 +2,7 @@
 every design.
 
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
-    python bench/run.py --scale [--peer] [--quick] [--out scale.json] [--repeats 2]
+    python bench/run.py --scale [--peer] [--quick] [--shapes a,b] [--out scale.json] [--repeats 2]
     python bench/run.py --learning [--quick] [--out learning.json]
     python bench/run.py --distributed [--quick] [--out distributed.json] [--repeats 2]
 
@@ -12,7 +12,8 @@ share of the measured fp32 matmul rate, peak memory of a LoRA update with and wi
 seconds per full GRPO update (the demo config, and demo-like settings on the benchmark model).
 Every figure is the median of `--repeats` runs; the designs alternate within each round.
 Prints a Rich table and writes JSON for later comparison. `--scale` runs only the scale
-section instead (real Qwen2.5 shapes, optionally against mlx-lm-lora: see scale_bench.py).
+section instead (real Qwen2.5, Qwen3 and Gemma 3 shapes, optionally against mlx-lm-lora: see
+scale_bench.py).
 `--learning` runs only the learning table (every loss type on one task: learning_bench.py).
 `--distributed` runs only the data-parallel section: the same updates in one process and in 2
 ranks under `mlx.launch` on this machine (distributed_bench.py).
@@ -79,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no table, only the JSON file")
     parser.add_argument(
-        "--scale", action="store_true", help="only the scale section (Qwen2.5 0.5B/1.5B shapes)"
+        "--scale",
+        action="store_true",
+        help="only the scale section (Qwen2.5 0.5B/1.5B, Qwen3-0.6B, Gemma-3-270M/1B shapes)",
+    )
+    parser.add_argument(
+        "--shapes", help="--scale: comma list of shape keys (default: all; see scale_setup.py)"
     )
     parser.add_argument(
         "--peer", action="store_true", help="--scale: also run mlx-lm-lora (installed on demand)"
@@ -94,6 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     if args.peer and not args.scale:
         parser.error("--peer belongs to --scale")
+    if args.shapes and not args.scale:
+        parser.error("--shapes belongs to --scale")
+    if args.scale:
+        import scale_setup
+
+        try:
+            scale_setup.select_shapes(args.shapes, args.quick)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.learning + args.scale + args.distributed > 1:
         parser.error("--learning, --scale and --distributed are separate runs")
     args.repeats = args.repeats or (2 if args.scale or args.distributed else 3)
