@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.qwen2 import Model
 from random_models import random_lm
 
-from mlxgrpo.errors import ConfigError
+from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.generation.rollout import (
     SamplingConfig,
     build_micro_batch,
@@ -386,3 +386,19 @@ def test_sampling_settings_come_from_any_section_that_names_them():
     options = GenerationOptions.from_config(cfg.generate)
     assert options.sampling().repetition_penalty == 1.3
     assert options.stop == tuple(cfg.generate.stop) and options.seed == cfg.generate.seed
+
+
+def test_a_model_that_cannot_decode_a_batch_gets_one_clear_error():
+    """gpt_bigcode computes learned positions from one cache offset; a batched cache gives each
+    row its own. The rollout says which model and why, not an internal error."""
+    module = importlib.import_module("mlx_lm.models.gpt_bigcode")
+    args = module.ModelArgs(
+        model_type="gpt_bigcode", n_embd=32, n_layer=2, n_inner=64, n_head=4,
+        n_positions=64, layer_norm_epsilon=1e-5, vocab_size=48,
+    )  # fmt: skip
+    model = module.Model(args)
+    with pytest.raises(MlxgrpoError, match="gpt_bigcode cannot decode a batch: .*per-row"):
+        generate_groups(
+            model, [[1, 2, 3]], num_generations=2, max_new_tokens=3,
+            sampling=SamplingConfig(temperature=1.0), eos_token_ids=[],
+        )  # fmt: skip

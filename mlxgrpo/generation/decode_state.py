@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxgrpo.errors import MlxgrpoError
 from mlxgrpo.generation.recording import ActivationRecorder
 from mlxgrpo.generation.sampling import (
     SamplingConfig,
@@ -118,6 +119,24 @@ def first_step(
     return batch
 
 
+def batched_step(model: nn.Module, inputs: mx.array, cache: list[Any]) -> mx.array:
+    """``model(inputs, cache=cache)`` on a batched (merged, left-padded) cache.
+
+    Such a cache gives each row its own position (an array offset). An architecture whose
+    forward pass cannot read that (gpt_bigcode computes learned positions from one offset)
+    fails here, and the user gets one line that says so instead of a traceback."""
+    try:
+        return model(inputs, cache=cache)
+    except (TypeError, ValueError) as e:
+        name = type(model).__module__.rpartition(".")[2] or type(model).__name__
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise MlxgrpoError(
+            f"{name} cannot decode a batch: its forward pass does not take the batched cache's "
+            f"per-row positions ({type(e).__name__}: {detail})",
+            hint="use a model architecture that mlx-lm's batch_generate supports",
+        ) from e
+
+
 def queue_next_token(
     model: nn.Module, batch: DecodeBatch, sampling: SamplingConfig, key: mx.array | None
 ) -> None:
@@ -125,7 +144,7 @@ def queue_next_token(
     inputs = batch.tokens
     if batch.recorder is not None:
         batch.recorder.arm([[row] for row in batch.rows])
-    logits = model(inputs[:, None], cache=batch.cache)[:, -1, :]
+    logits = batched_step(model, inputs[:, None], batch.cache)[:, -1, :]
     if batch.seen is not None:
         batch.seen = mark_seen(batch.seen, inputs)
         logits = apply_repetition_penalty(logits, batch.seen, sampling.repetition_penalty)

@@ -25,6 +25,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.generation.decode_state import (
     DecodeBatch,
+    batched_step,
     drop_finished_rows,
     first_step,
     queue_next_token,
@@ -284,7 +285,7 @@ def prefill_prompts(
     if recorder is not None:
         group = num_generations
         recorder.arm([list(range(p * group, (p + 1) * group)) for p in range(len(prompts))])
-    logits = model(last[:, None], cache=batch_cache)[:, -1, :]
+    logits = batched_step(model, last[:, None], batch_cache)[:, -1, :]
     return batch_cache, logits
 
 
