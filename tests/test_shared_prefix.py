@@ -122,3 +122,15 @@ def test_other_architectures_give_the_same_log_probs(model_type: str) -> None:
         model, batch.tokens, batch.start, prompt_lengths=batch.prompt_lengths, **options
     )
     assert_close(shared, plain, terms=TERMS)
+
+
+def test_sliding_windows_must_be_asked_of_the_caches() -> None:
+    """A window wider than the probe's prompt is trusted only because the model asks its
+    caches for that window's mask; a model whose caches rotate but that never asks is refused."""
+    from test_architectures import _model as architecture_model
+
+    model = architecture_model("gemma3_text")  # window 4 on every other layer
+    assert shared_prefix.blocker(model.model, model) is None
+    unasked = architecture_model("gemma3_text")
+    unasked.model.window_size = None  # its rotating caches keep 4, its masks are full
+    assert "sliding windows" in shared_prefix.blocker(unasked.model, unasked)

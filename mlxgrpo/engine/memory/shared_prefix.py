@@ -43,6 +43,9 @@ _MIN_SAVING = 0.9
 # the hidden states' RMS (a wrong mask or position is off by the whole scale).
 PROBE_TOLERANCE = 1e-3
 PROBE_SUFFIX = 3  # completion tokens per probe row
+# The probe's prompt outruns windows up to this size; wider ones (Gemma 3's 512) are checked by
+# the model asking its caches for exactly those windows, which the prompt then need not outrun.
+PROBE_MAX_PROMPT = 40
 
 # id(trunk) -> (a weak reference to it, why not, or None)
 _VERDICTS: dict[int, tuple[weakref.ref, str | None]] = {}
@@ -69,7 +72,7 @@ def blocker(trunk: nn.Module, model: nn.Module | None = None) -> str | None:
         return seen[1]
     windows = sliding_windows(model) if model is not None else []
     with without_dropout(model if model is not None else trunk):
-        verdict = two_passes_match(trunk, max(windows, default=0))
+        verdict = two_passes_match(trunk, windows)
     key = id(trunk)
     _VERDICTS[key] = (weakref.ref(trunk, lambda _ref: _VERDICTS.pop(key, None)), verdict)
     return verdict
@@ -77,11 +80,11 @@ def blocker(trunk: nn.Module, model: nn.Module | None = None) -> str | None:
 
 def _probe_batch(trunk: nn.Module, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokens [3, T], prompt lengths and wanted positions: two rows share a prompt longer than
-    ``window``, a third has a shorter prompt of its own."""
+    ``window`` (up to :data:`PROBE_MAX_PROMPT`), a third has a shorter prompt of its own."""
     embedding = getattr(trunk, "embed_tokens", None)
     weight = getattr(embedding, "weight", None)
     vocab = int(weight.shape[0]) if isinstance(weight, mx.array) else 32
-    prompt = max(window, 6) + 3
+    prompt = min(max(window, 6) + 3, PROBE_MAX_PROMPT)
     ids = (np.arange(prompt + 2 * PROBE_SUFFIX + 8) * 7 + 3) % min(vocab, 97)
     rows = [
         np.concatenate([ids[:prompt], ids[prompt : prompt + PROBE_SUFFIX]]),
@@ -97,17 +100,20 @@ def _probe_batch(trunk: nn.Module, window: int) -> tuple[np.ndarray, np.ndarray,
     return tokens, lengths, wanted
 
 
-def two_passes_match(trunk: nn.Module, window: int = 0) -> str | None:
-    """None when the two passes give the plain pass's hidden states on a probe batch (prompts
-    longer than ``window``, the widest sliding window), else why not."""
-    tokens, lengths, wanted = _probe_batch(trunk, window)
+def two_passes_match(trunk: nn.Module, windows: list[int] | None = None) -> str | None:
+    """None when the two passes give the plain pass's hidden states on a probe batch whose
+    prompts outrun the model's sliding ``windows`` (its rotating caches' sizes) where they are
+    small, and the model asks its caches for each of those windows' masks; else why not."""
+    windows = windows or []
+    tokens, lengths, wanted = _probe_batch(trunk, max(windows, default=0))
     layout = plan(tokens, lengths, wanted, min_saving=1.0)
     if layout is None:
         raise AssertionError("the probe batch has no shared-prompt layout")
     rows, columns = np.nonzero(wanted)
     try:
         plain = trunk(mx.array(tokens[:, :-1]))[mx.array(rows), mx.array(columns - 1)]
-        hidden = suffix_hidden(trunk, layout)
+        asked: set[int] = set()
+        hidden = suffix_hidden(trunk, layout, windows_asked=asked)
         shared = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
         plain, shared = plain.astype(mx.float32), shared.astype(mx.float32)
         scale = float(mx.sqrt(mx.mean(plain * plain)).item())
@@ -116,6 +122,8 @@ def two_passes_match(trunk: nn.Module, window: int = 0) -> str | None:
         return f"its attention cannot take a per-row cache ({type(e).__name__})"
     if not error <= PROBE_TOLERANCE * max(scale, 1e-6):
         return "its attention is not a mask over the prompt's keys and values"
+    if not set(windows) <= asked:
+        return "its sliding windows do not come from its caches' masks"
     return None
 
 
@@ -216,9 +224,10 @@ class PrefixRecorder:
 
     offset = 0
 
-    def __init__(self) -> None:
+    def __init__(self, windows_asked: set[int] | None = None) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
+        self.windows_asked = windows_asked  # where to note the windows the model asks for
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys, self.values = keys, values
@@ -226,6 +235,8 @@ class PrefixRecorder:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         # Right-padded rows: the padding sits after every real token, so causal is enough.
+        if window_size is not None and self.windows_asked is not None:
+            self.windows_asked.add(int(window_size))
         if window_size is not None and window_size < n:
             steps = mx.arange(n)[:, None] - mx.arange(n)[None, :]
             return (steps >= 0) & (steps < window_size)
@@ -238,7 +249,7 @@ class PrefixRecorder:
         return []
 
     def replica(self, inputs: list[mx.array]) -> PrefixRecorder:
-        return PrefixRecorder()
+        return PrefixRecorder(self.windows_asked)
 
     def recorded(self) -> list[mx.array]:
         if self.keys is None or self.values is None:
@@ -302,14 +313,18 @@ class KnownOutputs(Protocol):
 
 
 def suffix_hidden(
-    trunk: nn.Module, layout: SharedPrefixPlan, known: KnownOutputs | None = None
+    trunk: nn.Module,
+    layout: SharedPrefixPlan,
+    known: KnownOutputs | None = None,
+    windows_asked: set[int] | None = None,
 ) -> mx.array:
     """The trunk's output [N, Ls, H] at the suffix positions, via the two passes.
 
     ``known``: the blocks' outputs in the suffix pass, already computed (the rollout's, see
     :mod:`~mlxgrpo.engine.memory.replay`); checkpointed blocks return them instead of running.
+    ``windows_asked``: a set that collects the window sizes the model asks its caches for.
     """
-    recorders = [PrefixRecorder() for _ in trunk.layers]
+    recorders = [PrefixRecorder(windows_asked) for _ in trunk.layers]
     trunk(layout.prefix_tokens, recorders)
     rows = mx.array(layout.prompt_of_row.astype(np.int32))
     offsets = mx.array(layout.suffix_offsets.astype(np.int32))
