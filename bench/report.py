@@ -157,6 +157,15 @@ def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append(
                 (f"  {name} seconds / update", f"{run['seconds_per_update']:.1f} s", split + made)
             )
+            if paths := run.get("memory_paths"):
+                off = [f"{k} ({v[5:]})" for k, v in paths.items() if v != "on"]
+                rows.append(
+                    (
+                        f"  {name} memory paths",
+                        f"{sum(v == 'on' for v in paths.values())} of {len(paths)} on",
+                        "off: " + "; ".join(off) if off else ", ".join(paths),
+                    )
+                )
         if vs := entry.get("vs_peer"):
             rows.append(
                 ("  mlxgrpo / peer peak", f"{vs['peak_mlxgrpo_over_peer']:.2f}x", "target <= 0.5x")

@@ -166,6 +166,10 @@ class _UpdateProbe(Callback):
 
     def __init__(self) -> None:
         self.updates: list[dict[str, float]] = []
+        self.memory_paths: dict[str, str] = {}
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.memory_paths = dict(info.get("memory_paths") or {})
 
     def on_update(self, update: int, metrics: dict[str, Any]) -> None:
         keys = ("step_seconds", "rollout_seconds", "train_seconds", "peak_memory_gb")
@@ -204,6 +208,7 @@ def measure_updates(
         "rollout_seconds": statistics.median(u["rollout_seconds"] for u in measured),
         "train_seconds": statistics.median(u["train_seconds"] for u in measured),
         "peak_memory_gb": statistics.median(u["peak_memory_gb"] for u in measured),
+        "memory_paths": probe.memory_paths,
         "updates": measured,
     }
 
