@@ -22,6 +22,7 @@ from tolerance import assert_close
 
 from mlxgrpo.engine.memory.lm_head import sequence_logprobs
 from mlxgrpo.generation.rollout import build_micro_batch
+from mlxgrpo.models.batch_masks import fit_batch_masks
 from mlxgrpo.models.heads import conventional_head, split_head
 
 VOCAB = 48
@@ -95,7 +96,9 @@ ARCHITECTURES = {
 }
 
 
-def _model(model_type: str) -> nn.Module:
+def _model(model_type: str, fit: bool = True) -> nn.Module:
+    """A tiny random model with random adapters; ``fit``: with its attention adapted to
+    per-row masks, as loading does (:func:`mlxgrpo.models.batch_masks.fit_batch_masks`)."""
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     extra, _ = ARCHITECTURES[model_type]
     args = module.ModelArgs.from_dict({"model_type": model_type, **BASE, **extra})
@@ -103,6 +106,8 @@ def _model(model_type: str) -> nn.Module:
     model = module.Model(args)
     add_random_adapters(model, seed=9, b_std=0.1)
     mx.eval(model.parameters())
+    if fit:
+        fit_batch_masks(model)
     return model
 
 
@@ -240,3 +245,24 @@ def test_mla_runs_through_the_cpu_kernels_with_its_own_value_width():
     assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
     for name, grad in want_grads.items():
         assert_close(grads[name], grad, terms=TERMS * VOCAB, what=name)
+
+
+def test_grouped_score_attention_decodes_a_batch_as_each_prompt_alone():
+    """Gemma 2 groups its scores by KV head: fitted, a batch of prompts of different lengths
+    (one mask per row) decodes greedily as whole forward passes over each prompt do."""
+    from mlxgrpo.generation.rollout import generate_groups
+    from mlxgrpo.generation.sampling import SamplingConfig
+
+    model = _model("gemma2")
+    prompts = [[3, 9, 4, 17, 22], [8, 1, 30]]
+    plain = []
+    for prompt in prompts:
+        sequence = list(prompt)
+        for _ in range(5):
+            sequence.append(int(mx.argmax(model(mx.array([sequence]))[0, -1]).item()))
+        plain.append(sequence[len(prompt) :])
+    rollout = generate_groups(
+        model, prompts, num_generations=2, max_new_tokens=5,
+        sampling=SamplingConfig(temperature=0.0), eos_token_ids=[],
+    )  # fmt: skip
+    assert rollout.completion_ids == [ids for ids in plain for _ in range(2)]

@@ -40,8 +40,8 @@ MAPPED = ["softcapped", "scaled", "divided_capped"]
 
 
 def _inputs(head):
-    linear = head_linear(head)
-    width = HIDDEN if getattr(linear, "__self__", linear).__class__ in (nn.Embedding, nn.Linear) else 32
+    owner = getattr(head_linear(head), "__self__", head_linear(head))
+    width = HIDDEN if owner.__class__ in (nn.Embedding, nn.Linear) else 32
     k1, k2 = mx.random.split(mx.random.key(5))
     features = mx.random.normal((POSITIONS, width), key=k1)
     targets = mx.random.randint(0, VOCAB, (POSITIONS,), key=k2)

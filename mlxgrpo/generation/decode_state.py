@@ -27,6 +27,7 @@ from mlxgrpo.generation.sampling import (
     sample_tokens,
 )
 from mlxgrpo.generation.stop_rules import StopTracker
+from mlxgrpo.models.blocks import architecture
 
 # Drop finished rows from the decode batch once at least this share of it is finished.
 COMPACT_FINISHED_SHARE = 0.25
@@ -128,7 +129,7 @@ def batched_step(model: nn.Module, inputs: mx.array, cache: list[Any]) -> mx.arr
     try:
         return model(inputs, cache=cache)
     except (TypeError, ValueError) as e:
-        name = type(model).__module__.rpartition(".")[2] or type(model).__name__
+        name = architecture(model) or type(model).__name__
         detail = str(e).splitlines()[0] if str(e) else ""
         raise MlxgrpoError(
             f"{name} cannot decode a batch: its forward pass does not take the batched cache's "

@@ -39,6 +39,7 @@ from mlxgrpo.generation.recording import (
 from mlxgrpo.generation.sampling import SamplingConfig
 from mlxgrpo.generation.stop_rules import FINISH_LENGTH, StopTracker
 from mlxgrpo.generation.tool_loop import ToolLoop
+from mlxgrpo.models.blocks import architecture
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def _merge_caches(model: nn.Module, caches: list[list[Any]]) -> list[Any]:
     for layer, layer_cache in enumerate(caches[0]):
         if not hasattr(layer_cache, "merge"):
             raise MlxgrpoError(
-                f"layer {layer} of {type(model).__name__} uses {type(layer_cache).__name__}, "
+                f"layer {layer} of {architecture(model) or type(model).__name__} uses "
+                f"{type(layer_cache).__name__}, "
                 "which cannot run batched generation",
                 hint="use a model architecture that mlx-lm's batch_generate supports",
             )

@@ -21,6 +21,40 @@ def _caches(model: nn.Module) -> list | None:
     return make_cache() if callable(make_cache) else None
 
 
+def architecture(model: nn.Module) -> str:
+    """The mlx-lm model type a model instance comes from (its module's name), or ''."""
+    package, _, name = type(model).__module__.rpartition(".")
+    return name if package == "mlx_lm.models" else ""
+
+
+# Architectures whose blocks hand arrays to later blocks through objects the engine cannot see,
+# so that a checkpointed block would lose their gradient: checkpointing is off, for this reason.
+UNCHECKPOINTABLE = {
+    "afm7": "its later blocks read keys and values that an earlier block leaves in its cache",
+}
+
+
+def checkpoint_blocker(model: nn.Module) -> str | None:
+    """Why ``model``'s blocks cannot be checkpointed, or None when they can."""
+    if not transformer_blocks(model):
+        return "no transformer blocks at model.layers"
+    return UNCHECKPOINTABLE.get(architecture(model))
+
+
+# Where a trunk keeps its blocks, first name first (mlx-lm's Llama-style trunks, GPT-2-style
+# ones, DBRX).
+BLOCK_NAMES = ("layers", "h", "blocks")
+
+
+def trunk_blocks(trunk: nn.Module) -> list[nn.Module]:
+    """The blocks of a trunk (the module under the LM head), in order; [] when none are found."""
+    for name in BLOCK_NAMES:
+        blocks = getattr(trunk, name, None)
+        if isinstance(blocks, (list, tuple)) and blocks:
+            return list(blocks)
+    return []
+
+
 def plain_kv_caches(model: nn.Module) -> bool:
     """Whether every layer of ``model`` caches plain keys and values (mlx-lm's ``KVCache``): no
     sliding window (a rotating cache), no recurrent state."""
@@ -45,6 +79,16 @@ def sliding_windows(model: nn.Module) -> list[int]:
 
     caches = _caches(model) or []
     return [int(c.max_size) for c in caches if type(c) is RotatingKVCache]
+
+
+def complete_module_state(model: nn.Module) -> None:
+    """Give every module of ``model`` the state ``nn.Module.__init__`` sets, where its class
+    skipped that call (mlx-lm's RecurrentGemma ``Model``): without it, freezing fails."""
+    for _, module in model.named_modules():
+        if "_no_grad" not in vars(module):
+            module._no_grad = set()
+        if "_training" not in vars(module):
+            module._training = True
 
 
 def _depth(named: tuple[str, nn.Module]) -> int:

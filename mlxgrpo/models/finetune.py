@@ -20,14 +20,46 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxgrpo.errors import ConfigError
+from mlxgrpo.models.batch_masks import fit_batch_masks
+from mlxgrpo.models.blocks import architecture, complete_module_state
 
 
 def num_blocks(model: nn.Module) -> int:
     return len(model.layers)
 
 
-def lora_parameters(finetune: Any) -> dict[str, Any]:
-    """mlx-lm's `lora_parameters` for the [finetune] section (also saved in adapter_config)."""
+# Architectures whose forward pass reads some linear layers' weights directly (so a LoRA
+# wrapper there breaks it): their default LoRA targets leave those layers out.
+LORA_EXCLUDED: dict[str, tuple[str, ...]] = {
+    "gemma3n": ("altup.prediction_coefs", "altup.correction_coefs"),
+}
+
+
+def _default_targets(model: nn.Module, excluded: tuple[str, ...]) -> list[str]:
+    """mlx-lm's default LoRA targets (every linear or embedding layer in the blocks) less
+    ``excluded``; a layer already wrapped in an adapter counts under its own name."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    kinds += (nn.Embedding, nn.QuantizedEmbedding)
+    found: set[str] = set()
+    for block in model.layers:
+        named = list(block.named_modules())
+        wrapped = {name for name, module in named if "lora_a" in module}
+        found |= wrapped
+        found |= {
+            name
+            for name, module in named
+            if (hasattr(module, "to_lora") or isinstance(module, kinds))
+            and not any(name.startswith(w + ".") for w in wrapped)
+        }
+    return sorted(found - set(excluded))
+
+
+def lora_parameters(finetune: Any, model: nn.Module | None = None) -> dict[str, Any]:
+    """mlx-lm's `lora_parameters` for the [finetune] section (also saved in adapter_config);
+    ``model``: the model they are for, whose architecture may narrow the default targets
+    (:data:`LORA_EXCLUDED`)."""
     params: dict[str, Any] = {
         "rank": finetune.lora_rank,
         "scale": finetune.lora_scale,
@@ -35,6 +67,8 @@ def lora_parameters(finetune: Any) -> dict[str, Any]:
     }
     if finetune.target_modules:
         params["keys"] = list(finetune.target_modules)
+    elif model is not None and (excluded := LORA_EXCLUDED.get(architecture(model))):
+        params["keys"] = _default_targets(model, excluded)
     return params
 
 
@@ -43,6 +77,8 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
 
     A model that arrives with adapters (model.adapter_path) keeps training those adapters.
     """
+    complete_module_state(model)
+    fit_batch_masks(model)
     if _adapter_modules(model):
         if finetune.type == "full":
             raise ConfigError(
@@ -64,7 +100,7 @@ def prepare_trainable(model: nn.Module, finetune: Any) -> int:
             )
         model.freeze()
         linear_to_lora_layers(
-            model, layers, lora_parameters(finetune), use_dora=finetune.type == "dora"
+            model, layers, lora_parameters(finetune, model), use_dora=finetune.type == "dora"
         )
         _check_adapter_widths(model, finetune.type)
     _trainable_to_float32(model)

@@ -1,9 +1,10 @@
 """Where a model's LM head is: the trunk/head split the memory techniques build on.
 
 A causal LM in mlx-lm is ``Model(x) = head(trunk(x))`` for most architectures: ``trunk`` is
-``model.model`` (embeddings, blocks, final norm) and ``head`` is ``model.lm_head``, or the
-embedding matrix read as a linear layer when the embeddings are tied (``args.tie_word_embeddings``
-or, as Gemma 3 does after loading a checkpoint without ``lm_head.weight``, the model's own
+a child such as ``model.model`` (embeddings, blocks, final norm; :data:`TRUNK_NAMES`) and
+``head`` a sibling such as ``model.lm_head`` (:data:`HEAD_NAMES`), or the embedding matrix read
+as a linear layer when the embeddings are tied (``args.tie_word_embeddings`` or, as Gemma 3
+does after loading a checkpoint without ``lm_head.weight``, the model's own
 ``tie_word_embeddings``). Splitting there lets the engine run the vocabulary-sized head on the
 positions it needs only, in tiles (docs/architecture.md §5).
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgrpo.models.blocks import without_dropout
+from mlxgrpo.models.blocks import architecture, without_dropout
 
 # mlx-lm model modules whose Model.__call__ is exactly ``head(self.model(inputs, cache))``.
 PLAIN_HEAD_ARCHITECTURES = frozenset(
@@ -123,6 +124,7 @@ def _falcon_h1(model: nn.Module) -> LogitMap:
 # every other architecture's map is the identity.
 LOGIT_MAPS: dict[str, Callable[[nn.Module], LogitMap]] = {
     "gemma2": _softcap,
+    "gemma3n": _softcap,
     "gemma4_text": _softcap,
     "cohere": lambda m: LogitMap(multiplier=m.model.args.logit_scale),
     "cohere2": lambda m: LogitMap(multiplier=m.model.args.logit_scale),
@@ -132,42 +134,69 @@ LOGIT_MAPS: dict[str, Callable[[nn.Module], LogitMap]] = {
     "minicpm": _minicpm,
     "minicpm3": _minicpm,
     "falcon_h1": _falcon_h1,
+    "nanochat": lambda m: LogitMap(softcap=15.0),  # mlx-lm's softcap() default
+    "recurrent_gemma": lambda m: LogitMap(softcap=m.args.logits_soft_cap or None),
 }
 
 # id(model) -> (a weak reference to it, whether its head splits off exactly).
 _VERDICTS: dict[int, tuple[weakref.ref, bool]] = {}
 
 
-def architecture(model: nn.Module) -> str:
-    """The mlx-lm model type a model instance comes from (its module's name), or ''."""
-    package, _, name = type(model).__module__.rpartition(".")
-    return name if package == "mlx_lm.models" else ""
+# Where mlx-lm's models keep their parts, first name first: the trunk among a model's
+# children, the head beside it, the embedding inside the trunk (read as the head when tied).
+TRUNK_NAMES = ("model", "transformer", "backbone", "language_model")
+HEAD_NAMES = ("lm_head", "output", "embed_out")
+EMBEDDING_NAMES = (
+    "embed_tokens", "wte", "tok_embeddings", "token_embeddings", "embeddings", "word_embeddings"
+)  # fmt: skip
+_NESTING = 3  # wrappers (a vision model's language model) go this deep at most
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The first of ``names`` that is a child module of ``module`` (a stored child, not a
+    property: Qwen 3.5's wrapper has a ``model`` property that skips its language model)."""
+    for name in names:
+        child = module.get(name)
+        if isinstance(child, nn.Module):
+            return child
+    return None
 
 
 def conventional_head(model: nn.Module) -> tuple[nn.Module, Callable] | None:
-    """``(trunk, head)`` where mlx-lm's conventions put them, or None; not yet checked. The
-    head is the vocabulary projection, or a :class:`MappedHead` where the architecture maps
-    its output (:data:`LOGIT_MAPS`)."""
-    trunk = getattr(model, "model", None)
-    if not isinstance(trunk, nn.Module):
-        return None
-    lm_head = getattr(model, "lm_head", None)
-    tied = _tied(model)
-    linear: Callable | None = None
-    if isinstance(lm_head, nn.Module) and not tied:
-        linear = lm_head
-    else:
-        embedding = getattr(trunk, "embed_tokens", None)
-        if embedding is not None and hasattr(embedding, "as_linear"):
-            linear = embedding.as_linear
-    if linear is None:
-        return None
+    """``(trunk, head)`` where mlx-lm's conventions put them, or None; not yet checked.
+
+    The trunk is the model's child named in :data:`TRUNK_NAMES`; the head is its sibling named
+    in :data:`HEAD_NAMES`, or, when the model ties its embeddings or has no such sibling, the
+    trunk's embedding (:data:`EMBEDDING_NAMES`) read as a linear layer. A wrapper (a trunk
+    that has a trunk of its own: a multimodal model around its language model) is looked
+    into. The head is the vocabulary projection, or a :class:`MappedHead` where the
+    architecture maps its output (:data:`LOGIT_MAPS`). The trunk is called as
+    ``trunk(tokens, cache)``."""
+    node = model
+    for _ in range(_NESTING):
+        trunk = _child(node, TRUNK_NAMES)
+        if trunk is None:
+            return None
+        if _child(trunk, TRUNK_NAMES) is not None:  # a wrapper around a whole model
+            node = trunk
+            continue
+        linear: Callable | None = _child(node, HEAD_NAMES)
+        if linear is None or _tied(node):
+            embedding = _child(trunk, EMBEDDING_NAMES)
+            linear = embedding.as_linear if hasattr(embedding, "as_linear") else None
+        return None if linear is None else (trunk, _with_map(model, node, linear))
+    return None
+
+
+def _with_map(model: nn.Module, node: nn.Module, linear: Callable) -> Callable:
+    """``linear`` with the architecture's logit map read from ``node`` (the module that holds
+    the trunk and head), or ``linear`` itself where the map is the identity."""
     reader = LOGIT_MAPS.get(architecture(model))
     try:
-        logit_map = reader(model) if reader is not None else LogitMap()
+        logit_map = reader(node) if reader is not None else LogitMap()
     except (AttributeError, TypeError, ZeroDivisionError):
         logit_map = LogitMap()  # not as the table expects: the exactness check will say so
-    return trunk, (linear if logit_map.is_identity() else MappedHead(linear, logit_map))
+    return linear if logit_map.is_identity() else MappedHead(linear, logit_map)
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, Callable] | None:
@@ -206,7 +235,7 @@ def _probe(model: nn.Module) -> bool:
     with without_dropout(model):  # two forward passes must see the same function
         tokens = mx.arange(PROBE_TOKENS, dtype=mx.int32)[None]
         try:
-            whole, split = model(tokens), head(trunk(tokens))
+            whole, split = model(tokens), head(trunk(tokens, None))
         except (TypeError, ValueError, AttributeError, IndexError):
             return False  # a trunk that cannot run alone (it wants a cache, say) is not split
         if not isinstance(whole, mx.array) or whole.shape != split.shape:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
+from mlxgrpo.models.batch_masks import fit_batch_masks
+from mlxgrpo.models.blocks import complete_module_state
 from mlxgrpo.models.builtin import DEFAULT_BUILTIN_MODEL, is_builtin_spec, resolve_model_path
 
 SpecKind = Literal["builtin", "local", "hub"]
@@ -262,6 +264,8 @@ def load_model_with_config(
     target = resolve_load_target(path_spec)
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     model, tokenizer, config = _mlx_lm_load(path_spec, target, trust_remote_code, lazy)
+    complete_module_state(model)
+    fit_batch_masks(model)
     if target_dtype is not None:
         cast_floating_parameters(model, target_dtype)
     if adapter_dir is not None:
@@ -386,11 +390,46 @@ def _load_nanochat_dir(path: Path, lazy: bool) -> tuple[Any, Any, dict[str, Any]
     return model, load_nanochat_tokenizer(path), config
 
 
-def _apply_adapters(model: Any, adapter_dir: Path, spec: str) -> Any:
-    from mlx_lm.utils import load_adapters
+def _load_adapters(model: Any, adapter_dir: Path) -> Any:
+    """mlx-lm's ``load_adapters``: the adapter layers its config names, then their weights,
+    each of which must be an adapter parameter of the model with the same shape. Unlike
+    mlx-lm's check, an adapter kept in a list counts (AFM 7's fused q/k/v projection keeps one
+    A and B per part: ``qkv_proj.lora_b.1``), so that what training saved loads back."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "full":
+        linear_to_lora_layers(
+            model, config["num_layers"], config["lora_parameters"], use_dora=kind == "dora"
+        )
+    weights = mx.load(str(adapter_dir / "adapters.safetensors"))
+    params = dict(tree_flatten(model.parameters()))
+    leaves = {"lora_a", "lora_b", "m"}
+    allowed = {
+        name: value
+        for name, value in params.items()
+        if kind == "full" or leaves & set(name.split(".")[-2:])
+    }
+    errors = [
+        f"{name}: not an adapter parameter in the model"
+        if name not in allowed
+        else f"{name}: shape {tuple(w.shape)}, the model's is {tuple(allowed[name].shape)}"
+        for name, w in weights.items()
+        if name not in allowed or w.shape != allowed[name].shape
+    ]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)
+    model.load_weights(list(weights.items()), strict=False)
+    return model
+
+
+def _apply_adapters(model: Any, adapter_dir: Path, spec: str) -> Any:
     try:
-        model = load_adapters(model, str(adapter_dir))
+        model = _load_adapters(model, adapter_dir)
     except json.JSONDecodeError as err:
         path = adapter_dir / "adapter_config.json"
         raise ConfigError(f"'{path}' is corrupt: not valid JSON ({err})") from err

@@ -42,14 +42,15 @@ def checkpoint_name(update: int) -> str:
     return f"{PREFIX}{update:06d}"
 
 
-def adapter_config(finetune: Any, num_layers: int) -> dict[str, Any]:
-    """adapter_config.json in the form mlx-lm's `load_adapters` expects."""
+def adapter_config(finetune: Any, num_layers: int, model: Any = None) -> dict[str, Any]:
+    """adapter_config.json in the form mlx-lm's `load_adapters` expects (``model``: the model
+    the adapters belong to, whose architecture may narrow the default targets)."""
     from mlxgrpo.models.finetune import lora_parameters
 
     return {
         "fine_tune_type": finetune.type,
         "num_layers": num_layers if finetune.lora_layers < 0 else finetune.lora_layers,
-        "lora_parameters": lora_parameters(finetune),
+        "lora_parameters": lora_parameters(finetune, model),
     }
 
 

@@ -416,7 +416,7 @@ def _adapter_cfg(s: Session) -> dict[str, Any]:
     if cfg.model.adapter_path:
         path = Path(cfg.model.adapter_path).expanduser() / ADAPTER_CONFIG
         return json.loads(path.read_text())
-    return adapter_config(cfg.finetune, num_blocks(s.model))
+    return adapter_config(cfg.finetune, num_blocks(s.model), s.model)
 
 
 def _checkpoint(s: Session, update: int) -> Path:

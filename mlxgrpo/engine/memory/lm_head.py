@@ -266,7 +266,7 @@ def _head_features(
         features, head = logits.reshape(rows * width, -1), None
     else:
         trunk, head = split
-        hidden = trunk(tokens[:, :-1])[:, start - 1 :]
+        hidden = trunk(tokens[:, :-1], None)[:, start - 1 :]
         features = hidden.reshape(rows * width, hidden.shape[-1])
     if selected is not None:
         features = features[mx.array(selected, dtype=mx.int32)]

@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxgrpo.engine.memory.chunked_head import flat_params, rebuilt_params, recomputing
-from mlxgrpo.models.blocks import has_dropout, transformer_blocks
+from mlxgrpo.models.blocks import checkpoint_blocker, has_dropout, transformer_blocks
 from mlxgrpo.models.class_swap import subclass_with_call
 
 # Memory the MLP of one block may take during its backward pass: about eight float32
@@ -292,7 +292,7 @@ def _chunked_mlp_call(plain_call: Callable) -> Callable:
 @contextmanager
 def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Checkpoint every transformer block of ``model`` inside the context; yields their count."""
-    blocks = transformer_blocks(model) if enabled else []
+    blocks = transformer_blocks(model) if enabled and checkpoint_blocker(model) is None else []
     if not blocks:
         yield 0
         return

@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.nn as nn
 
-from mlxgrpo.models.blocks import has_dropout, transformer_blocks
+from mlxgrpo.models.blocks import checkpoint_blocker, has_dropout, transformer_blocks
 
 
 def replay_applies(model: nn.Module, finetune: Any, tools: Any = None) -> bool:
@@ -43,6 +43,8 @@ def replay_blocker(model: nn.Module, finetune: Any, tools: Any = None) -> str | 
         return "finetune.reuse_rollout_activations = false"
     if not finetune.grad_checkpoint:
         return "it needs finetune.grad_checkpoint"
+    if checkpoint_blocker(model) is not None:
+        return "it needs checkpointed blocks"
     if tools is not None:
         return "tool results enter the rollout"
     split = split_lm_head(model)

@@ -17,7 +17,7 @@ from mlxgrpo.engine.memory import shared_prefix
 from mlxgrpo.engine.memory.frozen_head import target_rows
 from mlxgrpo.engine.memory.lm_head import split_lm_head
 from mlxgrpo.engine.memory.replay import replay_blocker
-from mlxgrpo.models.blocks import transformer_blocks
+from mlxgrpo.models.blocks import checkpoint_blocker
 from mlxgrpo.models.heads import conventional_head, head_linear
 
 
@@ -85,6 +85,5 @@ def _checkpointing(model: nn.Module, finetune: Any) -> MemoryPath:
     name = "checkpointing"
     if not finetune.grad_checkpoint:
         return MemoryPath(name, False, "finetune.grad_checkpoint = false")
-    if not transformer_blocks(model):
-        return MemoryPath(name, False, "no transformer blocks at model.layers")
-    return MemoryPath(name, True)
+    why = checkpoint_blocker(model)
+    return MemoryPath(name, why is None, why or "")

@@ -35,7 +35,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.models.blocks import attention_caches, sliding_windows, without_dropout
+from mlxgrpo.models.blocks import (
+    attention_caches,
+    sliding_windows,
+    trunk_blocks,
+    without_dropout,
+)
 
 # Below this share of the plain pass's tokens the two passes are not worth their overhead.
 _MIN_SAVING = 0.9
@@ -46,6 +51,7 @@ PROBE_SUFFIX = 3  # completion tokens per probe row
 # The probe's prompt outruns windows up to this size; wider ones (Gemma 3's 512) are checked by
 # the model asking its caches for exactly those windows, which the prompt then need not outrun.
 PROBE_MAX_PROMPT = 40
+PROBE_VOCAB = 31
 
 # id(trunk) -> (a weak reference to it, why not, or None)
 _VERDICTS: dict[int, tuple[weakref.ref, str | None]] = {}
@@ -63,8 +69,8 @@ def blocker(trunk: nn.Module, model: nn.Module | None = None) -> str | None:
     The first call per trunk runs :func:`two_passes_match` and its verdict holds for the
     trunk's life: call it once outside any gradient transformation, with the model as it will
     train (the engine does, when a run is set up)."""
-    if not getattr(trunk, "layers", None):
-        return "no blocks at model.layers"
+    if not trunk_blocks(trunk):
+        return "no blocks in the trunk"
     if model is not None and not attention_caches(model):
         return "recurrent or convolutional layers (a state, not keys and values, to carry)"
     seen = _VERDICTS.get(id(trunk))
@@ -78,14 +84,12 @@ def blocker(trunk: nn.Module, model: nn.Module | None = None) -> str | None:
     return verdict
 
 
-def _probe_batch(trunk: nn.Module, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _probe_batch(window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokens [3, T], prompt lengths and wanted positions: two rows share a prompt longer than
-    ``window`` (up to :data:`PROBE_MAX_PROMPT`), a third has a shorter prompt of its own."""
-    embedding = getattr(trunk, "embed_tokens", None)
-    weight = getattr(embedding, "weight", None)
-    vocab = int(weight.shape[0]) if isinstance(weight, mx.array) else 32
+    ``window`` (up to :data:`PROBE_MAX_PROMPT`), a third has a shorter prompt of its own. Ids
+    stay below :data:`PROBE_VOCAB`, which every vocabulary has."""
     prompt = min(max(window, 6) + 3, PROBE_MAX_PROMPT)
-    ids = (np.arange(prompt + 2 * PROBE_SUFFIX + 8) * 7 + 3) % min(vocab, 97)
+    ids = (np.arange(prompt + 2 * PROBE_SUFFIX + 8) * 7 + 3) % PROBE_VOCAB
     rows = [
         np.concatenate([ids[:prompt], ids[prompt : prompt + PROBE_SUFFIX]]),
         np.concatenate([ids[:prompt], ids[prompt + PROBE_SUFFIX : prompt + 2 * PROBE_SUFFIX]]),
@@ -105,13 +109,13 @@ def two_passes_match(trunk: nn.Module, windows: list[int] | None = None) -> str 
     prompts outrun the model's sliding ``windows`` (its rotating caches' sizes) where they are
     small, and the model asks its caches for each of those windows' masks; else why not."""
     windows = windows or []
-    tokens, lengths, wanted = _probe_batch(trunk, max(windows, default=0))
+    tokens, lengths, wanted = _probe_batch(max(windows, default=0))
     layout = plan(tokens, lengths, wanted, min_saving=1.0)
     if layout is None:
         raise AssertionError("the probe batch has no shared-prompt layout")
     rows, columns = np.nonzero(wanted)
     try:
-        plain = trunk(mx.array(tokens[:, :-1]))[mx.array(rows), mx.array(columns - 1)]
+        plain = trunk(mx.array(tokens[:, :-1]), None)[mx.array(rows), mx.array(columns - 1)]
         asked: set[int] = set()
         hidden = suffix_hidden(trunk, layout, windows_asked=asked)
         shared = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
@@ -324,7 +328,7 @@ def suffix_hidden(
     :mod:`~mlxgrpo.engine.memory.replay`); checkpointed blocks return them instead of running.
     ``windows_asked``: a set that collects the window sizes the model asks its caches for.
     """
-    recorders = [PrefixRecorder(windows_asked) for _ in trunk.layers]
+    recorders = [PrefixRecorder(windows_asked) for _ in trunk_blocks(trunk)]
     trunk(layout.prefix_tokens, recorders)
     rows = mx.array(layout.prompt_of_row.astype(np.int32))
     offsets = mx.array(layout.suffix_offsets.astype(np.int32))
