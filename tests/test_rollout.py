@@ -402,3 +402,20 @@ def test_a_model_that_cannot_decode_a_batch_gets_one_clear_error():
             model, [[1, 2, 3]], num_generations=2, max_new_tokens=3,
             sampling=SamplingConfig(temperature=1.0), eos_token_ids=[],
         )  # fmt: skip
+
+
+def test_the_decode_cache_grows_once_to_the_size_it_needs(monkeypatch):
+    """mlx-lm's caches grow by 256 positions; the rollout's grows by its decode budget, so a
+    finished rollout's cache holds the longest prompt and the new tokens, no more."""
+    from mlxgrpo.generation import rollout as rollout_module
+
+    caches = []
+    grow = rollout_module.grow_by
+    monkeypatch.setattr(rollout_module, "grow_by", lambda c, n: caches.append(c) or grow(c, n))
+    model = random_lm("qwen2", seed=1, vocab=48)
+    generate_groups(
+        model, [[1, 2, 3, 4, 5], [6, 7]], num_generations=3, max_new_tokens=7,
+        sampling=SamplingConfig(temperature=1.0), eos_token_ids=[], seed=3,
+    )  # fmt: skip
+    (cache,) = caches
+    assert {layer.keys.shape[2] for layer in cache} == {5 + 7}
