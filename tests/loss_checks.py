@@ -36,3 +36,24 @@ def weighted_loss_and_grad(model: nn.Module, batch, *, blocks: bool, **options):
         (value, (logp, entropy)), grads = nn.value_and_grad(model, loss)()
     mx.eval(value, logp, entropy, grads)
     return value.item(), logp, entropy, dict(tree_flatten(grads))
+
+
+def whole_model_loss_and_grad(model: nn.Module, batch):
+    """The loss of :func:`weighted_loss_and_grad` from the whole model's logits and the
+    textbook log-softmax, with no engine path at all: ``(value, {name: gradient})``."""
+    start = batch.start
+    width = batch.tokens.shape[1] - start
+    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
+    kept = batch.completion_mask[:, start:] * weights
+    targets = batch.tokens[:, start:]
+
+    def loss():
+        logits = model(batch.tokens[:, :-1])[:, start - 1 :].astype(mx.float32)
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logp = mx.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        entropy = -mx.sum(mx.exp(log_probs) * log_probs, axis=-1)
+        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept)
+
+    value, grads = nn.value_and_grad(model, loss)()
+    mx.eval(value, grads)
+    return value.item(), dict(tree_flatten(grads))

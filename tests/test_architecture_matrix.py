@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from architecture_zoo import VOCAB, ZOO, build, write_model_dir, write_spread_reward
-from loss_checks import weighted_loss_and_grad
+from loss_checks import weighted_loss_and_grad, whole_model_loss_and_grad
 from mlx.utils import tree_flatten, tree_unflatten
 from tolerance import assert_close
 
@@ -71,27 +71,6 @@ def _whole_model_logprobs(model: nn.Module, batch) -> np.ndarray:
     return np.take_along_axis(log_probs, targets[..., None], -1)[..., 0][:, batch.start - 1 :]
 
 
-def _whole_model_loss_and_grad(model: nn.Module, batch):
-    """The loss of :func:`weighted_loss_and_grad` from the whole model's logits and the
-    textbook log-softmax, with no engine path at all."""
-    start = batch.start
-    width = batch.tokens.shape[1] - start
-    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
-    kept = batch.completion_mask[:, start:] * weights
-    targets = batch.tokens[:, start:]
-
-    def loss():
-        logits = model(batch.tokens[:, :-1])[:, start - 1 :].astype(mx.float32)
-        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        logp = mx.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        entropy = -mx.sum(mx.exp(log_probs) * log_probs, axis=-1)
-        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept)
-
-    value, grads = nn.value_and_grad(model, loss)()
-    mx.eval(value, grads)
-    return value.item(), dict(tree_flatten(grads))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_the_engines_logprobs_are_the_whole_models(name):
     model, batch = _model(name), _batch()
@@ -110,7 +89,7 @@ def test_every_path_gives_the_whole_models_gradients(name):
     value, _, _, grads = weighted_loss_and_grad(
         model, batch, blocks=True, prompt_lengths=batch.prompt_lengths, chunk_size=3
     )
-    want_value, want_grads = _whole_model_loss_and_grad(model, batch)
+    want_value, want_grads = whole_model_loss_and_grad(model, batch)
     assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
     assert grads.keys() == want_grads.keys() and grads
     for key, grad in want_grads.items():

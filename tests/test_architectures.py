@@ -15,8 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from loss_checks import weighted_loss_and_grad
-from mlx.utils import tree_flatten
+from loss_checks import weighted_loss_and_grad, whole_model_loss_and_grad
 from random_models import add_random_adapters
 from tolerance import assert_close
 
@@ -132,27 +131,6 @@ def test_the_head_splits_off_exactly_where_the_model_allows(model_type):
         assert mx.array_equal(head(trunk(x)), model(x)).item()
 
 
-def _whole_model_loss_and_grad(model: nn.Module, batch):
-    """The loss of :func:`weighted_loss_and_grad` from the whole model's logits and the
-    textbook log-softmax, with no engine path at all."""
-    start = batch.start
-    width = batch.tokens.shape[1] - start
-    weights = mx.random.normal((batch.tokens.shape[0], width), key=mx.random.key(2))
-    kept = batch.completion_mask[:, start:] * weights
-    targets = batch.tokens[:, start:]
-
-    def loss():
-        logits = model(batch.tokens[:, :-1])[:, start - 1 :].astype(mx.float32)
-        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        logp = mx.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        entropy = -mx.sum(mx.exp(log_probs) * log_probs, axis=-1)
-        return mx.sum(logp * kept) + 0.3 * mx.sum(entropy * kept)
-
-    value, grads = nn.value_and_grad(model, loss)()
-    mx.eval(value, grads)
-    return value.item(), dict(tree_flatten(grads))
-
-
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_path_gives_the_whole_models_logprobs_and_gradients(model_type):
     model, batch = _model(model_type), _batch()
@@ -174,7 +152,7 @@ def test_every_path_gives_the_whole_models_logprobs_and_gradients(model_type):
     value, _, _, grads = weighted_loss_and_grad(
         model, batch, blocks=True, prompt_lengths=batch.prompt_lengths, chunk_size=3
     )
-    want_value, want_grads = _whole_model_loss_and_grad(model, batch)
+    want_value, want_grads = whole_model_loss_and_grad(model, batch)
     assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in want_grads.items():
@@ -234,7 +212,7 @@ def test_mla_runs_through_the_cpu_kernels_with_its_own_value_width():
             sequence.append(int(mx.argmax(model(mx.array([sequence]))[0, -1]).item()))
         plain.append(sequence[len(prompt) :])
     batch = _batch()
-    want_value, want_grads = _whole_model_loss_and_grad(model, batch)
+    want_value, want_grads = whole_model_loss_and_grad(model, batch)
     assert use_cpu_kernels(model) > 0
     rollout = generate_groups(
         model, prompts, num_generations=2, max_new_tokens=6,
