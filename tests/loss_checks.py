@@ -7,6 +7,7 @@ import contextlib
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxgrpo.engine.memory.lm_head import sequence_logprobs
@@ -57,3 +58,28 @@ def whole_model_loss_and_grad(model: nn.Module, batch):
     value, grads = nn.value_and_grad(model, loss)()
     mx.eval(value, grads)
     return value.item(), dict(tree_flatten(grads))
+
+
+def whole_model_logprobs(model: nn.Module, batch) -> np.ndarray:
+    """The definition: the whole model's logits, float64 log-softmax, at the completion
+    positions [N, T - start]."""
+    logits = np.array(model(batch.tokens[:, :-1]).astype(mx.float32)).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    targets = np.array(batch.tokens)[:, 1:]
+    return np.take_along_axis(log_probs, targets[..., None], -1)[..., 0][:, batch.start - 1 :]
+
+
+def assert_whole_model_gradients(model: nn.Module, batch, *, terms: int) -> None:
+    """Every engine path (split head in chunks of 3, shared prompt pass where it applies,
+    checkpointed blocks) gives :func:`whole_model_loss_and_grad`'s value and gradients."""
+    from tolerance import assert_close
+
+    value, _, _, grads = weighted_loss_and_grad(
+        model, batch, blocks=True, prompt_lengths=batch.prompt_lengths, chunk_size=3
+    )
+    want_value, want_grads = whole_model_loss_and_grad(model, batch)
+    assert_close(value, want_value, terms=terms, scale=abs(want_value) + 1, what="value")
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, terms=terms, what=name)

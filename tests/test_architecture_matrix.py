@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from architecture_zoo import VOCAB, ZOO, build, write_model_dir, write_spread_reward
-from loss_checks import weighted_loss_and_grad, whole_model_loss_and_grad
+from loss_checks import assert_whole_model_gradients, whole_model_logprobs
 from mlx.utils import tree_flatten, tree_unflatten
 from tolerance import assert_close
 
@@ -62,19 +62,10 @@ def _batch():
     return build_micro_batch([prompts[r] for r in rows], completions)
 
 
-def _whole_model_logprobs(model: nn.Module, batch) -> np.ndarray:
-    """The definition: the whole model's logits, float64 log-softmax, at the completion."""
-    logits = np.array(model(batch.tokens[:, :-1]).astype(mx.float32)).astype(np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    targets = np.array(batch.tokens)[:, 1:]
-    return np.take_along_axis(log_probs, targets[..., None], -1)[..., 0][:, batch.start - 1 :]
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_the_engines_logprobs_are_the_whole_models(name):
     model, batch = _model(name), _batch()
-    want = _whole_model_logprobs(model, batch)
+    want = whole_model_logprobs(model, batch)
     mask = np.array(batch.completion_mask)[:, batch.start :]
     logp = sequence_logprobs(
         model, batch.tokens, batch.start, mask=batch.completion_mask,
@@ -85,15 +76,7 @@ def test_the_engines_logprobs_are_the_whole_models(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_path_gives_the_whole_models_gradients(name):
-    model, batch = _model(name), _batch()
-    value, _, _, grads = weighted_loss_and_grad(
-        model, batch, blocks=True, prompt_lengths=batch.prompt_lengths, chunk_size=3
-    )
-    want_value, want_grads = whole_model_loss_and_grad(model, batch)
-    assert_close(value, want_value, terms=TERMS * VOCAB, scale=abs(want_value) + 1, what="value")
-    assert grads.keys() == want_grads.keys() and grads
-    for key, grad in want_grads.items():
-        assert_close(grads[key], grad, terms=TERMS * VOCAB, what=key)
+    assert_whole_model_gradients(_model(name), _batch(), terms=TERMS * VOCAB)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -145,16 +145,22 @@ def _floating(value: Any) -> bool:
     return isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating)
 
 
+def _map_leaves(value: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
+    """``value`` with each leaf (``is_leaf``) inside its tuples, lists and dicts replaced by
+    ``fn(leaf)``, depth first in order; everything else kept as is."""
+    if is_leaf(value):
+        return fn(value)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_map_leaves(v, is_leaf, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, is_leaf, fn) for k, v in value.items()}
+    return value
+
+
 def map_floating(value: Any, fn: Callable[[mx.array], Any]) -> Any:
     """``value`` with every floating array inside its tuples, lists and dicts replaced by
     ``fn(array)``, in a fixed order; everything else (masks, offsets, caches) kept as is."""
-    if _floating(value):
-        return fn(value)
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(map_floating(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: map_floating(v, fn) for k, v in value.items()}
-    return value
+    return _map_leaves(value, _floating, fn)
 
 
 def floating_leaves(value: Any) -> list[mx.array]:
@@ -242,13 +248,7 @@ _SLOT = object()  # where an output's floating array was taken out
 def _refill(template: Any, values: Iterator[mx.array]) -> Any:
     """``template`` (an output with :data:`_SLOT` where its floating arrays were) with the
     next ``values`` put back in :func:`map_floating`'s order."""
-    if template is _SLOT:
-        return next(values)
-    if isinstance(template, (tuple, list)) and not hasattr(template, "_fields"):
-        return type(template)(_refill(v, values) for v in template)
-    if isinstance(template, dict):
-        return {k: _refill(v, values) for k, v in template.items()}
-    return template
+    return _map_leaves(template, lambda v: v is _SLOT, lambda _: next(values))
 
 
 def _mlp_width(mlp: nn.Module) -> int:
