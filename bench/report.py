@@ -127,9 +127,11 @@ def _scale_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"weights (float32); prompts of {entry['prompt_tokens']} tokens",
             )
         )
+        bounded = entry.get("mlxgrpo_rollout_rows")
         runs = (
             ("mlxgrpo", ours),
             ("mlxgrpo, no replay", entry.get("mlxgrpo_without_replay")),
+            (f"mlxgrpo, rollout.max_rows={(bounded or {}).get('max_rows')}", bounded),
             ("mlx-lm-lora", entry.get("peer")),
         )
         for name, run in runs:

@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer", action="store_true", help="--scale: also run mlx-lm-lora (installed on demand)"
     )
     parser.add_argument(
+        "--rollout-rows",
+        type=int,
+        help="--scale: also measure each shape with rollout.max_rows set to this",
+    )
+    parser.add_argument(
         "--learning", action="store_true", help="only the learning table (every loss type)"
     )
     parser.add_argument(
@@ -102,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--peer belongs to --scale")
     if args.shapes and not args.scale:
         parser.error("--shapes belongs to --scale")
+    if args.rollout_rows is not None and (not args.scale or args.rollout_rows < 1):
+        parser.error("--rollout-rows belongs to --scale and takes a count >= 1")
     if args.scale:
         import scale_setup
 

@@ -1,7 +1,8 @@
 """The scale section (docs/architecture.md §5): memory and time of GRPO updates at real
 model shapes.
 
-    python bench/run.py --scale [--peer] [--quick] [--shapes K,...] [--out F] [--repeats N]
+    python bench/run.py --scale [--peer] [--quick] [--shapes K,...] [--rollout-rows N]
+        [--out F] [--repeats N]
 
 On random-weight models with the configurations of Qwen2.5-0.5B, Gemma-3-270M, Qwen3-0.6B,
 Gemma-3-1B and Qwen2.5-1.5B (scale_setup.py; `--shapes` picks some by key, in the order
@@ -11,7 +12,9 @@ memory of an update against the weights' bytes and the seconds per update (media
 warm-up update); at the last shape (the largest in a full run) also the peak of one
 `prod`-sized micro-batch (16 rows x (150 + 256) tokens). The first shape is also measured
 without replay and, with `--peer`, against mlx-lm-lora on the same model, data and settings
-(peer_lora.py). Random weights rarely sample EOS, so completions run the whole budget: the
+(peer_lora.py). `--rollout-rows N` measures every shape again with `rollout.max_rows=N` (the
+rollout decodes at most N completions at once: a smaller KV cache, a slower rollout). Random
+weights rarely sample EOS, so completions run the whole budget: the
 same work for both.
 """
 
@@ -189,6 +192,15 @@ def run_scale(
             plain = [*sets, "finetune.reuse_rollout_activations=false"]
             entry["mlxgrpo_without_replay"] = _measured(plain, params, args.repeats)
             timings[f"{key}_mlxgrpo_without_replay"] = time.perf_counter() - began
+            _free()
+        if rows := getattr(args, "rollout_rows", None):  # the rollout's decode batch bounded
+            began = time.perf_counter()
+            bounded = [*sets, f"rollout.max_rows={rows}"]
+            entry["mlxgrpo_rollout_rows"] = {
+                "max_rows": rows,
+                **_measured(bounded, params, args.repeats),
+            }
+            timings[f"{key}_mlxgrpo_rollout_rows"] = time.perf_counter() - began
             _free()
         if peer_python is not None and index == 0:  # the shape the issue's targets compare
             began = time.perf_counter()

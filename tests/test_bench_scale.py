@@ -218,7 +218,10 @@ def scale(tmp_path_factory) -> tuple[dict, str, Path]:
         "HF_HUB_OFFLINE": "1",
     }
     done = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--scale", "--quick", "--out", str(out)],
+        [
+            *(sys.executable, str(BENCH / "run.py"), "--scale", "--quick"),
+            *("--rollout-rows", "3", "--out", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -235,6 +238,7 @@ def test_table_is_printed(scale) -> None:
     for label in ("mlxgrpo peak memory / update", "mlxgrpo seconds / update", "prod micro-batch"):
         assert label in stdout
     assert "mlxgrpo, no replay seconds / update" in stdout
+    assert "mlxgrpo, rollout.max_rows=3 peak memory / update" in stdout
     for key in ("tiny-a (qwen2)", "tiny-gemma3 (gemma3_text)", "tiny-qwen3 (qwen3)"):
         assert key in stdout
     assert "mlx-lm-lora" not in stdout
@@ -250,6 +254,18 @@ def test_the_first_shape_is_also_measured_without_replay(scale) -> None:
     for a, b in zip(plain["updates"], ours["updates"], strict=True):
         assert a["completion_length_mean"] == b["completion_length_mean"]
     assert all("mlxgrpo_without_replay" not in entry for entry in rest)
+
+
+@pytest.mark.slow
+def test_every_shape_is_also_measured_with_a_bounded_rollout(scale) -> None:
+    """--rollout-rows 3: the same completions (the rollout samples them the same in any batch),
+    with the bound recorded."""
+    result, _, _ = scale
+    for entry in result["shapes"].values():
+        bounded, ours = entry["mlxgrpo_rollout_rows"], entry["mlxgrpo"]
+        assert bounded["max_rows"] == 3 and bounded["updates_measured"] == REPEATS
+        for a, b in zip(bounded["updates"], ours["updates"], strict=True):
+            assert a["completion_length_mean"] == b["completion_length_mean"]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.qwen2 import Model
 from random_models import random_lm
+from tolerance import assert_close
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.generation.rollout import (
@@ -407,11 +408,11 @@ def test_a_model_that_cannot_decode_a_batch_gets_one_clear_error():
 def test_the_decode_cache_grows_once_to_the_size_it_needs(monkeypatch):
     """mlx-lm's caches grow by 256 positions; the rollout's grows by its decode budget, so a
     finished rollout's cache holds the longest prompt and the new tokens, no more."""
-    from mlxgrpo.generation import rollout as rollout_module
+    from mlxgrpo.generation import prefill as prefill_module
 
     caches = []
-    grow = rollout_module.grow_by
-    monkeypatch.setattr(rollout_module, "grow_by", lambda c, n: caches.append(c) or grow(c, n))
+    grow = prefill_module.grow_by
+    monkeypatch.setattr(prefill_module, "grow_by", lambda c, n: caches.append(c) or grow(c, n))
     model = random_lm("qwen2", seed=1, vocab=48)
     generate_groups(
         model, [[1, 2, 3, 4, 5], [6, 7]], num_generations=3, max_new_tokens=7,
@@ -419,3 +420,59 @@ def test_the_decode_cache_grows_once_to_the_size_it_needs(monkeypatch):
     )  # fmt: skip
     (cache,) = caches
     assert {layer.keys.shape[2] for layer in cache} == {5 + 7}
+
+
+@pytest.mark.parametrize("max_rows", [7, 3, 2, 1])
+def test_max_rows_bounds_the_decode_batch_and_keeps_every_completion(model, monkeypatch, max_rows):
+    """rollout.max_rows: whole groups decode together as far as they fit (7 rows hold two
+    groups of 3), a group larger than the bound decodes in slices (2 -> samples [0] and
+    [1, 2]). No decode step runs more rows than the bound, and every completion, its
+    recorded log-probs and its recorded block outputs are those of the single batch."""
+    from mlxgrpo.generation import rollout as rollout_module
+
+    def sample(bound):
+        return generate_groups(
+            model, PROMPTS, num_generations=3, max_new_tokens=9,
+            sampling=SamplingConfig(temperature=1.0), eos_token_ids=[9, 30], seed=5,
+            record_logprobs=True, record_entropies=True, record_activations=True,
+            max_rows=bound,
+        )  # fmt: skip
+
+    whole = sample(0)
+    widths = []
+    step = rollout_module.queue_next_token
+    monkeypatch.setattr(
+        rollout_module,
+        "queue_next_token",
+        lambda m, batch, *a: widths.append(len(batch.rows)) or step(m, batch, *a),
+    )
+    bounded = sample(max_rows)
+    assert widths and max(widths) <= max_rows
+    assert bounded.completion_ids == whole.completion_ids
+    assert bounded.finish_reason == whole.finish_reason
+    assert bounded.prompt_ids == whole.prompt_ids and bounded.num_generations == 3
+    assert bounded.prompt_index == whole.prompt_index
+    for ours, theirs in zip(bounded.completion_logprobs, whole.completion_logprobs, strict=True):
+        assert_close(mx.array(ours), mx.array(theirs), terms=64)
+    for ours, theirs in zip(bounded.completion_entropies, whole.completion_entropies, strict=True):
+        assert_close(mx.array(ours), mx.array(theirs), terms=64)
+    width = max(len(c) for c in whole.completion_ids)
+    for ours, theirs in zip(
+        bounded.activations.block_outputs(width),
+        whole.activations.block_outputs(width),
+        strict=True,
+    ):
+        assert_close(ours, theirs, terms=64)
+
+
+def test_max_rows_splits_by_whole_groups_then_by_slices():
+    from mlxgrpo.generation.rollout import row_groups, sample_slices
+
+    assert row_groups(4, 3, 0) == [range(0, 4)]
+    assert row_groups(4, 3, 7) == [range(0, 2), range(2, 4)]
+    assert row_groups(5, 3, 6) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert row_groups(2, 8, 4) == [range(0, 1), range(1, 2)]
+    assert sample_slices(8, 4) == [range(0, 4), range(4, 8)]
+    assert sample_slices(8, 3) == [range(0, 2), range(2, 5), range(5, 8)]
+    assert sample_slices(8, 8) == sample_slices(8, 0) == [range(8)]
+    assert sample_slices(3, 1) == [range(0, 1), range(1, 2), range(2, 3)]

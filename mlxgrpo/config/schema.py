@@ -131,6 +131,13 @@ class RolloutConfig:
     num_generations: int = opt(8, "Completions sampled per prompt (the group size G).", min=2)
     max_new_tokens: int = opt(256, "Token budget per completion.", min=1)
     max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut.", min=1)
+    max_rows: int = opt(
+        0,
+        "Most completions decoded at once; 0 = all of a batch's. Lower it to bound the "
+        "rollout's KV cache (peak memory) at the cost of rollout speed; completions stay the "
+        "ones a single batch samples.",
+        min=0,
+    )
     temperature: float = opt(0.7, "Sampling temperature for rollouts.", gt=0)
     top_p: float = opt(1.0, "Nucleus sampling threshold; 1 = off.", min=0, max=1)
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 = off.", min=0)

@@ -13,25 +13,22 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.generation.decode_state import (
     DecodeBatch,
-    batched_step,
     drop_finished_rows,
     first_step,
     queue_next_token,
 )
+from mlxgrpo.generation.prefill import inference_mode, prefill_prompts
 from mlxgrpo.generation.recording import (
-    ActivationRecorder,
     RecordedActivations,
     join_activations,
     recording,
@@ -39,7 +36,6 @@ from mlxgrpo.generation.recording import (
 from mlxgrpo.generation.sampling import SamplingConfig
 from mlxgrpo.generation.stop_rules import FINISH_LENGTH, StopTracker
 from mlxgrpo.generation.tool_loop import ToolLoop
-from mlxgrpo.models.blocks import architecture
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,21 @@ def join_rollouts(parts: Sequence[Rollout]) -> Rollout:
     per-completion field recorded in only some parts is dropped."""
     if len(parts) == 1:
         return parts[0]
-    group = parts[0].num_generations
+    prompts = [ids for r in parts for ids in r.prompt_ids]
+    return _joined(parts, prompts, parts[0].num_generations)
+
+
+def join_samples(parts: Sequence[Rollout]) -> Rollout:
+    """One rollout of the same prompts whose groups hold the samples of ``parts`` one after
+    another: parts of one prompt each (its samples decoded in slices)."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(r.prompt_ids != parts[0].prompt_ids or len(r.prompt_ids) != 1 for r in parts):
+        raise ValueError("join_samples joins slices of one prompt's group")
+    return _joined(parts, parts[0].prompt_ids, sum(r.num_generations for r in parts))
+
+
+def _joined(parts: Sequence[Rollout], prompts: list[list[int]], group: int) -> Rollout:
     count = sum(r.num_completions for r in parts)
 
     def joined(name: str) -> list | None:
@@ -155,7 +165,7 @@ def join_rollouts(parts: Sequence[Rollout]) -> Rollout:
         return None if any(v is None for v in values) else [x for v in values for x in v]
 
     return Rollout(
-        prompt_ids=[ids for r in parts for ids in r.prompt_ids],
+        prompt_ids=prompts,
         num_generations=group,
         prompt_index=[i // group for i in range(count)],
         prefill_tokens=sum(r.prefill_tokens for r in parts),
@@ -242,83 +252,6 @@ class Rollout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batched prompt cache
-
-
-def _merge_caches(model: nn.Module, caches: list[list[Any]]) -> list[Any]:
-    """One batched (left-padded) cache per layer from per-sequence caches, via mlx-lm's merge."""
-    batch_cache = []
-    for layer, layer_cache in enumerate(caches[0]):
-        if not hasattr(layer_cache, "merge"):
-            raise MlxgrpoError(
-                f"layer {layer} of {architecture(model) or type(model).__name__} uses "
-                f"{type(layer_cache).__name__}, "
-                "which cannot run batched generation",
-                hint="use a model architecture that mlx-lm's batch_generate supports",
-            )
-        batch_cache.append(layer_cache.merge([c[layer] for c in caches]))
-    return batch_cache
-
-
-def prefill_prompts(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    step_size: int = 512,
-    recorder: ActivationRecorder | None = None,
-    num_generations: int = 1,
-    decode_tokens: int = 0,
-) -> tuple[list[Any], mx.array]:
-    """Run every prompt once; return the batched cache and next-token logits [B, V].
-
-    Each prompt but its last token is prefilled on its own, unpadded (recurrent layers have
-    no padding mask, so a padded batch would corrupt their state), in chunks of `step_size`.
-    The caches are then merged into one left-padded batch that feeds all last tokens at once;
-    a ``recorder`` records that step for each prompt's ``num_generations`` completions. With
-    ``decode_tokens``, the merged cache grows once by that many positions and the last token's
-    (:func:`grow_by`) instead of mlx-lm's steps of 256.
-    """
-    caches = []
-    for prompt in prompts:
-        cache = make_prompt_cache(model)
-        head = mx.array(prompt[:-1], dtype=mx.uint32)[None]
-        for begin in range(0, head.shape[1], step_size):
-            model(head[:, begin : begin + step_size], cache=cache)
-            mx.eval([c.state for c in cache])
-        caches.append(cache)
-    batch_cache = _merge_caches(model, caches)
-    if decode_tokens > 0:  # room for the last prompt tokens and the decode, grown once
-        grow_by(batch_cache, decode_tokens + 1)
-    last = mx.array([p[-1] for p in prompts], dtype=mx.uint32)
-    if recorder is not None:
-        group = num_generations
-        recorder.arm([list(range(p * group, (p + 1) * group)) for p in range(len(prompts))])
-    logits = batched_step(model, last[:, None], batch_cache)[:, -1, :]
-    return batch_cache, logits
-
-
-def grow_by(cache: list[Any], tokens: int) -> None:
-    """Let each layer's key/value cache grow by ``tokens`` positions when it fills up: the
-    decode budget, so that decoding grows it once, to the size it needs. mlx-lm's caches grow
-    by 256 positions: after a 131-token prompt, 128 new tokens left a cache of 387 positions
-    of which 259 were used (at Qwen3-0.6B's 8 KV heads of 128, float32, 16 rows: 0.47 GB)."""
-    for layer_cache in cache:
-        if isinstance(getattr(layer_cache, "step", None), int):
-            layer_cache.step = max(1, tokens)
-
-
-@contextmanager
-def _inference_mode(model: nn.Module) -> Iterator[None]:
-    """Switch dropout etc. off for the rollout and restore every module's flag afterwards."""
-    flags = [(module, module.training) for _, module in model.named_modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, was_training in flags:
-            module._set_training_mode(was_training)
-
-
-# ---------------------------------------------------------------------------------------------
 # The rollout
 
 
@@ -351,18 +284,24 @@ def _check_inputs(
 
 
 def completion_step_keys(
-    base: mx.array, prompts: int, num_generations: int, steps: int, prompt_offset: int = 0
+    base: mx.array,
+    prompts: int,
+    num_generations: int,
+    steps: int,
+    prompt_offset: int = 0,
+    samples: Sequence[int] | None = None,
 ) -> mx.array:
     """[prompts * G, steps, 2] keys: completion j of prompt i draws step t with [i*G + j, t].
 
     Each completion's keys depend only on the base key, its prompt's global index
     (``prompt_offset + i``) and its sample index j, never on which other completions share
-    the batch (or a rank), nor on when finished rows are dropped from it.
+    the batch (or a rank), nor on when finished rows are dropped from it. ``samples`` takes
+    only those sample indices j of each prompt (all ``num_generations`` when None).
     """
     words = [int(w) for w in base.tolist()]
     seeds = []
     for i in range(prompts):
-        for j in range(num_generations):
+        for j in range(num_generations) if samples is None else samples:
             digest = hashlib.blake2b(
                 struct.pack("<IIQQ", *words, prompt_offset + i, j), digest_size=8
             ).digest()
@@ -400,6 +339,7 @@ def generate_groups(
     prompt_offset: int = 0,
     tools: Any = None,
     record_activations: bool = False,
+    max_rows: int = 0,
 ) -> Rollout:
     """Sample `num_generations` completions for every prompt (token ids in, token ids out).
 
@@ -425,54 +365,121 @@ def generate_groups(
     ``record_activations`` keeps every transformer block's output at each completion's
     positions (``Rollout.activations``) for the training pass to replay
     (:mod:`mlxgrpo.generation.recording`); not with ``tools``, whose results run as longer steps.
+
+    ``max_rows`` (0 = all) bounds how many completions decode at once, and with it the decode
+    cache: whole groups decode together as far as they fit, and a group larger than
+    ``max_rows`` decodes in slices. Each completion is the one it would be in a single batch
+    (its keys do not depend on the batch); fewer rows at once cost rollout speed.
     """
     _check_inputs(prompts, num_generations, max_new_tokens, stop_strings, decode, sync_every)
+    if max_rows < 0:
+        raise ConfigError(f"max_rows must be >= 0, got {max_rows}", hint="0 decodes all rows")
     prompts = [list(p) for p in prompts]
-    count = len(prompts) * num_generations
-    stops = [list(s) for s in stop_sequences or []]
+    job = _Decoding(
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=frozenset(eos_token_ids),
+        stop_sequences=tuple(tuple(s) for s in stop_sequences or ()),
+        stop_strings=tuple(stop_strings or ()),
+        decode=decode,
+        sync_every=sync_every,
+        prefill_step_size=prefill_step_size,
+        record=record_entropies if (record_logprobs or record_entropies) else None,
+        tools=tools,
+        record_activations=record_activations and not tools,
+        base_key=None if sampling.greedy else _initial_key(seed, key),
+    )
+    groups = []
+    for group in row_groups(len(prompts), num_generations, max_rows):
+        parts = [
+            _sample_rows(
+                model, [prompts[i] for i in group], samples, prompt_offset + group.start, job
+            )
+            for samples in sample_slices(num_generations, max_rows)
+        ]
+        groups.append(join_samples(parts))
+    return join_rollouts(groups)
+
+
+def row_groups(prompts: int, num_generations: int, max_rows: int) -> list[range]:
+    """The prompts decoded together: all of them when ``max_rows`` is 0 or holds every row,
+    else as many whole groups as ``max_rows`` holds (one, where a group alone is larger)."""
+    per = prompts if max_rows <= 0 else max(1, max_rows // num_generations)
+    return [range(i, min(prompts, i + per)) for i in range(0, prompts, per)]
+
+
+def sample_slices(num_generations: int, max_rows: int) -> list[range]:
+    """A group's samples decoded together: all of them, or where a group alone holds more
+    than ``max_rows`` rows, as few slices of near-equal size as fit."""
+    if max_rows <= 0 or num_generations <= max_rows:
+        return [range(num_generations)]
+    count = -(-num_generations // max_rows)
+    bounds = [num_generations * k // count for k in range(count + 1)]
+    return [range(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """What every row group of one rollout decodes with (:func:`generate_groups`'s options)."""
+
+    sampling: SamplingConfig
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    stop_sequences: tuple[tuple[int, ...], ...]
+    stop_strings: tuple[str, ...]
+    decode: Callable[[list[int]], str] | None
+    sync_every: int
+    prefill_step_size: int
+    record: bool | None  # as first_step's record_entropy
+    tools: Any
+    record_activations: bool
+    base_key: mx.array | None  # None when greedy
+
+
+def _sample_rows(
+    model: nn.Module,
+    prompts: list[list[int]],
+    samples: range,
+    prompt_offset: int,
+    job: _Decoding,
+) -> Rollout:
+    """Samples ``samples`` of every prompt, decoded as one batch (the rollout of those rows)."""
+    group = len(samples)
+    count = len(prompts) * group
     tracker = StopTracker(
-        count, max_new_tokens, set(eos_token_ids), stops, list(stop_strings or []), decode
+        count,
+        job.max_new_tokens,
+        set(job.eos_token_ids),
+        [list(s) for s in job.stop_sequences],
+        list(job.stop_strings),
+        job.decode,
     )
-    step_keys = _step_keys(
-        sampling, seed, key, len(prompts), num_generations, max_new_tokens, prompt_offset
-    )
-    record = record_entropies if (record_logprobs or record_entropies) else None
-    with _inference_mode(model), recording(model, record_activations and not tools) as recorder:
+    step_keys = None
+    if job.base_key is not None:
+        step_keys = completion_step_keys(
+            job.base_key, len(prompts), group, job.max_new_tokens, prompt_offset, samples
+        )
+    with inference_mode(model), recording(model, job.record_activations) as recorder:
         started = time.perf_counter()
         cache, logits = prefill_prompts(
-            model, prompts, prefill_step_size, recorder, num_generations, max_new_tokens
+            model, prompts, job.prefill_step_size, recorder, group, job.max_new_tokens
         )
         mx.eval(logits)
         prefilled = time.perf_counter()
         batch = first_step(
-            prompts, num_generations, cache, logits, sampling, step_keys, record, recorder
+            prompts, group, cache, logits, job.sampling, step_keys, job.record, recorder
         )
-        loop = None if tools is None else ToolLoop(tools, prompts, num_generations)
+        loop = None if job.tools is None else ToolLoop(job.tools, prompts, group)
         if loop is not None:
-            steps = loop.decode(model, batch, tracker, max_new_tokens, sampling, step_keys)
+            steps = loop.decode(model, batch, tracker, job.max_new_tokens, job.sampling, step_keys)
         else:
-            steps = _decode(model, batch, tracker, max_new_tokens, sampling, step_keys, sync_every)
+            steps = _decode(
+                model, batch, tracker, job.max_new_tokens, job.sampling, step_keys, job.sync_every
+            )
+        del batch, cache
         activations = None if recorder is None else recorder.records(count)
         seconds = (prefilled - started, time.perf_counter() - prefilled)
-    return _finished_rollout(
-        prompts, num_generations, tracker, record, loop, steps, activations, seconds
-    )
-
-
-def _step_keys(
-    sampling: SamplingConfig,
-    seed: int | None,
-    key: mx.array | None,
-    prompts: int,
-    num_generations: int,
-    max_new_tokens: int,
-    prompt_offset: int,
-) -> mx.array | None:
-    """Every completion's keys for every step (:func:`completion_step_keys`); None when greedy."""
-    if sampling.greedy:
-        return None
-    base = _initial_key(seed, key)
-    return completion_step_keys(base, prompts, num_generations, max_new_tokens, prompt_offset)
+    return _finished_rollout(prompts, group, tracker, job.record, loop, steps, activations, seconds)
 
 
 def _finished_rollout(

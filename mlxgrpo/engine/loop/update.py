@@ -201,6 +201,7 @@ def _rollout(
         prompt_offset=prompt_offset,
         tools=ctx.tools,
         record_activations=ctx.replays_rollout,
+        max_rows=r.max_rows,
     )
 
 
