@@ -398,6 +398,34 @@ def _device_info(mx: Any) -> dict[str, Any]:
         return {}
 
 
+def memory_budget_bytes() -> int | None:
+    """The memory this process may use: the device's (Metal) or the machine's RAM, lowered by
+    a cgroup limit (containers) or an address-space rlimit; None when nothing is known."""
+    import mlx.core as mx
+
+    found = [_device_info(mx).get("memory_size"), _system_ram_bytes(), _cgroup_limit_bytes()]
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        found.append(None if soft == resource.RLIM_INFINITY else soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    known = [int(v) for v in found if isinstance(v, int) and v > 0]
+    return min(known) if known else None
+
+
+def _cgroup_limit_bytes() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path, encoding="ascii").read().strip()  # noqa: SIM115
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: no limit
+            return int(text)
+    return None
+
+
 def _system_ram_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 
 T = TypeVar("T")
@@ -148,9 +149,10 @@ class Dist:
         rows = out.reshape(self.size, -1)
         try:
             return [
-                json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)
+                parsing.json_text(bytes(row[:n]), "a gathered record")
+                for row, n in zip(rows, lengths, strict=True)
             ]
-        except ValueError:  # undecodable bytes: the gather failed without raising
+        except parsing.ParseError:  # undecodable bytes: the gather failed without raising
             raise self._broken("gather records") from None
 
     def any(self, flag: bool) -> bool:

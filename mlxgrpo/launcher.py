@@ -59,6 +59,24 @@ def hostfile_argument(args: list[str]) -> str | None:
     return None
 
 
+def hostfile_problem(path: Path) -> str | None:
+    """Why ``path`` is no hostfile mlx.launch can start ranks from: missing, not JSON, or not
+    a non-empty list of hosts; None when it is one."""
+    from mlxgrpo import parsing
+
+    if not path.is_file():
+        return "does not exist"
+    try:
+        hosts = parsing.json_file(path)
+    except parsing.ParseError as exc:
+        return exc.problem
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not isinstance(hosts, list) or not hosts:
+        return "lists no hosts (it should be a JSON list with one entry per machine)"
+    return None
+
+
 def main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
@@ -66,14 +84,15 @@ def main(args: list[str]) -> int:
     if args[0] == "--launcher-help":
         args = ["--help"]
     hostfile = hostfile_argument(args)
-    if hostfile is not None and not Path(hostfile).expanduser().is_file():
-        # mlx.launch says so too, under its whole usage text; one line is enough.
+    problem = None if hostfile is None else hostfile_problem(Path(hostfile).expanduser())
+    if problem is not None:
+        # mlx.launch says so too, under its whole usage text (or runs nothing and exits 0).
         from mlxgrpo import ui
         from mlxgrpo.errors import ConfigError
 
         ui.error(
             ConfigError(
-                f"hostfile '{hostfile}' does not exist",
+                f"hostfile '{hostfile}' {problem}",
                 hint="write one (README: Training on several machines) or run "
                 "mlx.distributed_config",
             )

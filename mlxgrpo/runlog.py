@@ -15,12 +15,12 @@ A run that is still training shows as crashed or stopped until it writes `final/
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -88,9 +88,12 @@ def display_names(run_dirs: list[Path]) -> list[str]:
 # --- reading the logs ----------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, what: str, fix: str) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: Path, what: str, fix: str, skipped: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Records of a JSONL log. A last line without its newline that does not parse is a record
-    still being written (or cut by a crash) and is skipped; any other bad line is an error."""
+    still being written (or cut by a crash) and is skipped; any other bad line is an error. A
+    record whose ``update`` is not a whole number is skipped and named in ``skipped``."""
     if not path.is_file():
         raise ConfigError(f"'{path.parent}' has no {path.name}", hint=fix)
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -100,12 +103,12 @@ def read_jsonl(path: Path, what: str, fix: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
+            record = parsing.json_text(line, f"{path} line {number}")
+        except parsing.ParseError as exc:
             if number == len(lines):  # no newline after it: an unfinished write
                 continue
             raise ConfigError(
-                f"{path} line {number} is not valid JSON ({exc.msg})",
+                f"{path} line {number} {exc.problem}",
                 hint=f"fix or delete that line of the {what}",
             ) from None
         if not isinstance(record, dict):
@@ -113,6 +116,11 @@ def read_jsonl(path: Path, what: str, fix: str) -> list[dict[str, Any]]:
                 f"{path} line {number} is not a JSON object",
                 hint=f"fix or delete that line of the {what}",
             )
+        update = record.get("update", 0)
+        if isinstance(update, bool) or not isinstance(update, int):
+            if skipped is not None:
+                skipped.append(f"skipped {path} line {number}: its update is {update!r}")
+            continue
         records.append(record)
     if not records:
         raise ConfigError(
@@ -130,6 +138,7 @@ class RunLog:
     name: str
     train: list[dict[str, Any]] = field(default_factory=list)
     eval: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # records left out, each named
 
     def series(self, metric: str, kind: str = "train") -> tuple[list[int], list[float]]:
         """(updates, values) where `metric` is logged as a finite number."""
@@ -147,12 +156,13 @@ class RunLog:
 
 def load_metrics(run_dir: Path, name: str | None = None) -> RunLog:
     """A run's metrics.jsonl, split into train and eval records; errors name the fix."""
+    log = RunLog(path=run_dir, name=name or run_dir.name)
     records = read_jsonl(
         run_dir / METRICS_FILE,
         "metrics log",
         fix="is this a run directory? metrics are written when logging.jsonl = true",
+        skipped=log.skipped,
     )
-    log = RunLog(path=run_dir, name=name or run_dir.name)
     for record in records:
         flat = _flatten(record)
         # "kind" is what JsonlLogger writes; "type" is accepted for logs from other writers.
@@ -163,11 +173,12 @@ def load_metrics(run_dir: Path, name: str | None = None) -> RunLog:
     return log
 
 
-def load_completions(run_dir: Path) -> list[dict[str, Any]]:
+def load_completions(run_dir: Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
     return read_jsonl(
         run_dir / COMPLETIONS_FILE,
         "completions log",
         fix="completions are logged when training with --set logging.log_completions=true",
+        skipped=skipped,
     )
 
 
@@ -273,6 +284,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             summary["last_reward"] = rewards[-1]
             summary["best_reward"], summary["best_reward_update"] = rewards[best], updates[best]
         summary["best_eval"] = _best_eval(log)
+        summary["skipped"] = log.skipped
         summary["wall_seconds"] = _wall_seconds(log, run_dir)
     saved = checkpoint_updates(run_dir)
     # Without metrics (logging.jsonl = false) the checkpoints still tell how far it got.

@@ -11,16 +11,13 @@ fail before any model loads.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import run_subprocess
+from cli_cases import MODEL, Assets, Case, assets, check_one_line_error, run_case
 
-MODEL = "builtin:tiny-qwen2"
+__all__ = ["assets"]  # the fixture is imported for pytest to find it here
 # One update of the tiny model at most, all blocks adapted (the preset's defaults are larger).
 TINY_TRAIN = (
     "--model", MODEL, "--max-steps", "1", "--set", "finetune.lora_layers=-1",
@@ -29,28 +26,6 @@ TINY_TRAIN = (
 )  # fmt: skip
 EVAL = ("eval", "-m", MODEL, "--limit", "1", "--max-tokens", "2")
 SYNTH = "synthetic:arithmetic"
-
-Setup = Callable[[Path, "Assets"], None]
-
-
-@dataclass(frozen=True)
-class Assets:
-    model: Path  # a pristine copy of the tiny model (never modified by a case)
-    adapters: Path  # LoRA adapters that fit it
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    argv: tuple[str, ...]
-    code: int
-    expect: str
-    files: dict[str, str | bytes] = field(default_factory=dict)
-    setup: Setup | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    subprocess: bool = False  # a fresh `python -m mlxgrpo` where the process state matters
-    runs: bool = False  # training starts (its banner and tables come first), then fails
-
 
 # ---------------------------------------------------------------------------------------------
 # Setups that need the tiny model or its adapters
@@ -428,76 +403,9 @@ def test_the_table_is_large_and_unique():
 # The checks
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Assets:
-    """The tiny model on disk, and LoRA adapters that fit it (built once for the module)."""
-    from random_models import add_random_adapters
-
-    from mlxgrpo.models.builtin import build_tiny_model
-    from mlxgrpo.models.loading import load_model
-
-    root = tmp_path_factory.mktemp("bad-inputs-assets")
-    model_dir = build_tiny_model(root / "model", MODEL)
-    model, _ = load_model(str(model_dir))
-    add_random_adapters(model, root / "adapters", seed=0)
-    return Assets(model=model_dir, adapters=root / "adapters")
-
-
-# Click's usage framing around its one `Error:` line.
-_FRAMING = re.compile(r"^(Usage: |Try '.*' for help\.$)")
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The lines of `stderr` that are the error itself (not hints or usage framing)."""
-    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
-    return [line for line in lines if not _FRAMING.match(line) and not line.startswith("hint:")]
-
-
-def check_one_line_error(case: Case, code: int, stderr: str) -> None:
-    shown = f"[{case.id}] exit {code}, stderr:\n{stderr}"
-    assert code != 0 and code == case.code, shown
-    assert "Traceback" not in stderr, shown
-    assert "unexpected" not in stderr.lower(), shown
-    assert "this is a bug in mlxgrpo" not in stderr, shown
-    lines = error_lines(stderr)
-    if case.runs:  # the run's own output first; the error is its last line
-        assert sum(line.lower().startswith("error:") for line in lines) == 1, shown
-        lines = lines[-1:]
-    assert len(lines) == 1, shown
-    assert lines[0].lower().startswith("error:"), shown
-    assert case.expect in lines[0], shown
-
-
-def _fill(text: str, tmp: Path, assets: Assets) -> str:
-    return (
-        text.replace("{tmp}", str(tmp))
-        .replace("{model}", str(assets.model))
-        .replace("{adapters}", str(assets.adapters))
-    )
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_clear_error_line(case, cli, tmp_path, assets, monkeypatch):
-    for name, content in case.files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, encoding="utf-8")
-    argv = [_fill(arg, tmp_path, assets) for arg in case.argv]
-    env = {key: _fill(value, tmp_path, assets) for key, value in case.env.items()}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    if case.setup is not None:
-        case.setup(tmp_path, assets)
-    monkeypatch.chdir(tmp_path)  # no case may read or write the repository
-    if case.subprocess:
-        result = run_subprocess(argv, cwd=tmp_path)  # (the environment set above included)
-        check_one_line_error(case, result.returncode, result.stderr)
-        return
-    code, _, stderr = cli(*argv)
-    check_one_line_error(case, code, stderr)
+    run_case(case, cli, tmp_path, assets, monkeypatch)
 
 
 def test_the_checks_can_fail():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -267,6 +268,8 @@ def test_group_size_that_fits_no_layer_is_refused(source, tmp_path):
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a model directory has one
+        shutil.copyfile(source / name, odd / name)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     mx.save_safetensors(str(odd / "model.safetensors"), dict(tree_flatten(model.parameters())))
     with pytest.raises(ConfigError, match="divides the input width of no layer") as err:
@@ -377,13 +380,27 @@ def test_fuse_errors(source, tmp_path):
         fuse_adapters(str(source), tmp_path / "adapters", tmp_path / "adapters", force=True)
 
 
+# Rows of the nanochat-style model's embedding: the tiny nanochat tokenizer's ids (its PAD
+# is 276) must index it, or loading refuses the pair as mismatched.
+NANOCHAT_STYLE_VOCAB = 320
+
+
 @pytest.fixture
 def nanochat_style(source, tmp_path) -> Path:
-    """The tiny model with nanochat's tokenizer.pkl instead of HF tokenizer files."""
+    """The tiny model, its embedding grown to the nanochat tokenizer's ids, with nanochat's
+    tokenizer.pkl instead of HF tokenizer files."""
     model_dir = tmp_path / "nanochat"
     model_dir.mkdir()
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        (model_dir / name).write_bytes((source / name).read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    config["vocab_size"] = NANOCHAT_STYLE_VOCAB
+    (model_dir / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(source / "model.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    extra = NANOCHAT_STYLE_VOCAB - embedding.shape[0]
+    grown = mx.random.normal((extra, embedding.shape[1]), key=mx.random.key(5)) * 0.02
+    weights["model.embed_tokens.weight"] = mx.concatenate([embedding, grown])
+    mx.save_safetensors(str(model_dir / "model.safetensors"), weights)
+    shutil.copyfile(source / "generation_config.json", model_dir / "generation_config.json")
     write_nanochat_tokenizer(model_dir)
     return model_dir
 
@@ -399,8 +416,12 @@ def test_convert_keeps_a_nanochat_tokenizer(source, nanochat_style, tmp_path):
     summary = convert_hf_model(str(nanochat_style), tmp_path / "out", quantize_bits=8)
     out = tmp_path / "out"
     # mlx-lm cannot load tokenizer.pkl, so this took the tokenizer-free path: it must write
-    # what mlx-lm's convert writes for the same weights.
-    convert_hf_model(str(source), tmp_path / "via-mlx-lm", quantize_bits=8)
+    # what mlx-lm's convert writes for the same weights (beside an HF tokenizer).
+    twin = tmp_path / "hf-twin"
+    shutil.copytree(nanochat_style, twin, ignore=shutil.ignore_patterns("tokenizer.pkl"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, twin / name)
+    convert_hf_model(str(twin), tmp_path / "via-mlx-lm", quantize_bits=8)
     ours, theirs = (
         mx.load(str(out / "model.safetensors")),
         mx.load(str(tmp_path / "via-mlx-lm" / "model.safetensors")),

@@ -30,7 +30,7 @@ PACKAGE = ROOT / "mlxgrpo"
 # __init__. docs/architecture.md §2 shows the same table with the reason for each cut.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("mlxgrpo.errors", "mlxgrpo.version"),
-    ("mlxgrpo.safe_io",),
+    ("mlxgrpo.safe_io", "mlxgrpo.parsing"),
     ("mlxgrpo.blas_probe",),
     ("mlxgrpo.blas_slots",),
     ("mlxgrpo.backend",),

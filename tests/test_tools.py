@@ -179,7 +179,11 @@ def test_unknown_and_malformed_json_calls_are_error_strings():
     runner = ToolRunner(fmt, [Tool("echo", str.upper)], lambda ids: '{"name": "nope"}')
     assert runner.call([1], 0).output == "error: unknown tool 'nope' (tools: echo)"
     runner = ToolRunner(fmt, [Tool("echo", str.upper)], lambda ids: "{oops")
-    assert runner.call([1], 0).output.startswith("error: the tool call is not JSON")
+    assert runner.call([1], 0).output.startswith("error: the tool call is not valid JSON")
+    # Nesting deeper than Python's parser can recurse is an error string too, not a crash.
+    deep = '{"name": "echo", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    runner = ToolRunner(fmt, [Tool("echo", str.upper)], lambda ids: deep)
+    assert "more than 16 levels deep" in runner.call([1], 0).output
     runner = ToolRunner(
         fmt, [Tool("echo", str.upper)], lambda ids: '{"name": "echo", "arguments": "hi"}'
     )
@@ -552,3 +556,21 @@ def test_a_bad_tool_fails_before_any_model_loads(cli, tmp_path):
         "--set", "data.dataset=synthetic:repeat",
     )  # fmt: skip
     assert code == 2 and "unknown tool 'abacus'" in err
+
+
+def test_a_hostile_tool_call_inside_a_real_rollout_is_an_error_string(model):
+    """Whatever the rows write inside a call reads back as JSON nested 100,000 deep (deeper
+    than Python's parser can recurse): the rollout finishes, and every call gets an error
+    string as its result instead of ending the run."""
+    hostile = '{"name": "echo", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    fmt = ToolFormat("chat-template", START, END, {}, _encode, "{RESULT}")
+    runner = ToolRunner(fmt, [Tool("echo", str.upper)], lambda ids: hostile)
+    rollout = generate_groups(
+        model, PROMPTS, num_generations=4, max_new_tokens=24,
+        sampling=SamplingConfig(temperature=1.0), eos_token_ids=[0], seed=5, tools=runner,
+    )  # fmt: skip
+    calls = [call for row in rollout.tool_calls for call in row]
+    assert calls and rollout.num_completions == 4 * len(PROMPTS)
+    for call in calls:
+        assert not call.ok
+        assert call.output.startswith("error: the tool call nests arrays or objects more than")

@@ -41,8 +41,12 @@ def completions(
     output_dir = load_config(config, set_, check_paths=False).config.run.output_dir
     run_dir = runlog.resolve_run(run, output_dir)
     order = "top" if top is not None else "worst" if worst is not None else None
+    skipped: list[str] = []
+    records = runlog.load_completions(run_dir, skipped)
+    for line in skipped:
+        ui.note(line)
     shown, rows = runlog.completions_of_update(
-        runlog.load_completions(run_dir), update, order, top if top is not None else worst
+        records, update, order, top if top is not None else worst
     )
     label = {"top": f", top {len(rows)}", "worst": f", worst {len(rows)}"}.get(order or "", "")
     ui.completions_table(f"{run_dir.name}: update {shown}{label}", rows)

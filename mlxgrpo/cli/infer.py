@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mlxgrpo import parsing
 from mlxgrpo.cli import generation as g
 from mlxgrpo.cli.common import ConfigFiles, Overrides
 from mlxgrpo.errors import ConfigError
@@ -106,27 +107,37 @@ def _answer_file(model, tokenizer, options, prompts, target, batch_size, common)
 
     started = time.perf_counter()
     partial = target.with_name(target.name + ".partial")
-    with (
-        ui.BatchProgress("infer", len(prompts)) as progress,
-        atomic_write(target, keep_partial=partial) as fh,
-    ):
+    written = [0]
+    try:
+        with (
+            ui.BatchProgress("infer", len(prompts)) as progress,
+            atomic_write(target, keep_partial=partial) as fh,
+        ):
 
-        def write(batch: list[Any], done: int, total: int) -> None:
-            for record, answer in zip(prompts[done - len(batch) : done], batch, strict=True):
-                fh.write(json.dumps({**record, **_answer_record(answer)}, ensure_ascii=False))
-                fh.write("\n")
-            fh.flush()
-            progress.advance(done, total)
+            def write(batch: list[Any], done: int, total: int) -> None:
+                for record, answer in zip(prompts[done - len(batch) : done], batch, strict=True):
+                    line = json.dumps({**record, **_answer_record(answer)}, ensure_ascii=False)
+                    fh.write(line + "\n")
+                fh.flush()
+                written[0] = done
+                progress.advance(done, total)
 
-        answers = generate_answers(
-            model,
-            tokenizer,
-            [record.get("messages", record.get("prompt")) for record in prompts],
-            options,
-            batch_size=batch_size,
-            on_batch=write,
-            **common,
-        )
+            answers = generate_answers(
+                model,
+                tokenizer,
+                [record.get("messages", record.get("prompt")) for record in prompts],
+                options,
+                batch_size=batch_size,
+                on_batch=write,
+                **common,
+            )
+    except KeyboardInterrupt:
+        if partial.exists():
+            done = f"{written[0]} of {len(prompts)}"
+            ui.note(f"stopped: the {done} answers finished are in {partial}")
+        else:
+            ui.note(f"stopped before the first answer was finished; {target} was not written")
+        raise
     seconds = time.perf_counter() - started
     tokens = sum(answer.completion_tokens for answer in answers)
     ui.batch_stats(len(prompts), tokens, seconds, peak_memory_bytes(), target)
@@ -170,12 +181,12 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
+            value = parsing.json_text(line, where)
+        except parsing.ParseError as err:
             raise ConfigError(
-                f"{where} is not valid JSON ({err.msg})",
+                f"{where} {err.problem}",
                 hint='write one JSON value per line, e.g. {"prompt": "What is 2+2?"}',
-            ) from err
+            ) from None
         records.append(_prompt_record(value, where))
     if not records:
         raise ConfigError(f"prompts file '{path}' has no prompts", hint="add one JSON line each")

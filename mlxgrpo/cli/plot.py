@@ -45,6 +45,9 @@ def plot(
     run_dirs = [runlog.resolve_run(spec, output_dir) for spec in runs]
     names = runlog.display_names(run_dirs)
     logs = [runlog.load_metrics(path, name) for path, name in zip(run_dirs, names, strict=True)]
+    for log in logs:
+        for skipped in log.skipped:
+            ui.note(skipped)
     requested = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     chosen = runlog.pick_metrics(logs, requested)
     if terminal:

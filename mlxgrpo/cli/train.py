@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -44,15 +46,16 @@ def train(
     from mlxgrpo.sinks import build_sinks
 
     stop = _GracefulStop()
+    # What reward functions and tools print goes to stderr: stdout holds only the summary.
     if not distributed.init().is_main:
         # Under mlx.launch only rank 0 shows progress and feeds the sinks; the others are quiet.
-        with stop:
+        with stop, contextlib.redirect_stdout(sys.stderr):
             summary = run_training(resolved, [], should_stop=stop.requested)
         return 130 if summary["interrupted"] else 0
     with ui.TrainProgress() as progress:
         # TensorBoard / W&B, as [logging] asks; their problems arrive as one-line warnings.
         sinks = build_sinks(resolved.config, warn=progress.on_message)
-        with stop:
+        with stop, contextlib.redirect_stdout(sys.stderr):
             summary = run_training(resolved, [progress, *sinks], should_stop=stop.requested)
     if json_output:
         ui.raw(json.dumps(summary) + "\n")

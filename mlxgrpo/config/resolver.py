@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.config import legacy
 from mlxgrpo.config.resolved import ResolvedConfig, Source
 from mlxgrpo.config.schema import SECTIONS, FieldSpec, build_config, field_specs
@@ -109,19 +109,12 @@ def _find_file(name: str | Path, how: str) -> Path:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid TOML: {exc}", hint="fix the syntax at that line"
-        ) from None
-    except UnicodeDecodeError as exc:  # tomllib decodes the whole file as UTF-8 first
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on "
-            f"line {line})",
-            hint="pass a TOML file saved as UTF-8",
-        ) from None
+        return parsing.toml_file(path)
+    except parsing.ParseError as exc:
+        hint = "pass a TOML file saved as UTF-8" if "UTF-8" in exc.problem else exc.hint
+        if exc.problem.startswith("is "):
+            raise ConfigError(f"config file {exc.source} {exc.problem}", hint=hint) from None
+        raise ConfigError(str(exc.message), hint=hint) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 

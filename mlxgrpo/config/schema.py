@@ -61,6 +61,11 @@ class RunConfig:
         "auto = continue from the newest checkpoint in the run directory, never = start fresh, "
         "or a checkpoint directory.",
     )
+    resume_despite_changes: bool = opt(
+        False,
+        "Resume from a checkpoint written with other model, finetune or data settings (it "
+        "is refused otherwise, naming the changes); its weights must still fit the model.",
+    )
     compile: bool = opt(
         True,
         "Accepted for configs of the original (use_compile) and ignored: every GRPO "

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 import types
 import typing
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.config.schema import FieldSpec
+from mlxgrpo.errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null", ""}
+
+
+# The largest integer any setting takes unless its own range says otherwise: counts, sizes and
+# seeds beyond it are typing mistakes, and MLX (int32 shapes, 64-bit seeds) cannot hold some.
+INT_CEILING = 2**31 - 1
 
 
 class ValueProblem(ValueError):
@@ -49,8 +55,10 @@ def parse_cli_text(spec: FieldSpec, text: str) -> Any:
     ):
         return text
     try:
-        return tomllib.loads(f"v = {stripped}")["v"]
-    except tomllib.TOMLDecodeError:
+        return parsing.toml_text(f"v = {stripped}", f"--set {spec.key}")["v"]
+    except parsing.ParseError as exc:
+        if "levels deep" in exc.problem:  # not text that merely is not TOML
+            raise ConfigError(str(exc.source) + ": " + exc.problem, hint=exc.hint) from None
         return text
 
 
@@ -93,7 +101,10 @@ def _coerce_scalar(tp: type, value: Any) -> Any:
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer too large for any float
+                raise ValueProblem(f"expected a finite number, got {value}") from None
         elif isinstance(value, str):
             try:
                 number = float(value.strip())
@@ -134,6 +145,8 @@ def check_bounds(spec: FieldSpec, value: Any) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if isinstance(v, int) and spec.max is None and v > INT_CEILING:
+            raise ValueProblem(f"must be at most {INT_CEILING} (2**31 - 1), got {v}")
         if spec.min is not None and v < spec.min:
             raise ValueProblem(f"must be at least {spec.min:g}, got {v!r}")
         if spec.max is not None and v > spec.max:

@@ -23,7 +23,10 @@ class Example:
 
     prompt: str | list[Message]
     answer: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the data's other columns
+    # A tool call the prompt ends with, pre-filled by a synthetic task: (tool, argument). Kept
+    # apart from ``extra`` so that no data column can choose what a tool is given.
+    prefill_call: tuple[str, str] | None = None
 
     @property
     def question(self) -> str | list[Message]:

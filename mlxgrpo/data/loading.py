@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.data.example import GSM8K_SYSTEM_PROMPT, Example
 from mlxgrpo.data.synthetic import generate_synthetic, is_synthetic, parse_synthetic_spec
 from mlxgrpo.errors import ConfigError, MlxgrpoError
@@ -269,7 +270,21 @@ def _is_saved_dataset(path: Path) -> bool:
 def _load_saved(path: Path, split: str) -> Any:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    hint = "save it again with datasets' save_to_disk, or point at the data files"
+    for name in ("dataset_dict.json", "state.json", "dataset_info.json"):
+        if (path / name).is_file():  # what load_from_disk parses, read within limits first
+            try:
+                parsing.json_file(path / name)
+            except parsing.ParseError as exc:
+                raise ConfigError(f"saved dataset {path}: {exc.message}", hint=hint) from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(
+            f"saved dataset {path} does not load: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]}",
+            hint=hint,
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ConfigError(
@@ -306,16 +321,51 @@ def _rows_to_examples(
     if answer_field is not None:
         _require_column(columns, answer_field, "answer_field", label)
     examples = []
-    for row in table:
-        prompt = row[prompt_field]
-        if not isinstance(prompt, (str, list)):
-            prompt = str(prompt)
+    for number, row in enumerate(table, start=1):
+        where = f"{label}, row {number}"
+        prompt = _typed_prompt(row[prompt_field], f"{where}, field {prompt_field!r}")
         extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
         answer = None
         if answer_field is not None and row[answer_field] is not None:
-            answer = _normalize_answer(str(row[answer_field]), extra, gsm8k=gsm8k)
+            raw = _typed_answer(row[answer_field], f"{where}, field {answer_field!r}")
+            answer = _normalize_answer(raw, extra, gsm8k=gsm8k)
         examples.append(Example(prompt, answer, extra))
     return examples
+
+
+def _typed_prompt(value: Any, where: str) -> str | list[dict[str, str]]:
+    """A prompt is text, or chat messages ({"role": ..., "content": ...} with text values)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{where}: the prompt is empty", hint="give every row a prompt")
+        return value
+    messages_ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+    if messages_ok:
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    shown = "null" if value is None else type(value).__name__
+    raise ConfigError(
+        f"{where}: the prompt must be text or a list of chat messages, got {shown}",
+        hint='write it as a string, or as [{"role": "user", "content": "..."}]',
+    )
+
+
+def _typed_answer(value: Any, where: str) -> str:
+    """A reference answer is text or a number."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(
+            f"{where}: the answer must be text or a number, got {type(value).__name__}",
+            hint="write the reference answer as a string or a number",
+        )
+    return str(value)
 
 
 def _normalize_answer(raw: str, extra: dict[str, Any], *, gsm8k: bool) -> str:

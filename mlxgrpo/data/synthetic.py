@@ -95,9 +95,6 @@ def _arithmetic_problem(rng: random.Random) -> tuple[str, int, str]:
     return question, total, f"{steps}\n#### {total}"
 
 
-TOOL_CALL_KEY = "tool_call"  # Example.extra: a call the prompt pre-fills (tool, argument)
-
-
 def _tool_problems(rng: random.Random, n: int, options: Mapping[str, str]) -> list[Example]:
     """Products of two `digits`-digit numbers: beyond a small model, one calculator call away.
     With prefill=call the prompt ends inside the call (its expression written), so even a
@@ -118,8 +115,8 @@ def _tool_problems(rng: random.Random, n: int, options: Mapping[str, str]) -> li
     examples = []
     for _ in range(n):
         a, b = rng.randint(low, high), rng.randint(low, high)
-        extra = {TOOL_CALL_KEY: ("calculator", f"{a}*{b}")} if prefill == "call" else {}
-        examples.append(Example(f"What is {a} * {b}?", str(a * b), extra))
+        call = ("calculator", f"{a}*{b}") if prefill == "call" else None
+        examples.append(Example(f"What is {a} * {b}?", str(a * b), prefill_call=call))
     return examples
 
 
@@ -258,7 +255,7 @@ def _int_option(options: Mapping[str, str], key: str, default: int, task: str) -
 
 def call_prefill(example: Example, tools: Any) -> list[int]:
     """Token ids a prompt ends with when its example pre-fills a tool call (none otherwise)."""
-    call = example.extra.get(TOOL_CALL_KEY) if tools is not None else None
+    call = example.prefill_call if tools is not None else None
     if not call:
         return []
     name, argument = call

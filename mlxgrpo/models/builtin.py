@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -302,7 +303,7 @@ def save_char_tokenizer(dest_dir: str | os.PathLike[str]) -> None:
     build_char_tokenizer().save_pretrained(str(dest))
     # transformers 5 writes its own backend class name; the generic name loads in 4.x too.
     config_path = dest / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = parsing.json_file(config_path)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     _write_json(config_path, config)
 

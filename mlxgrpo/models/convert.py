@@ -25,6 +25,7 @@ from mlxgrpo.models.loading import (
     check_local_model_dir,
     check_model_files,
     classify_model_spec,
+    read_json_object,
     resolve_load_target,
 )
 from mlxgrpo.models.output_dir import check_output_dir, install, staging
@@ -203,7 +204,7 @@ def _check_quantizable(model_dir: Path, quant: dict[str, Any], trust_remote_code
     """
     from mlx_lm.utils import load_model
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(model_dir / "config.json", hint="restore the model's config.json")
     if "quantization" in config or "quantization_config" in config:
         hint = "quantize from the unquantized original model"
         raise ConfigError(f"'{model_dir}' is already quantized", hint=hint)
@@ -222,7 +223,7 @@ def _check_quantizable(model_dir: Path, quant: dict[str, Any], trust_remote_code
 
 def record_dtype(config_path: Path, dtype: str) -> None:
     """Make config.json name the dtype the weights now have (mlx-lm keeps the source's)."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path, hint="restore the model's config.json")
     keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype

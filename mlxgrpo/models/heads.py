@@ -188,6 +188,20 @@ def conventional_head(model: nn.Module) -> tuple[nn.Module, Callable] | None:
     return None
 
 
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The token embedding inside the trunk (:data:`EMBEDDING_NAMES`), wrappers looked into;
+    None where mlx-lm's conventions do not find one."""
+    node = model
+    for _ in range(_NESTING):
+        trunk = _child(node, TRUNK_NAMES)
+        if trunk is None:
+            return None
+        if _child(trunk, TRUNK_NAMES) is None:
+            return _child(trunk, EMBEDDING_NAMES)
+        node = trunk
+    return None
+
+
 def _with_map(model: nn.Module, node: nn.Module, linear: Callable) -> Callable:
     """``linear`` with the architecture's logit map read from ``node`` (the module that holds
     the trunk and head), or ``linear`` itself where the map is the identity."""

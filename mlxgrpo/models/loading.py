@@ -14,10 +14,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models.batch_masks import fit_batch_masks
 from mlxgrpo.models.blocks import complete_module_state
 from mlxgrpo.models.builtin import DEFAULT_BUILTIN_MODEL, is_builtin_spec, resolve_model_path
+from mlxgrpo.models.model_check import (
+    config_problem,
+    loaded_problem,
+    tokenizer_problem,
+    weights_problem,
+)
 
 SpecKind = Literal["builtin", "local", "hub"]
 
@@ -85,20 +92,15 @@ _REDO_MODEL = "re-download or re-convert the model (`mlxgrpo convert hf-model`)"
 def read_json_object(path: Path, hint: str) -> dict[str, Any]:
     """The JSON object in `path`, or a ConfigError naming the file as corrupt."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"'{path}' is corrupt: it is not UTF-8 text", hint=hint) from err
+        text = parsing.read_text(path)
+        if not text.strip():
+            raise ConfigError(f"'{path}' is corrupt: it is empty", hint=hint)
+        data = parsing.json_text(text, str(path))
+    except parsing.ParseError as err:
+        problem = err.problem.removeprefix("is ")
+        raise ConfigError(f"'{path}' is corrupt: {problem}", hint=hint) from err
     except OSError as err:
         raise ConfigError(f"cannot read '{path}': {err.strerror or err}", hint=hint) from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        where = (
-            "it is empty"
-            if not text.strip()
-            else (f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})")
-        )
-        raise ConfigError(f"'{path}' is corrupt: {where}", hint=hint) from err
     if not isinstance(data, dict):
         raise ConfigError(f"'{path}' is corrupt: it does not hold a JSON object", hint=hint)
     return data
@@ -128,8 +130,10 @@ def safetensors_problem(path: Path) -> str | None:
     except OSError as err:
         return f"it cannot be read ({err.strerror or err})"
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parsing.json_text(
+            header_bytes, str(path), max_depth=8, max_bytes=len(header_bytes)
+        )
+    except parsing.ParseError:
         return "its header is not valid JSON (not a safetensors file, or damaged)"
     if not isinstance(header, dict):
         return "its header is not a JSON object"
@@ -159,8 +163,18 @@ def check_safetensors_file(path: Path, what: str, hint: str) -> None:
 
 
 def check_model_files(path: Path, hint: str = _REDO_MODEL) -> None:
-    """config.json parses as an object and every safetensors file is complete (headers only)."""
-    read_json_object(path / "config.json", hint=f"restore config.json: {hint}")
+    """config.json parses as an object with the types mlx-lm computes with, a tokenizer is
+    there, and every safetensors file is complete (headers only)."""
+    config = read_json_object(path / "config.json", hint=f"restore config.json: {hint}")
+    problem = config_problem(config)
+    if problem is not None:
+        raise ConfigError(f"'{path / 'config.json'}': {problem}", hint=f"fix that key: {hint}")
+    problem = tokenizer_problem(path)
+    if problem is not None:
+        raise ConfigError(
+            f"model directory '{path}': {problem}",
+            hint="copy the tokenizer files of the model beside its weights",
+        )
     for weights in sorted(path.glob("*.safetensors")):
         check_safetensors_file(weights, "model weights file", hint)
 
@@ -264,6 +278,9 @@ def load_model_with_config(
     target = resolve_load_target(path_spec)
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     model, tokenizer, config = _mlx_lm_load(path_spec, target, trust_remote_code, lazy)
+    problem = loaded_problem(model, tokenizer)
+    if problem is not None:
+        raise ConfigError(f"model '{path_spec}': {problem}", hint="fix or replace that file")
     complete_module_state(model)
     fit_batch_masks(model)
     if target_dtype is not None:
@@ -360,7 +377,17 @@ def _mlx_lm_load(
                 f"mlx-lm cannot load model '{spec}': {err}",
                 hint="upgrade mlx-lm or choose a supported architecture",
             ) from err
+        problem = weights_problem(err, _model_type(target))
+        if problem is not None:
+            raise ConfigError(f"model '{spec}': {problem}", hint=_REDO_MODEL) from err
         raise
+
+
+def _model_type(target: str) -> str:
+    try:
+        return str(read_json_object(Path(target) / "config.json", "").get("model_type"))
+    except ConfigError:
+        return "?"
 
 
 def _one_line(err: Exception) -> str:
@@ -399,7 +426,7 @@ def _load_adapters(model: Any, adapter_dir: Path) -> Any:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = parsing.json_file(adapter_dir / "adapter_config.json")
     kind = config.get("fine_tune_type", "lora")
     if kind != "full":
         linear_to_lora_layers(
@@ -430,9 +457,9 @@ def _load_adapters(model: Any, adapter_dir: Path) -> Any:
 def _apply_adapters(model: Any, adapter_dir: Path, spec: str) -> Any:
     try:
         model = _load_adapters(model, adapter_dir)
-    except json.JSONDecodeError as err:
+    except parsing.ParseError as err:
         path = adapter_dir / "adapter_config.json"
-        raise ConfigError(f"'{path}' is corrupt: not valid JSON ({err})") from err
+        raise ConfigError(f"'{path}' is corrupt: {err.problem.removeprefix('is ')}") from err
     except RuntimeError as err:
         if not _is_unreadable_weights(err):
             raise

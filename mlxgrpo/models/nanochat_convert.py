@@ -13,7 +13,6 @@ windows, padded vocabularies); those are refused by name rather than silently dr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.models.nanochat_tokenizer import (
     ASSISTANT_END,
@@ -100,9 +100,9 @@ def read_model_config(meta_path: Path) -> dict[str, int]:
             hint="nanochat writes meta_<step>.json with every model_<step>.pt; copy it too",
         )
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MlxgrpoError(f"'{meta_path}' is not valid JSON: {err}") from err
+        meta = parsing.json_file(meta_path)
+    except parsing.ParseError as err:
+        raise MlxgrpoError(f"'{meta_path}' {err.problem}") from err
     config = meta.get("model_config") if isinstance(meta, dict) else None
     if not isinstance(config, dict):
         raise MlxgrpoError(f"'{meta_path}' has no model_config", hint="is this a nanochat meta?")

@@ -28,6 +28,12 @@ def check_output_dir(output: str | os.PathLike[str], force: bool, inputs: Sequen
         raise ConfigError(f"refusing to replace '{output}', which holds the current directory")
     if path.is_file():
         raise ConfigError(f"output '{output}' is a file", hint="choose a directory path")
+    blocker = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(
+            f"output '{output}' is below '{blocker}', which is a file, not a directory",
+            hint="choose an output path whose parent folders are directories",
+        )
     if (path.exists() or path.is_symlink()) and not force:
         hint = "pass --force to replace it, or choose another output directory"
         raise ConfigError(f"output directory '{output}' already exists", hint=hint)

@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxgrpo import parsing
 from mlxgrpo.errors import ConfigError
+
+# Levels of nesting a tool call's JSON may have: a model that nests deeper gets an error
+# string back as the tool's result, never a crash of the rollout.
+TOOL_CALL_DEPTH = 16
 
 NANOCHAT_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 CHAT_CALL_MARKERS = ("<tool_call>", "</tool_call>")
@@ -94,9 +99,9 @@ def parse_json_call(text: str) -> tuple[str | None, str]:
     """``{"name": N, "arguments": A}`` -> (N, A as text); A with one string value gives that
     string, other arguments their JSON. A ValueError names what is wrong."""
     try:
-        call = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the tool call is not JSON ({exc.msg})") from None
+        call = parsing.json_text(text, "the tool call", max_depth=TOOL_CALL_DEPTH)
+    except parsing.ParseError as exc:
+        raise ValueError(f"the tool call {exc.problem}") from None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         raise ValueError('the tool call needs {"name": ..., "arguments": ...}')
     arguments = call.get("arguments", "")

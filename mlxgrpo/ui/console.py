@@ -16,11 +16,25 @@ out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: ":x:"
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
-def escape(text: str) -> str:
-    """``text`` as plain text inside Rich markup (user text: [sections], paths, values)."""
+def visible(text: str, keep_lines: bool = False) -> str:
+    """``text`` with every control or invisible formatting character written as its Python
+    escape (a newline as ``\\n``, ESC as ``\\x1b``): a path or value cannot start a forged
+    second line or move the cursor. ``keep_lines`` keeps newlines and tabs (model text)."""
+    kept = "\n\t" if keep_lines else ""
+    if text.isprintable() and not kept:
+        return text
+    return "".join(
+        ch if ch.isprintable() or ch == " " or ch in kept else repr(ch)[1:-1] for ch in text
+    )
+
+
+def escape(text: str, keep_lines: bool = False) -> str:
+    """``text`` as plain text inside Rich markup (user text: [sections], paths, values):
+    markup escaped, control characters shown (:func:`visible`); emoji codes stay as typed
+    because both consoles have ``emoji=False``."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(visible(text, keep_lines))
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -95,7 +95,7 @@ def chat_banner(model: str, interactive: bool) -> None:
 
 
 def chat_help() -> None:
-    console.err.print(escape(CHAT_HELP))
+    console.err.print(escape(CHAT_HELP, keep_lines=True))
 
 
 def chat_input(interactive: bool) -> str | None:

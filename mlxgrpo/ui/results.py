@@ -126,10 +126,8 @@ def runs_table(title: str, runs: Sequence[dict[str, Any]]) -> None:
         )
     console.out.print(table, soft_wrap=False)
     for run in runs:
-        if run.get("problem"):
-            console.err.print(
-                f"[yellow]warning:[/] {escape(run['name'])}: {escape(run['problem'])}"
-            )
+        for problem in [run["problem"]] if run.get("problem") else run.get("skipped") or []:
+            console.err.print(f"[yellow]warning:[/] {escape(run['name'])}: {escape(problem)}")
 
 
 def completions_table(title: str, rows: Sequence[dict[str, Any]], prompt_width: int = 80) -> None:
@@ -147,7 +145,7 @@ def completions_table(title: str, rows: Sequence[dict[str, Any]], prompt_width: 
     for r in rows:
         cells = [
             escape(_shorten(_prompt_text(r.get("prompt")), prompt_width)),
-            escape(str(r.get("completion", ""))),
+            escape(str(r.get("completion", "")), keep_lines=True),
             fmt(r.get("reward")),
         ]
         if len(functions) > 1:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mlxgrpo import safe_io
+from mlxgrpo import parsing, safe_io
 from mlxgrpo.safe_io import io_errors
 
 
@@ -124,11 +124,12 @@ def truncate_jsonl(path: Path, last_update: int) -> None:
     kept = []
     with io_errors(path, "read"):
         text = path.read_text(encoding="utf-8", errors="replace")
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = parsing.json_text(line, f"{path}:{number}")
+        except parsing.ParseError:
             continue  # a line cut by a crash
-        if isinstance(record, dict) and record.get("update", 0) <= last_update:
+        update = record.get("update", 0) if isinstance(record, dict) else None
+        if isinstance(update, int) and not isinstance(update, bool) and update <= last_update:
             kept.append(line)
     safe_io.write_text(path, "".join(k + "\n" for k in kept))

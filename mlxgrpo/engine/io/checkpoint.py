@@ -26,7 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxgrpo import safe_io
+from mlxgrpo import parsing, safe_io
+from mlxgrpo.engine.io.run_identity import weights_mismatch
 from mlxgrpo.errors import MlxgrpoError
 from mlxgrpo.safe_io import atomic_write, io_errors, make_temp_dir
 
@@ -142,13 +143,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 class InvalidCheckpoint(MlxgrpoError):
     """A checkpoint directory that is incomplete or damaged; `problem` says what is wrong."""
 
-    def __init__(self, path: Path, problem: str) -> None:
+    def __init__(self, path: Path, problem: str, hint: str | None = None) -> None:
         super().__init__(
             f"checkpoint '{path}' is not usable: {problem}",
-            hint="resume from another checkpoint, or use --resume auto for the newest valid one",
+            hint=hint
+            or "resume from another checkpoint, or use --resume auto for the newest valid one",
         )
         self.path = path
         self.problem = problem
+
+
+class CheckpointMismatch(InvalidCheckpoint):
+    """A complete checkpoint written for another finetune type: not damage, so a resume
+    stops at it instead of skipping to an older one."""
 
 
 @dataclass
@@ -173,8 +180,10 @@ def read_checkpoint(path: Path, finetune_type: str) -> LoadedCheckpoint:
     if not state_file.is_file():
         raise bad(f"it has no {STATE_FILE} (it was never completed)")
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        state = parsing.json_file(state_file)
+    except parsing.ParseError as exc:
+        raise bad(f"{STATE_FILE} is corrupt ({exc.problem})") from exc
+    except OSError as exc:
         raise bad(f"{STATE_FILE} is corrupt ({_first_line(exc)})") from exc
     if (
         not isinstance(state, dict)
@@ -191,8 +200,9 @@ def read_checkpoint(path: Path, finetune_type: str) -> LoadedCheckpoint:
     ):
         raise bad(f"{STATE_FILE} has a malformed file list")
     if wanted not in files or (not (path / wanted).exists() and (path / other).is_file()):
-        raise InvalidCheckpoint(
-            f"{path} has no {wanted}; it was saved with another finetune.type",
+        raise CheckpointMismatch(
+            path,
+            f"it has no {wanted}; it was saved with another finetune.type",
             hint="resume with the finetune.type the checkpoint was written with",
         )
     arrays: dict[str, dict[str, mx.array]] = {}
@@ -204,7 +214,9 @@ def read_checkpoint(path: Path, finetune_type: str) -> LoadedCheckpoint:
             if name.endswith(".safetensors"):
                 arrays[name] = mx.load(str(file))
             else:
-                json.loads(file.read_text(encoding="utf-8"))
+                parsing.json_file(file)
+        except parsing.ParseError as exc:
+            raise bad(f"{name} does not load ({exc.problem})") from exc
         except (OSError, RuntimeError, ValueError) as exc:  # MLX reports damage as RuntimeError
             raise bad(f"{name} does not load ({_first_line(exc)})") from exc
     return LoadedCheckpoint(path, state, arrays[wanted], arrays.get(OPTIMIZER_STATE, {}))
@@ -217,14 +229,31 @@ def newest_valid_checkpoint(
     for path in reversed(_step_dirs(run_dir)):
         try:
             return read_checkpoint(path, finetune_type)
+        except CheckpointMismatch:
+            raise
         except InvalidCheckpoint as exc:
             on_skip(f"skipped checkpoint {path}: {exc.problem}")
     return None
 
 
-def apply_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, optimizer: Any) -> dict:
-    """Restore weights and optimizer state in place; returns the saved trainer state."""
-    model.load_weights(list(loaded.weights.items()), strict=False)
+def apply_checkpoint(
+    loaded: LoadedCheckpoint, model: nn.Module, optimizer: Any, finetune_type: str
+) -> dict:
+    """Restore weights and optimizer state in place; returns the saved trainer state.
+
+    The checkpoint must hold exactly the weights this run trains (every parameter for full
+    fine-tuning, the adapters otherwise), each with the model's shape: an InvalidCheckpoint
+    names the first difference, so nothing is ever loaded in part."""
+    expected = model.parameters() if finetune_type == "full" else model.trainable_parameters()
+    problem = weights_mismatch(loaded.weights, dict(tree_flatten(expected)))
+    if problem is not None:
+        raise InvalidCheckpoint(
+            loaded.path,
+            f"its weights do not fit this run's model: {problem}",
+            hint="resume with the finetune settings it was written with, or start a new run "
+            "(run.resume=never or another run.run_name)",
+        )
+    model.load_weights(list(loaded.weights.items()), strict=False)  # checked just above
     optimizer.state = tree_unflatten(list(loaded.optimizer.items()))
     mx.eval(model.parameters(), optimizer.state)
     return loaded.state
@@ -232,7 +261,7 @@ def apply_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, optimizer: Any)
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, finetune_type: str) -> dict:
     """Restore weights and optimizer state in place; returns the saved trainer state."""
-    return apply_checkpoint(read_checkpoint(path, finetune_type), model, optimizer)
+    return apply_checkpoint(read_checkpoint(path, finetune_type), model, optimizer, finetune_type)
 
 
 LAST_RUN = "last"

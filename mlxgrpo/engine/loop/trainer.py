@@ -11,11 +11,12 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxgrpo import safe_io
+from mlxgrpo import parsing, safe_io
 from mlxgrpo.config import ResolvedConfig
 from mlxgrpo.config.values import path_component_problem
 from mlxgrpo.engine.io.callbacks import (
@@ -25,6 +26,7 @@ from mlxgrpo.engine.io.callbacks import (
     JsonlLogger,
     truncate_jsonl,
 )
+from mlxgrpo.engine.io.run_lock import hold_run
 from mlxgrpo.errors import ConfigError, MlxgrpoError, TrainingDivergedError
 from mlxgrpo.safe_io import io_errors, make_temp_dir, remove_stale_temporaries
 
@@ -103,6 +105,22 @@ def train(
     check_resume_target(cfg.run.resume)
     # Rank 0 names the run directory (a timestamp, a free -N suffix) and alone writes in it.
     run_dir = Path(dist.broadcast_text(str(_run_dir_of(cfg)) if dist.is_main else ""))
+    with ExitStack() as held:
+        if dist.is_main:  # the lock comes first: a second process must not touch the run
+            with io_errors(run_dir, "create the run directory", "pick a writable run.output_dir"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_run(run_dir))
+        return _train_in(resolved, run_dir, dist, callbacks, should_stop)
+
+
+def _train_in(
+    resolved: ResolvedConfig,
+    run_dir: Path,
+    dist: Any,
+    callbacks: Sequence[Callback],
+    should_stop: Callable[[], bool],
+) -> dict[str, Any]:
+    """:func:`train` in its run directory, which this process holds."""
     loggers: list[Callback] = []
     if dist.is_main:
         _prepare_run_dir(resolved, run_dir, loggers)
@@ -165,6 +183,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     task = Task.load(resolved, evaluate=wants_eval)
     model, tokenizer, trainable = load_policy(cfg.model, cfg.finetune, seed=cfg.run.seed)
     task = task.with_tokenizer(tokenizer)
+    _check_rollout_budget(cfg, model)
     ref_model = None
     if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
         # The frozen reference copy of full fine-tuning stays in the compute dtype.
@@ -197,6 +216,23 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     )
     _maybe_resume(session, cb)
     return session
+
+
+def _check_rollout_budget(cfg: Any, model: Any) -> None:
+    """The rollout's per-token allocations fit the machine (before any is made)."""
+    from mlxgrpo.backend import memory_budget_bytes
+    from mlxgrpo.generation.budget import check_decode_budget
+
+    r = cfg.rollout
+    rows = cfg.optim.batch_size * r.num_generations
+    check_decode_budget(
+        model,
+        rows=min(rows, r.max_rows) if r.max_rows else rows,
+        prompt_tokens=r.max_prompt_length,
+        new_tokens=r.max_new_tokens,
+        available=memory_budget_bytes(),
+        keys=f"rollout.max_new_tokens = {r.max_new_tokens}",
+    )
 
 
 def _prompt_stream(cfg: Any, train_examples: list) -> tuple[Any, int]:
@@ -284,7 +320,8 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
         )
     if resume != "auto":
         loaded = read_checkpoint(path, finetune_type)
-    state = apply_checkpoint(loaded, session.model, session.optimizer)
+    _check_identity(session, loaded.path, loaded.state, cb)
+    state = apply_checkpoint(loaded, session.model, session.optimizer, finetune_type)
     session.stream.load_state(state["data"])
     session.start_update = int(state["update"])
     if not dist.is_main:
@@ -292,6 +329,26 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
     for name in ("metrics.jsonl", "completions.jsonl"):
         truncate_jsonl(session.run_dir / name, session.start_update)
     cb.on_message(f"resumed from {path} at update {session.start_update}")
+
+
+def _check_identity(session: Session, path: Path, state: dict[str, Any], cb: Callback) -> None:
+    """Refuse to resume a checkpoint written with other model, finetune or data settings
+    (listing them) unless run.resume_despite_changes; then name them."""
+    from mlxgrpo.engine.io.run_identity import identity_changes, run_identity
+
+    cfg = session.resolved.config
+    saved = state.get("identity")
+    changes = identity_changes(saved if isinstance(saved, dict) else {}, run_identity(cfg))
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not cfg.run.resume_despite_changes:
+        raise ConfigError(
+            f"checkpoint {path} was written with other settings ({listed})",
+            hint="resume with those settings, start a new run (run.resume=never or another "
+            "run.run_name), or set run.resume_despite_changes=true to resume anyway",
+        )
+    cb.on_message(f"resuming {path} despite changed settings: {listed}")
 
 
 def _adapted_blocks(s: Session) -> str | None:
@@ -415,12 +472,13 @@ def _adapter_cfg(s: Session) -> dict[str, Any]:
     cfg = s.resolved.config
     if cfg.model.adapter_path:
         path = Path(cfg.model.adapter_path).expanduser() / ADAPTER_CONFIG
-        return json.loads(path.read_text())
+        return parsing.json_file(path)
     return adapter_config(cfg.finetune, num_blocks(s.model), s.model)
 
 
 def _checkpoint(s: Session, update: int) -> Path:
     from mlxgrpo.engine.io.checkpoint import save_checkpoint
+    from mlxgrpo.engine.io.run_identity import run_identity
 
     cfg = s.resolved.config
     state = {
@@ -428,6 +486,7 @@ def _checkpoint(s: Session, update: int) -> Path:
         "seed": cfg.run.seed,
         "total_updates": s.total_updates,
         "rng": "derived per update from (seed, update)",
+        "identity": run_identity(cfg),
     }
     return save_checkpoint(
         s.run_dir,
