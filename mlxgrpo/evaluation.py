@@ -182,12 +182,22 @@ def _generate(
 ) -> list[tuple[list[int], str, bool]]:
     """(ids, text without EOS, truncated) for k samples of every example, in order; the
     first example is the `offset`-th of the whole evaluation (its sampling keys say so)."""
+    from mlxgrpo.backend import memory_budget_bytes
+    from mlxgrpo.generation.budget import check_decode_budget
     from mlxgrpo.generation.rollout import SamplingConfig, generate_groups
     from mlxgrpo.models.tokenizer import strip_eos
 
     sampling = SamplingConfig(temperature=temperature)
     out: list[tuple[list[int], str, bool]] = []
     per_call = max(1, batch_size // k)
+    check_decode_budget(
+        model,
+        rows=min(per_call, len(examples)) * k,
+        prompt_tokens=max((len(encode_prompt(ex)) for ex in examples[:per_call]), default=0),
+        new_tokens=max_new_tokens,
+        available=memory_budget_bytes(),
+        keys=f"eval.max_new_tokens = {max_new_tokens}",
+    )
     for begin in range(0, len(examples), per_call):
         chunk = examples[begin : begin + per_call]
         rollout = generate_groups(

@@ -121,6 +121,8 @@ def generate_answers(
     progress, or to write them out before the next batch starts). `tools` (a ToolRunner)
     runs the answers' tool calls as training rollouts do.
     """
+    from mlxgrpo.backend import memory_budget_bytes
+    from mlxgrpo.generation.budget import check_decode_budget
     from mlxgrpo.generation.rollout import generate_groups
 
     encoded = [
@@ -129,6 +131,14 @@ def generate_answers(
     ]
     eos = eos_token_ids(tokenizer)
     sampling = options.sampling()
+    check_decode_budget(
+        model,
+        rows=min(batch_size, len(encoded)),
+        prompt_tokens=max((len(ids) for ids in encoded), default=0),
+        new_tokens=options.max_tokens,
+        available=memory_budget_bytes(),
+        keys=f"--max-tokens {options.max_tokens}",
+    )
     answers: list[Answer] = []
     for begin in range(0, len(encoded), batch_size):
         chunk = encoded[begin : begin + batch_size]

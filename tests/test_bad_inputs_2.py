@@ -240,6 +240,12 @@ NUMBERS = [
          "finite number"),
     Case("eval-tokens-huge", ("eval", "-m", MODEL, "-d", SYNTH, "--set",
                               f"eval.max_new_tokens={10**20}"), 2, "eval.max_new_tokens"),
+    Case("infer-file-tokens-beyond-memory", ("infer", "-m", MODEL, "-f", "{tmp}/p.jsonl",
+                                             "--max-tokens", "2000000000"), 2, "needs about",
+         files={"p.jsonl": PROMPTS}),
+    Case("eval-tokens-beyond-memory", ("eval", "-m", MODEL, "-d", SYNTH, "--limit", "2", "--set",
+                                       "eval.max_new_tokens=2000000000"), 2,
+         "eval.max_new_tokens = 2000000000"),
     Case("save-steps-huge", (*TRAIN, "--set", f"checkpoint.save_steps={10**10}"), 2,
          "checkpoint.save_steps"),
 ]  # fmt: skip
