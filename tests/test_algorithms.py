@@ -72,10 +72,14 @@ def reference_loss(lp, lp_const, ex, spec) -> float:
             else:
                 pg = -min(r * a, min(max(r, 1 - CLIP_LOW), 1 + CLIP_HIGH) * a)
             w = math.exp(log_w[k])
+            low = spec.get("correction_min", 0.0)
+            inside = low <= w <= CAP
             if spec.get("correction") == "tis":
-                pg *= min(w, CAP)
-            elif spec.get("correction") == "mis":
-                pg *= float(w <= CAP)
+                pg *= min(max(w, low), CAP)
+            elif spec.get("correction") == "mis":  # masked IS: the weight, where it is kept
+                pg *= w if inside else 0.0
+            elif spec.get("correction") == "reject":
+                pg *= float(inside)
             if spec.get("policy_mask"):
                 pg *= float(ex["keep"][i, t])
             d = float(ex["ref"][i, t]) - lp[i, t]
@@ -126,6 +130,7 @@ def engine_loss(logp: mx.array, ex, rows, norm: LossNorm, spec):
         rollout_correction_cap=CAP,
         rollout_correction_level=spec.get("correction_level", "token"),
         policy_mask=mx.array(ex["keep"][rows]) if spec.get("policy_mask") else None,
+        rollout_correction_min=spec.get("correction_min", 0.0),
     )
 
 
@@ -140,6 +145,15 @@ SPECS = [
     {"loss_type": "grpo", "correction": "mis"},
     {"loss_type": "dr_grpo", "correction": "tis", "correction_level": "sequence"},
     {"loss_type": "bnpo", "correction": "mis", "correction_level": "sequence"},
+    {"loss_type": "grpo", "correction": "reject"},
+    {"loss_type": "dapo", "correction": "mis", "correction_min": 0.7},
+    {"loss_type": "grpo", "correction": "tis", "correction_min": 0.7},
+    {
+        "loss_type": "bnpo",
+        "correction": "reject",
+        "correction_min": 0.5,
+        "correction_level": "sequence",
+    },
     {"loss_type": "dapo", "policy_mask": True},
     {"loss_type": "sapo", "correction": "tis", "policy_mask": True},
 ]
@@ -224,13 +238,25 @@ def test_rollout_correction_by_hand() -> None:
     assert_close(np.array(factor), [[0.5, 1.5, 2.0]], terms=1)  # exp of one log-weight each
     assert np.array(corrected).tolist() == [[False, False, True]]
     factor, _ = rollout_correction_factor(old, sampler, mask, kind="mis", cap=2.0)
+    assert_close(np.array(factor), [[0.5, 1.5, 0.0]], terms=1)  # masked IS keeps the weight
+    factor, _ = rollout_correction_factor(old, sampler, mask, kind="reject", cap=2.0)
     assert np.array(factor).tolist() == [[1.0, 1.0, 0.0]]
+    # A lower bound of 0.6: 0.5 is clamped up (tis), or dropped (mis, reject).
+    factor, corrected = rollout_correction_factor(old, sampler, mask, kind="tis", cap=2.0, low=0.6)
+    assert_close(np.array(factor), [[0.6, 1.5, 2.0]], terms=1)
+    assert np.array(corrected).tolist() == [[True, False, True]]
+    factor, _ = rollout_correction_factor(old, sampler, mask, kind="mis", cap=2.0, low=0.6)
+    assert_close(np.array(factor), [[0.0, 1.5, 0.0]], terms=1)
     # Sequence level: the product 0.5 * 1.5 * 3 = 2.25 > 2 for every token of the row.
     factor, corrected = rollout_correction_factor(
         old, sampler, mask, kind="tis", cap=2.0, level="sequence"
     )
     assert_close(np.array(factor), [[2.0, 2.0, 2.0]], terms=3)  # a sum of the row's 3 log-weights
     factor, _ = rollout_correction_factor(old, sampler, mask, kind="mis", cap=3.0, level="sequence")
+    assert_close(np.array(factor), [[2.25, 2.25, 2.25]], terms=3)
+    factor, _ = rollout_correction_factor(
+        old, sampler, mask, kind="reject", cap=3.0, level="sequence"
+    )
     assert np.array(factor).tolist() == [[1.0, 1.0, 1.0]]
 
 

@@ -26,7 +26,7 @@ ScaleMode = Literal["group", "batch", "none"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"]
 ImportanceLevel = Literal["token", "sequence"]
-RolloutCorrection = Literal["none", "tis", "mis"]
+RolloutCorrection = Literal["none", "tis", "mis", "reject"]
 
 SCALE_MODES: tuple[str, ...] = get_args(ScaleMode)
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)

@@ -202,11 +202,17 @@ class AlgorithmConfig:
     rollout_correction: str = opt(
         "none",
         "Correct for a sampler that differs from the trainer, with w = pi_old / pi_sampler from "
-        "the rollout's recorded log-probs: tis multiplies the policy term by min(w, cap), mis "
-        "drops tokens (or sequences) with w > cap.",
+        "the rollout's recorded log-probs: tis (truncated IS) weights the policy term by w "
+        "clamped to [min, cap]; mis (masked IS) by w where min <= w <= cap and 0 elsewhere; "
+        "reject keeps the term unweighted where min <= w <= cap and drops it elsewhere.",
         choices=ROLLOUT_CORRECTIONS,
     )
-    rollout_correction_cap: float = opt(2.0, "The cap on w for rollout_correction.", gt=0)
+    rollout_correction_cap: float = opt(2.0, "The upper bound on w for rollout_correction.", gt=0)
+    rollout_correction_min: float = opt(
+        0.0,
+        "The lower bound on w for rollout_correction (TRL's clip_min); 0 = none.",
+        min=0,
+    )
     rollout_correction_level: str = opt(
         "token",
         "w per token, or per sequence (the product over the completion's tokens).",

@@ -16,6 +16,12 @@ from mlxgrpo.errors import ConfigError
 def check_config(resolved: ResolvedConfig) -> list[str]:
     cfg, problems = resolved.config, []
     algo, rollout, optim, rewards = cfg.algorithm, cfg.rollout, cfg.optim, cfg.rewards
+    if algo.rollout_correction_min >= algo.rollout_correction_cap:
+        problems.append(
+            f"algorithm.rollout_correction_min ({algo.rollout_correction_min}) must be below "
+            f"algorithm.rollout_correction_cap ({algo.rollout_correction_cap}): the weights "
+            "kept lie between the two"
+        )
     if algo.clip_eps_high is not None and algo.clip_eps_high < algo.clip_eps:
         problems.append(
             f"algorithm.clip_eps_high ({algo.clip_eps_high}) must be >= algorithm.clip_eps "

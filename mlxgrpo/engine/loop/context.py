@@ -161,6 +161,7 @@ def micro_batch_loss(
         rollout_correction=algo.rollout_correction,
         rollout_correction_cap=algo.rollout_correction_cap,
         rollout_correction_level=algo.rollout_correction_level,
+        rollout_correction_min=algo.rollout_correction_min,
         policy_mask=policy_mask,
     )
     return loss, (metrics, mx.stop_gradient(logp))

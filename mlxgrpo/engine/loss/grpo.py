@@ -223,25 +223,33 @@ def rollout_correction_factor(
     kind: RolloutCorrection,
     cap: float,
     level: ImportanceLevel = "token",
+    low: float = 0.0,
 ) -> tuple[mx.array, mx.array]:
     """``(factor, corrected)`` [N, L] for a sampler that differs from the trainer.
 
     The weight is ``w = pi_old / pi_sampler`` per token (``level="token"``) or the product
-    over the sequence (``"sequence"``, the same value on every token of a row). ``tis``
-    (truncated importance sampling) multiplies the policy term by ``min(w, cap)``; ``mis``
-    (masked importance sampling) drops tokens (or sequences) with ``w > cap``. ``corrected``
-    marks where the cap acted. Both are constants for autodiff.
+    over the sequence (``"sequence"``, the same value on every token of a row). With the
+    bounds ``[low, cap]``:
+
+    - ``tis`` (truncated importance sampling): ``clip(w, low, cap)``;
+    - ``mis`` (masked importance sampling, as the paper that named it and TRL's ``*_mask``
+      modes define it): ``w`` inside the bounds, 0 outside;
+    - ``reject``: 1 inside the bounds, 0 outside (rejection without a weight).
+
+    ``corrected`` marks where a bound acted. Both are constants for autodiff.
     """
     _check_choice("rollout correction", kind, ROLLOUT_CORRECTIONS)
     _check_choice("importance-sampling level", level, IMPORTANCE_LEVELS)
     log_w = mx.stop_gradient(old_logp) - sampler_logp
     if level == "sequence":
         log_w = _sequence_sums(log_w, mask)
-    w = mx.exp(log_w)  # overflow to inf is fine: both rules only compare it with the cap
-    corrected = w > cap
+    w = mx.exp(log_w)  # may overflow to inf: every rule clamps or masks it past the cap
+    corrected = (w > cap) | (w < low)
     if kind == "tis":
-        factor = mx.minimum(w, cap)
+        factor = mx.clip(w, low, cap)
     elif kind == "mis":
+        factor = mx.where(corrected, 0.0, w)
+    elif kind == "reject":
         factor = (~corrected).astype(mx.float32)
     else:
         factor, corrected = mx.ones_like(w), mx.zeros(w.shape, dtype=mx.bool_)
@@ -298,6 +306,7 @@ def policy_loss(
     rollout_correction_cap: float = 2.0,
     rollout_correction_level: ImportanceLevel = "token",
     policy_mask: mx.array | None = None,
+    rollout_correction_min: float = 0.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """GRPO-family policy loss for one micro-batch.
 
@@ -347,7 +356,11 @@ def policy_loss(
     }
     if rollout_correction != "none":
         assert sampler_logp is not None
-        correction = (rollout_correction, rollout_correction_cap, rollout_correction_level)
+        correction = (
+            rollout_correction,
+            (rollout_correction_min, rollout_correction_cap),
+            rollout_correction_level,
+        )
         pg = _rollout_corrected(pg, old_logp, sampler_logp, mask, norm, correction, metrics)
     if policy_mask is not None:
         pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
@@ -410,14 +423,14 @@ def _rollout_corrected(
     sampler_logp: mx.array,
     mask: mx.array,
     norm: LossNorm,
-    correction: tuple[RolloutCorrection, float, ImportanceLevel],
+    correction: tuple[RolloutCorrection, tuple[float, float], ImportanceLevel],
     metrics: dict[str, mx.array],
 ) -> mx.array:
     """``pg`` times the rollout correction's factor; records ``rollout_corrected`` in
-    ``metrics``. ``correction`` is ``(kind, cap, level)``."""
-    kind, cap, level = correction
+    ``metrics``. ``correction`` is ``(kind, (low, cap), level)``."""
+    kind, (low, cap), level = correction
     factor, corrected = rollout_correction_factor(
-        old_logp, sampler_logp, mask, kind=kind, cap=cap, level=level
+        old_logp, sampler_logp, mask, kind=kind, cap=cap, level=level, low=low
     )
     metrics["rollout_corrected"] = _token_share(corrected, mask, norm)
     return pg * factor
