@@ -7,9 +7,10 @@ completion earns partial credit and groups have a reward spread. Two optimisatio
 rollout (`algorithm.num_iterations = 2`), so the second pass is off-policy and the losses'
 ratio handling (clip, soft gate, clipped weight, sequence ratio) matters.
 
-For each loss type and seed: the updates needed for the mean reward of 4 consecutive updates
-to reach the threshold, and the mean reward of the last 4 updates. The table reports medians
-over the seeds.
+Beside the loss types, rows for the other advantage estimators and for GDPO's per-function
+aggregation (each with the grpo loss). For each row and seed: the updates needed for the mean
+reward of 4 consecutive updates to reach the threshold, and the mean reward of the last 4
+updates. The table reports medians over the seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from typing import Any
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.config.choices import LOSS_TYPES
+from mlxgrpo.config.choices import ADVANTAGE_ESTIMATORS, LOSS_TYPES
 from mlxgrpo.engine.io.callbacks import Callback
 
 TASK = [
@@ -65,13 +66,26 @@ def updates_to_threshold(rewards: list[float], threshold: float, window: int) ->
     return None
 
 
-def run_one(loss_type: str, seed: int, updates: int) -> dict[str, Any]:
+# Row name -> the settings it adds to TASK: every loss type, then every advantage estimator
+# and aggregation other than the defaults (with the grpo loss).
+ROWS: dict[str, list[str]] = {
+    **{loss: [f"algorithm.loss_type={loss}"] for loss in LOSS_TYPES},
+    **{
+        f"grpo, {name} advantages": [f"algorithm.advantage_estimator={name}"]
+        for name in ADVANTAGE_ESTIMATORS
+        if name != "grpo"
+    },
+    "grpo, normalize_then_sum": ["algorithm.reward_aggregation=normalize_then_sum"],
+}
+
+
+def run_one(row: list[str], seed: int, updates: int) -> dict[str, Any]:
     from mlxgrpo.engine.loop.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-learning-") as tmp:
         sets = [
             *TASK,
-            f"algorithm.loss_type={loss_type}",
+            *row,
             f"run.seed={seed}",
             f"run.max_steps={updates}",
             f"run.output_dir={tmp}",
@@ -100,10 +114,10 @@ def _median_or_none(values: list[int | None]) -> float | None:
 
 def measure_learning(seeds: int, updates: int) -> dict[str, Any]:
     table = {}
-    for loss_type in LOSS_TYPES:
-        runs = [run_one(loss_type, seed, updates) for seed in range(seeds)]
+    for name, row in ROWS.items():
+        runs = [run_one(row, seed, updates) for seed in range(seeds)]
         first = [statistics.fmean(r["rewards"][:WINDOW]) for r in runs]
-        table[loss_type] = {
+        table[name] = {
             "runs": runs,
             "median_updates_to_threshold": _median_or_none(
                 [r["updates_to_threshold"] for r in runs]

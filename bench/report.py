@@ -231,8 +231,8 @@ def print_learning_report(result: dict[str, Any], out: Path | None) -> None:
         f"{learning['window']} consecutive updates)"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("loss type", "updates to threshold", "first reward", "final reward"):
-        table.add_column(column, justify="left" if column == "loss type" else "right")
+    for column in ("loss (advantages)", "updates to threshold", "first reward", "final reward"):
+        table.add_column(column, justify="left" if column == "loss (advantages)" else "right")
     for name, row in learning["losses"].items():
         reached = row["median_updates_to_threshold"]
         table.add_row(

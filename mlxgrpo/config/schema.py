@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxgrpo.config.choices import (
+    ADVANTAGE_ESTIMATORS,
     IMPORTANCE_LEVELS,
     KL_ESTIMATORS,
     LOSS_TYPES,
+    REWARD_AGGREGATIONS,
     ROLLOUT_CORRECTIONS,
     SCALE_MODES,
 )
@@ -238,6 +240,21 @@ class AlgorithmConfig:
         "Population std (divides by G): TRL uses the sample std (G - 1), so its advantages are "
         "sqrt(G / (G - 1)) times smaller.",
         choices=SCALE_MODES,
+    )
+    advantage_estimator: str = opt(
+        "grpo",
+        "How rewards become advantages, as verl defines each: grpo (group mean and std, "
+        "scale_rewards), rloo (leave-one-out mean), reinforce_pp (REINFORCE++: rewards "
+        "whitened over the update's tokens), reinforce_pp_baseline (group mean subtracted, "
+        "then whitened), opo (group mean weighted by completion length).",
+        choices=ADVANTAGE_ESTIMATORS,
+    )
+    reward_aggregation: str = opt(
+        "sum_then_normalize",
+        "Several reward functions: sum their weighted values, then compute advantages "
+        "(sum_then_normalize), or normalise each within its group, sum, and normalise the sum "
+        "over the update (normalize_then_sum, GDPO; with advantage_estimator = grpo).",
+        choices=REWARD_AGGREGATIONS,
     )
     num_iterations: int = opt(1, "Optimisation passes over each rollout batch.", min=1)
     mask_truncated_completions: bool = opt(

@@ -16,6 +16,21 @@ from mlxgrpo.errors import ConfigError
 def check_config(resolved: ResolvedConfig) -> list[str]:
     cfg, problems = resolved.config, []
     algo, rollout, optim, rewards = cfg.algorithm, cfg.rollout, cfg.optim, cfg.rewards
+    if algo.advantage_estimator != "grpo" and algo.scale_rewards != "group":
+        problems.append(
+            f"algorithm.scale_rewards = {algo.scale_rewards} applies to advantage_estimator = "
+            f"grpo only; {algo.advantage_estimator} scales its advantages its own way"
+        )
+    if algo.reward_aggregation == "normalize_then_sum" and algo.advantage_estimator != "grpo":
+        problems.append(
+            "algorithm.reward_aggregation = normalize_then_sum gives advantages itself; use it "
+            f"with advantage_estimator = grpo, not {algo.advantage_estimator}"
+        )
+    if algo.reward_aggregation == "normalize_then_sum" and algo.overlong_penalty > 0:
+        problems.append(
+            "algorithm.overlong_penalty changes the summed reward, which normalize_then_sum "
+            "does not use; set one of them"
+        )
     if algo.rollout_correction_min >= algo.rollout_correction_cap:
         problems.append(
             f"algorithm.rollout_correction_min ({algo.rollout_correction_min}) must be below "

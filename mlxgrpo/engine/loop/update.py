@@ -25,6 +25,7 @@ from mlxgrpo.engine.loop.update_metrics import (
     reward_metrics,
     tool_metrics,
 )
+from mlxgrpo.engine.loss import advantages as estimators
 from mlxgrpo.engine.loss import grpo
 from mlxgrpo.evaluation import score_completions
 from mlxgrpo.generation.rollout import Rollout, SamplingConfig, generate_groups
@@ -68,7 +69,7 @@ def run_update(
     rows = distributed.global_rows(dist, trained)
     group = ctx.rollout.num_generations
     all_advantages, all_keep = advantages_and_keep(
-        rows.rewards, rows.truncated, ctx.algorithm, group
+        rows.rewards, rows.truncated, ctx.algorithm, group, rows.lengths, rows.scored
     )
     advantages, keep = distributed.local_part(rows, len(trained.rewards), all_advantages, all_keep)
     shown = rows if trained is sample else distributed.global_rows(dist, sample)
@@ -225,15 +226,34 @@ def _with_overlong_penalty(
 
 
 def advantages_and_keep(
-    rewards: list[float], truncated: list[bool], algo: AlgorithmConfig, group: int
+    rewards: list[float],
+    truncated: list[bool],
+    algo: AlgorithmConfig,
+    group: int,
+    lengths: list[int] | None = None,
+    scored: RewardResult | None = None,
 ) -> tuple[list[float], list[int]]:
     """Per-completion advantages (groups of ``group`` = rollout.num_generations completions)
-    and the indices of the completions that train."""
+    and the indices of the completions that train. ``lengths`` (completion tokens) serve the
+    estimators that weigh by length, ``scored`` (each function's values) the per-function
+    aggregation."""
     r = mx.array(rewards, dtype=mx.float32)
-    adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
+    zero_std = grpo.zero_std_group_mask(r, group).tolist()
+    if algo.reward_aggregation == "normalize_then_sum":
+        if scored is None:
+            raise ValueError("normalize_then_sum needs each reward function's values")
+        values = {name: scored.values[name] for name in scored.names}
+        weights = dict(zip(scored.names, scored.weights, strict=True))
+        adv = mx.array(estimators.normalize_then_sum(values, weights, group), dtype=mx.float32)
+        zero_std = estimators.degenerate_groups(values, group)
+    elif algo.advantage_estimator != "grpo":
+        counts = lengths if lengths is not None else [1] * len(rewards)
+        estimated = estimators.estimate(rewards, group, algo.advantage_estimator, counts)
+        adv = mx.array(estimated, dtype=mx.float32)
+    else:
+        adv = grpo.group_advantages(r, group, scale=algo.scale_rewards)
     if algo.mask_truncated_completions:
         adv = grpo.mask_truncated_advantages(adv, mx.array(truncated))
-    zero_std = grpo.zero_std_group_mask(r, group).tolist()
     # Filtered completions leave the update entirely: no policy or KL term, and they do not
     # count in the loss normalisers (a zero advantage alone would still dilute them).
     keep = [
