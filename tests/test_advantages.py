@@ -163,6 +163,8 @@ def test_the_update_uses_the_configured_estimator_and_aggregation():
          "set one of them"),
         (("algorithm.rollout_correction_min=3", "algorithm.rollout_correction_cap=2"),
          "must be below"),
+        (("algorithm.delta=1.1", "algorithm.clip_eps=0.2"), "must exceed 1 \\+ clip_eps_high"),
+        (("algorithm.delta=2", "algorithm.loss_type=sapo"), "has no such term"),
     ],
 )  # fmt: skip
 def test_combinations_that_would_do_nothing_are_refused(sets, message):

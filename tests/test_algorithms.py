@@ -69,8 +69,9 @@ def reference_loss(lp, lp_const, ex, spec) -> float:
             elif loss_type == "sapo":
                 tau = TAU_POS if a > 0 else TAU_NEG
                 pg = -(1 / (1 + math.exp(-tau * (r - 1)))) * 4 / tau * a
-            else:
-                pg = -min(r * a, min(max(r, 1 - CLIP_LOW), 1 + CLIP_HIGH) * a)
+            else:  # INTELLECT-2's delta caps the unclipped ratio only
+                unclipped = min(r, spec["delta"]) if "delta" in spec else r
+                pg = -min(unclipped * a, min(max(r, 1 - CLIP_LOW), 1 + CLIP_HIGH) * a)
             w = math.exp(log_w[k])
             low = spec.get("correction_min", 0.0)
             inside = low <= w <= CAP
@@ -82,8 +83,12 @@ def reference_loss(lp, lp_const, ex, spec) -> float:
                 pg *= float(inside)
             if spec.get("policy_mask"):
                 pg *= float(ex["keep"][i, t])
+            if "opsm" in spec:  # a negative advantage on a sequence that drifted too far
+                drift = np.mean(ex["sampler"][i, idx].astype(np.float64) - lp_const[i, idx])
+                pg *= 0.0 if a < 0 and drift > spec["opsm"] else 1.0
             d = float(ex["ref"][i, t]) - lp[i, t]
-            seq_sum += pg + BETA * (math.exp(d) - d - 1)
+            kl = math.exp(d) - d - 1
+            seq_sum += pg + BETA * (kl * r if spec.get("kl") == "k3_is" else kl)
         per_seq.append(seq_sum / len(idx))
         total += seq_sum
         tokens += len(idx)
@@ -131,6 +136,9 @@ def engine_loss(logp: mx.array, ex, rows, norm: LossNorm, spec):
         rollout_correction_level=spec.get("correction_level", "token"),
         policy_mask=mx.array(ex["keep"][rows]) if spec.get("policy_mask") else None,
         rollout_correction_min=spec.get("correction_min", 0.0),
+        kl_estimator=spec.get("kl", "k3"),
+        delta=spec.get("delta"),
+        off_policy_mask_threshold=spec.get("opsm"),
     )
 
 
@@ -156,6 +164,13 @@ SPECS = [
     },
     {"loss_type": "dapo", "policy_mask": True},
     {"loss_type": "sapo", "correction": "tis", "policy_mask": True},
+    {"loss_type": "grpo", "delta": 1.35},
+    {"loss_type": "dapo", "delta": 1.3, "correction": "mis"},
+    {"loss_type": "grpo", "opsm": 0.0},
+    {"loss_type": "bnpo", "opsm": 0.05, "policy_mask": True},
+    {"loss_type": "grpo", "kl": "k3_is"},
+    {"loss_type": "gspo", "kl": "k3_is"},
+    {"loss_type": "cispo", "kl": "k3_is", "opsm": 0.0},
 ]
 
 

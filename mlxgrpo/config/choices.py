@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 ScaleMode = Literal["group", "batch", "none"]
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "k3_is"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"]
 ImportanceLevel = Literal["token", "sequence"]
 RolloutCorrection = Literal["none", "tis", "mis", "reject"]

@@ -232,7 +232,25 @@ class AlgorithmConfig:
     kl_coeff: float = opt(
         0.0, "Weight of the KL penalty to the reference model; 0 = no reference.", min=0
     )
-    kl_estimator: str = opt("k3", "KL estimator per token.", choices=KL_ESTIMATORS)
+    kl_estimator: str = opt(
+        "k3",
+        "KL estimator per token: k1, k2, k3, or k3_is (k3 times the importance ratio: TRL's "
+        "bias-corrected KL, use_bias_correction_kl).",
+        choices=KL_ESTIMATORS,
+    )
+    delta: float | None = opt(
+        None,
+        "Cap on the unclipped ratio of the clipped losses (INTELLECT-2's two-sided clip, TRL's "
+        "delta); must exceed 1 + clip_eps_high. None = no cap.",
+        gt=1,
+    )
+    off_policy_mask_threshold: float | None = opt(
+        None,
+        "Drop the policy term of completions with a negative advantage whose mean per-token "
+        "log pi_sampler - log pi exceeds this (DeepSeek-V3.2's off-policy sequence masking, TRL's "
+        "off_policy_mask_threshold). None = off.",
+        min=0,
+    )
     entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
     scale_rewards: str = opt(
         "group",

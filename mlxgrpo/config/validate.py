@@ -31,6 +31,18 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
             "algorithm.overlong_penalty changes the summed reward, which normalize_then_sum "
             "does not use; set one of them"
         )
+    if algo.delta is not None:
+        high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
+        if algo.loss_type in ("cispo", "sapo"):
+            problems.append(
+                f"algorithm.delta caps the clipped losses' ratio; loss_type = {algo.loss_type} "
+                "has no such term (use grpo, bnpo, dr_grpo, dapo or gspo, or unset delta)"
+            )
+        elif algo.delta <= 1 + high:
+            problems.append(
+                f"algorithm.delta ({algo.delta}) must exceed 1 + clip_eps_high ({1 + high:g}), "
+                "or the cap would cut inside the clip range"
+            )
     if algo.rollout_correction_min >= algo.rollout_correction_cap:
         problems.append(
             f"algorithm.rollout_correction_min ({algo.rollout_correction_min}) must be below "

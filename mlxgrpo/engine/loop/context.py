@@ -162,6 +162,8 @@ def micro_batch_loss(
         rollout_correction_cap=algo.rollout_correction_cap,
         rollout_correction_level=algo.rollout_correction_level,
         rollout_correction_min=algo.rollout_correction_min,
+        delta=algo.delta,
+        off_policy_mask_threshold=algo.off_policy_mask_threshold,
         policy_mask=policy_mask,
     )
     return loss, (metrics, mx.stop_gradient(logp))

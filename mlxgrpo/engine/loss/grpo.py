@@ -42,6 +42,7 @@ __all__ = [
     "group_advantages",
     "kl_per_token",
     "mask_truncated_advantages",
+    "off_policy_mask",
     "policy_loss",
     "rollout_correction_factor",
     "sapo_gate",
@@ -112,12 +113,19 @@ def mask_truncated_advantages(advantages: mx.array, truncated: mx.array) -> mx.a
 # --------------------------------------------------------------------------- KL
 
 
-def kl_per_token(logp: mx.array, ref_logp: mx.array, estimator: KLEstimator = "k3") -> mx.array:
+def kl_per_token(
+    logp: mx.array,
+    ref_logp: mx.array,
+    estimator: KLEstimator = "k3",
+    ratio: mx.array | None = None,
+) -> mx.array:
     """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
 
     - ``k1``: ``logp - ref`` (unbiased, can be negative)
     - ``k2``: ``0.5 * (logp - ref)**2``
     - ``k3``: ``exp(ref - logp) - (ref - logp) - 1`` (unbiased, always >= 0)
+    - ``k3_is``: ``k3`` times the importance ratio ``ratio`` (pi / pi_old, with its gradient):
+      TRL's bias-corrected KL (``use_bias_correction_kl``) for tokens sampled from pi_old
     """
     _check_choice("KL estimator", estimator, KL_ESTIMATORS)
     diff = logp - ref_logp
@@ -126,7 +134,12 @@ def kl_per_token(logp: mx.array, ref_logp: mx.array, estimator: KLEstimator = "k
     if estimator == "k2":
         return 0.5 * diff * diff
     # expm1 keeps precision when ref ~ logp; the clamp only removes rounding below zero.
-    return mx.maximum(mx.expm1(-diff) + diff, 0.0)
+    k3 = mx.maximum(mx.expm1(-diff) + diff, 0.0)
+    if estimator == "k3_is":
+        if ratio is None:
+            raise ValueError("the k3_is KL estimator needs the importance ratio")
+        return k3 * ratio
+    return k3
 
 
 # --------------------------------------------------------------------------- loss
@@ -307,6 +320,8 @@ def policy_loss(
     rollout_correction_level: ImportanceLevel = "token",
     policy_mask: mx.array | None = None,
     rollout_correction_min: float = 0.0,
+    delta: float | None = None,
+    off_policy_mask_threshold: float | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """GRPO-family policy loss for one micro-batch.
 
@@ -314,7 +329,8 @@ def policy_loss(
     advantage, the policy term ``pg`` is
 
     - clipped (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``): ``-min(r*A, clip(r,
-      1-eps_low, 1+eps_high)*A)``;
+      1-eps_low, 1+eps_high)*A)``, the unclipped ``r`` capped at ``delta`` when given
+      (INTELLECT-2's two-sided clip);
     - ``cispo`` (MiniMax-M1): ``-sg(min(r, 1+eps_high)) * A * logp``, a clipped,
       stop-gradient weight on the log-prob (no lower bound, so no token loses its gradient);
     - ``sapo``: ``-sapo_gate(r) * A`` (soft gate, :func:`sapo_gate`).
@@ -322,8 +338,10 @@ def policy_loss(
     ``importance_sampling_level="sequence"`` (always for ``gspo``) replaces ``r`` by the
     sequence ratio ``exp(mean_t(logp - old_logp))``, with the GSPO-token gradient. Then
     ``l = pg * rollout_factor * policy_mask + kl_coeff*KL - entropy_coeff*H``: the rollout
-    correction (:func:`rollout_correction_factor`, needs ``sampler_logp``) and ``policy_mask``
-    (e.g. the top-entropy tokens) touch the policy term only; KL and entropy cover every token.
+    correction (:func:`rollout_correction_factor`, needs ``sampler_logp``), ``policy_mask``
+    (e.g. the top-entropy tokens) and the off-policy sequence mask (:func:`off_policy_mask`,
+    with ``off_policy_mask_threshold``) touch the policy term only; KL and entropy cover every
+    token.
 
     Shapes: ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``entropy``, ``sampler_logp``,
     ``policy_mask`` [N, L] (the mask sliced with
@@ -347,7 +365,12 @@ def policy_loss(
     sequence_level = importance_sampling_level == "sequence" or loss_type == "gspo"
     ratio = mx.exp(_log_ratios(logp, old_logp, mask, sequence_level=sequence_level))
     pg, clipped_low, clipped_high = _policy_term(
-        loss_type, logp, ratio, advantages, (clip_eps, clip_eps_high), (sapo_tau_pos, sapo_tau_neg)
+        loss_type,
+        logp,
+        ratio,
+        advantages,
+        (clip_eps, clip_eps_high, delta),
+        (sapo_tau_pos, sapo_tau_neg),
     )
     metrics: dict[str, mx.array] = {
         "clip_low": _token_share(clipped_low, mask, norm),
@@ -365,7 +388,14 @@ def policy_loss(
     if policy_mask is not None:
         pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
         metrics["policy_tokens"] = _token_share(policy_mask, mask, norm)
-    kl = None if ref_logp is None else kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator)
+    if off_policy_mask_threshold is not None:
+        sampled = old_logp if sampler_logp is None else sampler_logp
+        kept = off_policy_mask(logp, sampled, advantages, mask, off_policy_mask_threshold)
+        pg = pg * kept
+        metrics["off_policy_masked"] = _token_share(1.0 - kept, mask, norm)
+    kl = None
+    if ref_logp is not None:
+        kl = kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator, ratio)
     token_loss = _with_regularisers(pg, kl, kl_coeff, entropy, entropy_coeff, mask, norm, metrics)
     return _aggregate(token_loss, mask, loss_type, norm), metrics
 
@@ -398,13 +428,13 @@ def _policy_term(
     logp: mx.array,
     ratio: mx.array,
     advantages: mx.array,
-    clip: tuple[float, float | None],
+    clip: tuple[float, float | None, float | None],
     sapo_taus: tuple[float, float],
 ) -> tuple[mx.array, mx.array, mx.array]:
     """``(pg, clipped_low, clipped_high)`` [N, L]: the loss type's policy term per token (see
-    :func:`policy_loss`) and where its clip acted. ``clip`` is ``(clip_eps, clip_eps_high)``,
-    the upper range None for the lower one."""
-    eps_low = clip[0]
+    :func:`policy_loss`) and where its clip acted. ``clip`` is ``(clip_eps, clip_eps_high,
+    delta)``, the upper range None for the lower one, delta None for no cap."""
+    eps_low, delta = clip[0], clip[2]
     eps_high = eps_low if clip[1] is None else clip[1]
     adv = advantages.astype(mx.float32)[:, None]
     if loss_type == "cispo":
@@ -413,8 +443,26 @@ def _policy_term(
     if loss_type == "sapo":
         unclipped = mx.zeros(ratio.shape, dtype=mx.bool_)
         return -sapo_gate(ratio, adv, *sapo_taus) * adv, unclipped, unclipped
-    pg = -mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    unclipped = ratio if delta is None else mx.minimum(ratio, delta)
+    pg = -mx.minimum(unclipped * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
     return pg, (ratio < 1.0 - eps_low) & (adv < 0), (ratio > 1.0 + eps_high) & (adv > 0)
+
+
+def off_policy_mask(
+    logp: mx.array,
+    sampler_logp: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    threshold: float,
+) -> mx.array:
+    """DeepSeek-V3.2's off-policy sequence mask [N, 1] (TRL's ``off_policy_mask_threshold``):
+    0 for a completion with a negative advantage whose mean per-token ``sampler_logp - logp``
+    (how far the policy drifted from what sampled it) exceeds ``threshold``, else 1. A
+    constant for autodiff."""
+    drift = mx.stop_gradient(sampler_logp - logp) * mask
+    mean = mx.sum(drift, axis=1, keepdims=True) / mx.maximum(mx.sum(mask, axis=1, keepdims=True), 1)
+    keep = (advantages[:, None] >= 0) | (mean <= threshold)
+    return mx.stop_gradient(keep.astype(mx.float32))
 
 
 def _rollout_corrected(
