@@ -323,39 +323,30 @@ def policy_loss(
     delta: float | None = None,
     off_policy_mask_threshold: float | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """GRPO-family policy loss for one micro-batch.
+    """GRPO-family policy loss for one micro-batch: ``(loss, metrics)``.
 
-    Per token, with ``r`` the importance ratio ``exp(logp - old_logp)`` and ``A`` the
-    advantage, the policy term ``pg`` is
-
-    - clipped (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``): ``-min(r*A, clip(r,
-      1-eps_low, 1+eps_high)*A)``, the unclipped ``r`` capped at ``delta`` when given
-      (INTELLECT-2's two-sided clip);
-    - ``cispo`` (MiniMax-M1): ``-sg(min(r, 1+eps_high)) * A * logp``, a clipped,
-      stop-gradient weight on the log-prob (no lower bound, so no token loses its gradient);
-    - ``sapo``: ``-sapo_gate(r) * A`` (soft gate, :func:`sapo_gate`).
-
-    ``importance_sampling_level="sequence"`` (always for ``gspo``) replaces ``r`` by the
-    sequence ratio ``exp(mean_t(logp - old_logp))``, with the GSPO-token gradient. Then
-    ``l = pg * rollout_factor * policy_mask + kl_coeff*KL - entropy_coeff*H``: the rollout
-    correction (:func:`rollout_correction_factor`, needs ``sampler_logp``), ``policy_mask``
-    (e.g. the top-entropy tokens) and the off-policy sequence mask (:func:`off_policy_mask`,
-    with ``off_policy_mask_threshold``) touch the policy term only; KL and entropy cover every
-    token.
+    Per token, with ``r = exp(logp - old_logp)`` and ``A`` the advantage, the policy term is
+    ``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)`` for the clipped losses (``grpo``, ``bnpo``,
+    ``dr_grpo``, ``dapo``, ``gspo``; the unclipped ``r`` capped at ``delta`` when given, as
+    INTELLECT-2's two-sided clip), ``-sg(min(r, 1+eps_high)) * A * logp`` for ``cispo``
+    (MiniMax-M1: no token loses its gradient) and ``-sapo_gate(r) * A`` for ``sapo``.
+    ``importance_sampling_level="sequence"`` (always for ``gspo``) uses the sequence ratio
+    ``exp(mean_t(logp - old_logp))`` with the GSPO-token gradient. The rollout correction
+    (:func:`rollout_correction_factor`), ``policy_mask`` (e.g. the top-entropy tokens) and the
+    off-policy sequence mask (:func:`off_policy_mask`) act on the policy term only; then
+    ``+ kl_coeff * KL - entropy_coeff * H`` over every token.
 
     Shapes: ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``entropy``, ``sampler_logp``,
     ``policy_mask`` [N, L] (the mask sliced with
     :func:`~mlxgrpo.generation.logprobs.completion_slice`); ``advantages`` [N].
-    ``old_logp=None`` means on-policy (``num_iterations = 1``): the stop-gradient of ``logp``,
-    so the ratio is exactly 1.
+    ``old_logp=None`` means on-policy: the stop-gradient of ``logp`` (ratio exactly 1).
 
-    Returns ``(loss, metrics)``. ``loss`` is this micro-batch's contribution to the update's
-    loss as normalised by ``norm``: summing it over the update's micro-batches gives the loss of
-    the whole update. ``metrics`` (stop-gradient scalars) follow the same rule, each being this
-    micro-batch's share of a mean over all completion tokens of the update, so they too are
-    summed over micro-batches: ``clip_low`` (ratio < 1-eps_low with A < 0), ``clip_high``
-    (ratio > 1+eps_high with A > 0; for ``cispo`` any ratio above its cap), ``ratio``, plus
-    ``kl``, ``entropy``, ``rollout_corrected`` and ``policy_tokens`` when those apply.
+    ``loss`` is this micro-batch's share of the update's loss as normalised by ``norm``, so the
+    micro-batches' losses add up to the update's. ``metrics`` (stop-gradient scalars) add up the
+    same way, each a share of a mean over the update's completion tokens: ``clip_low`` (ratio <
+    1-eps_low with A < 0), ``clip_high`` (ratio > 1+eps_high with A > 0; for ``cispo`` any
+    ratio above its cap), ``ratio``, and ``kl``, ``entropy``, ``rollout_corrected``,
+    ``policy_tokens``, ``off_policy_masked`` where they apply.
     """
     _check_loss_choices(loss_type, kl_estimator, importance_sampling_level)
     old_logp = logp if old_logp is None else old_logp
@@ -364,40 +355,54 @@ def policy_loss(
     mask, old_logp = mask.astype(mx.float32), mx.stop_gradient(old_logp)
     sequence_level = importance_sampling_level == "sequence" or loss_type == "gspo"
     ratio = mx.exp(_log_ratios(logp, old_logp, mask, sequence_level=sequence_level))
-    pg, clipped_low, clipped_high = _policy_term(
-        loss_type,
-        logp,
-        ratio,
-        advantages,
-        (clip_eps, clip_eps_high, delta),
-        (sapo_tau_pos, sapo_tau_neg),
-    )
+    clips, taus = (clip_eps, clip_eps_high, delta), (sapo_tau_pos, sapo_tau_neg)
+    pg, clipped_low, clipped_high = _policy_term(loss_type, logp, ratio, advantages, clips, taus)
     metrics: dict[str, mx.array] = {
         "clip_low": _token_share(clipped_low, mask, norm),
         "clip_high": _token_share(clipped_high, mask, norm),
         "ratio": _token_share(ratio, mask, norm),
     }
-    if rollout_correction != "none":
-        assert sampler_logp is not None
-        correction = (
-            rollout_correction,
-            (rollout_correction_min, rollout_correction_cap),
-            rollout_correction_level,
-        )
-        pg = _rollout_corrected(pg, old_logp, sampler_logp, mask, norm, correction, metrics)
-    if policy_mask is not None:
-        pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
-        metrics["policy_tokens"] = _token_share(policy_mask, mask, norm)
-    if off_policy_mask_threshold is not None:
-        sampled = old_logp if sampler_logp is None else sampler_logp
-        kept = off_policy_mask(logp, sampled, advantages, mask, off_policy_mask_threshold)
-        pg = pg * kept
-        metrics["off_policy_masked"] = _token_share(1.0 - kept, mask, norm)
+    bounds = (rollout_correction_min, rollout_correction_cap)
+    pg = _masked_policy_term(
+        pg,
+        (logp, old_logp, sampler_logp, advantages, mask),
+        (rollout_correction, bounds, rollout_correction_level),
+        policy_mask,
+        off_policy_mask_threshold,
+        (norm, metrics),
+    )
     kl = None
     if ref_logp is not None:
         kl = kl_per_token(logp, mx.stop_gradient(ref_logp), kl_estimator, ratio)
     token_loss = _with_regularisers(pg, kl, kl_coeff, entropy, entropy_coeff, mask, norm, metrics)
     return _aggregate(token_loss, mask, loss_type, norm), metrics
+
+
+def _masked_policy_term(
+    pg: mx.array,
+    arrays: tuple[mx.array, mx.array, mx.array | None, mx.array, mx.array],
+    correction: tuple[RolloutCorrection, tuple[float, float], ImportanceLevel],
+    policy_mask: mx.array | None,
+    off_policy_threshold: float | None,
+    report: tuple[LossNorm, dict[str, mx.array]],
+) -> mx.array:
+    """``pg`` with the rollout correction, ``policy_mask`` and the off-policy sequence mask
+    applied (each where set), their shares recorded in the metrics. ``arrays`` is ``(logp,
+    old_logp, sampler_logp, advantages, mask)``, ``report`` is ``(norm, metrics)``."""
+    logp, old_logp, sampler_logp, advantages, mask = arrays
+    norm, metrics = report
+    if correction[0] != "none":
+        assert sampler_logp is not None
+        pg = _rollout_corrected(pg, old_logp, sampler_logp, mask, norm, correction, metrics)
+    if policy_mask is not None:
+        pg = pg * mx.stop_gradient(policy_mask.astype(mx.float32))
+        metrics["policy_tokens"] = _token_share(policy_mask, mask, norm)
+    if off_policy_threshold is not None:
+        sampled = old_logp if sampler_logp is None else sampler_logp
+        kept = off_policy_mask(logp, sampled, advantages, mask, off_policy_threshold)
+        pg = pg * kept
+        metrics["off_policy_masked"] = _token_share(1.0 - kept, mask, norm)
+    return pg
 
 
 def _check_loss_choices(loss_type: str, kl_estimator: str, importance_level: str) -> None:
