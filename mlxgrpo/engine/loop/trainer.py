@@ -399,12 +399,14 @@ def _start_info(s: Session) -> dict[str, Any]:
 def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str, Any]:
     from mlxgrpo.distributed import record_weights
     from mlxgrpo.engine.loop.guards import RunGuards
+    from mlxgrpo.engine.loop.health import HealthWatch
     from mlxgrpo.engine.loop.schedule import learning_rate_at
     from mlxgrpo.engine.loop.update import run_update
 
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
     guards = RunGuards(cfg.optim.max_nonfinite_updates, cfg.rewards.max_consecutive_failures)
+    health = HealthWatch()
     if cfg.eval.before_training and s.start_update == 0 and s.task.eval_examples:
         cb.on_eval(0, _evaluate(s))
     update = s.start_update
@@ -424,6 +426,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         update += 1
         record_weights(s.dist, s.model, update)
         guards.report(update, result, cb)
+        _report_health(health, update, result.metrics, s.model, cb)
         cb.on_update(update, result.metrics)
         cb.on_completions(update, result.completions)
         guards.enforce(update, result)
@@ -451,6 +454,15 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     }
     cb.on_end(summary)
     return summary
+
+
+def _report_health(watch: Any, update: int, metrics: dict, model: Any, cb: Callback) -> None:
+    """Learning-health warnings new at this update: shown once, and named in its record."""
+    found = watch.check(update, metrics, model)
+    if found:
+        metrics["health"] = sorted(found)
+        for message in found.values():
+            cb.on_message(f"learning health: {message}")
 
 
 def _evaluate(s: Session) -> dict[str, Any]:
