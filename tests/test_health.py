@@ -96,3 +96,28 @@ def test_a_run_that_cannot_learn_says_so_once(cli, tmp_path):
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     flagged = [json.loads(x)["update"] for x in lines if '"health"' in x]
     assert flagged == [STREAK]
+
+
+def test_entropy_control_steps_toward_the_target_within_its_bounds():
+    from mlxgrpo.engine.loop.entropy_control import EntropyControl
+
+    control = EntropyControl(coeff=0.02, target=1.0, step=0.015, low=0.0, high=0.04)
+    # Below the target the weight rises (capped at 0.04); above it, it falls (floored at 0).
+    assert [control.after(e) for e in (0.5, 0.5, 0.2, 1.5, 1.5, 2.0, 2.0)] == pytest.approx(
+        [0.035, 0.04, 0.04, 0.025, 0.01, 0.0, 0.0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("algorithm.entropy_coeff_step=0.1",), "entropy_coeff_step steers"),
+        (("algorithm.entropy_target=1", "algorithm.entropy_coeff=0.5"), "must lie within"),
+    ],
+)
+def test_entropy_settings_that_would_do_nothing_are_refused(sets, message):
+    from mlxgrpo.config import resolve_config
+    from mlxgrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_config((), list(sets), {})

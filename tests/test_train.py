@@ -422,3 +422,35 @@ def test_rollout_max_rows_bounds_the_decode_and_leaves_the_run_the_same(tmp_path
     after, expected = _weights(bounded / "final"), _weights(whole / "final")
     for name, value in expected.items():
         assert float(mx.abs(after[name] - value).max()) <= 0.01 * float(mx.abs(value).max()), name
+
+
+def test_adaptive_entropy_weight_moves_toward_its_target_and_resumes_exactly(tmp_path):
+    """entropy_target above any entropy the tiny model reaches: the weight climbs by its step
+    each update (logged as entropy_coeff), and a run stopped after 2 updates resumes with the
+    weight it had, to the same adapters as an uninterrupted run."""
+    sets = (
+        "run.max_steps=4", "checkpoint.save_steps=2", "algorithm.entropy_target=50",
+        "algorithm.entropy_coeff=0.01", "algorithm.entropy_coeff_step=0.02",
+        "algorithm.entropy_coeff_max=0.05",
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    run(straight, *sets)
+
+    def weights_logged(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["entropy_coeff"] for x in lines if '"train"' in x]
+
+    assert weights_logged(straight / "run") == pytest.approx([0.01, 0.03, 0.05, 0.05])
+    resumed = tmp_path / "resumed"
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    run(resumed, *sets, should_stop=stop_after_two)
+    run(resumed, *sets, "run.resume=auto")
+    assert weights_logged(resumed / "run") == weights_logged(straight / "run")
+    a, b = _weights(straight / "run" / "final"), _weights(resumed / "run" / "final")
+    for key in a:
+        assert mx.allclose(a[key], b[key], atol=1e-6).item(), key

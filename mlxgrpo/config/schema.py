@@ -251,7 +251,21 @@ class AlgorithmConfig:
         "off_policy_mask_threshold). None = off.",
         min=0,
     )
-    entropy_coeff: float = opt(0.0, "Entropy bonus weight.", min=0)
+    entropy_coeff: float = opt(
+        0.0, "Entropy bonus weight (the starting weight when entropy_target is set).", min=0
+    )
+    entropy_target: float | None = opt(
+        None,
+        "Steer the entropy bonus's weight toward this mean token entropy (nats): after each "
+        "update it moves by entropy_coeff_step, up below the target, down above it, within "
+        "[entropy_coeff_min, entropy_coeff_max]. None = a fixed entropy_coeff.",
+        min=0,
+    )
+    entropy_coeff_step: float = opt(
+        0.005, "How far entropy_target moves the weight per update.", gt=0
+    )
+    entropy_coeff_min: float = opt(0.0, "Lowest weight entropy_target may set.", min=0)
+    entropy_coeff_max: float = opt(0.1, "Highest weight entropy_target may set.", min=0)
     scale_rewards: str = opt(
         "group",
         "Advantage scaling: group = divide by the group's std, batch = the batch's std, none. "

@@ -31,6 +31,21 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
             "algorithm.overlong_penalty changes the summed reward, which normalize_then_sum "
             "does not use; set one of them"
         )
+    adaptive = ("entropy_coeff_step", "entropy_coeff_min", "entropy_coeff_max")
+    changed = [k for k in adaptive if f"algorithm.{k}" in resolved.changed_keys()]
+    if algo.entropy_target is None and changed:
+        problems.append(
+            f"algorithm.{changed[0]} steers the adaptive entropy weight, which is off; set "
+            "algorithm.entropy_target too, or leave it out"
+        )
+    if algo.entropy_target is not None and not (
+        algo.entropy_coeff_min <= algo.entropy_coeff <= algo.entropy_coeff_max
+    ):
+        problems.append(
+            f"algorithm.entropy_coeff ({algo.entropy_coeff}) starts the adaptive weight and must "
+            f"lie within [entropy_coeff_min, entropy_coeff_max] = [{algo.entropy_coeff_min}, "
+            f"{algo.entropy_coeff_max}]"
+        )
     if algo.delta is not None:
         high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
         if algo.loss_type in ("cispo", "sapo"):

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Session:
     trainable: int
     start_update: int = 0
     dist: Any = None  # mlxgrpo.distributed.Dist
+    entropy_control: Any = None  # engine.loop.entropy_control.EntropyControl, with a target
 
 
 def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
@@ -172,6 +173,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     from mlxgrpo.backend import seed_everything, set_memory_limits
     from mlxgrpo.distributed import Dist
     from mlxgrpo.engine.loop.context import UpdateContext
+    from mlxgrpo.engine.loop.entropy_control import EntropyControl
     from mlxgrpo.models.finetune import load_policy, model_source
     from mlxgrpo.models.loading import load_model
     from mlxgrpo.task import Task
@@ -214,6 +216,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         trainable,
         dist=ctx.dist,
     )
+    session.entropy_control = EntropyControl.from_config(cfg.algorithm)
     _maybe_resume(session, cb)
     return session
 
@@ -324,6 +327,10 @@ def _maybe_resume(session: Session, cb: Callback) -> None:
     state = apply_checkpoint(loaded, session.model, session.optimizer, finetune_type)
     session.stream.load_state(state["data"])
     session.start_update = int(state["update"])
+    control = session.entropy_control
+    if control is not None and isinstance(state.get("entropy_coeff"), int | float):
+        control.coeff = float(state["entropy_coeff"])  # the weight its next update used
+        session.ctx.algorithm = replace(session.ctx.algorithm, entropy_coeff=control.coeff)
     if not dist.is_main:
         return
     for name in ("metrics.jsonl", "completions.jsonl"):
@@ -407,6 +414,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     started, first, last, interrupted = time.perf_counter(), None, None, False
     guards = RunGuards(cfg.optim.max_nonfinite_updates, cfg.rewards.max_consecutive_failures)
     health = HealthWatch()
+    control = s.entropy_control
     if cfg.eval.before_training and s.start_update == 0 and s.task.eval_examples:
         cb.on_eval(0, _evaluate(s))
     update = s.start_update
@@ -425,6 +433,10 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr, more)
         update += 1
         record_weights(s.dist, s.model, update)
+        if control is not None:  # this update's weight is logged, the next one's set
+            result.metrics["entropy_coeff"] = control.coeff
+            weight = control.after(float(result.metrics.get("entropy", control.target)))
+            s.ctx.algorithm = replace(s.ctx.algorithm, entropy_coeff=weight)
         guards.report(update, result, cb)
         _report_health(health, update, result.metrics, s.model, cb)
         cb.on_update(update, result.metrics)
@@ -500,6 +512,8 @@ def _checkpoint(s: Session, update: int) -> Path:
         "rng": "derived per update from (seed, update)",
         "identity": run_identity(cfg),
     }
+    if s.entropy_control is not None:
+        state["entropy_coeff"] = s.entropy_control.coeff
     return save_checkpoint(
         s.run_dir,
         update,
