@@ -88,3 +88,19 @@ def spread_reward(directory: Path) -> str:
         encoding="utf-8",
     )
     return f"rewards.functions=['{path}:even']"
+
+
+def record_decode_widths(monkeypatch) -> list[int]:
+    """A list that receives, for every decode step of every rollout from now on, how many rows
+    the step ran (the rollout's batch width)."""
+    from mlxgrpo.generation import rollout as rollout_module
+
+    widths: list[int] = []
+    step = rollout_module.queue_next_token
+
+    def counted(model, batch, *args):
+        widths.append(len(batch.rows))
+        return step(model, batch, *args)
+
+    monkeypatch.setattr(rollout_module, "queue_next_token", counted)
+    return widths

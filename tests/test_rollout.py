@@ -7,6 +7,7 @@ import importlib
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from conftest import record_decode_widths
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.qwen2 import Model
 from random_models import random_lm
@@ -428,7 +429,6 @@ def test_max_rows_bounds_the_decode_batch_and_keeps_every_completion(model, monk
     groups of 3), a group larger than the bound decodes in slices (2 -> samples [0] and
     [1, 2]). No decode step runs more rows than the bound, and every completion, its
     recorded log-probs and its recorded block outputs are those of the single batch."""
-    from mlxgrpo.generation import rollout as rollout_module
 
     def sample(bound):
         return generate_groups(
@@ -439,13 +439,7 @@ def test_max_rows_bounds_the_decode_batch_and_keeps_every_completion(model, monk
         )  # fmt: skip
 
     whole = sample(0)
-    widths = []
-    step = rollout_module.queue_next_token
-    monkeypatch.setattr(
-        rollout_module,
-        "queue_next_token",
-        lambda m, batch, *a: widths.append(len(batch.rows)) or step(m, batch, *a),
-    )
+    widths = record_decode_widths(monkeypatch)
     bounded = sample(max_rows)
     assert widths and max(widths) <= max_rows
     assert bounded.completion_ids == whole.completion_ids

@@ -9,7 +9,7 @@ import tomllib
 
 import mlx.core as mx
 import pytest
-from conftest import spread_reward
+from conftest import record_decode_widths, spread_reward
 from mlx.utils import tree_flatten
 from tolerance import assert_close
 
@@ -386,16 +386,9 @@ def test_rollout_max_rows_bounds_the_decode_and_leaves_the_run_the_same(tmp_path
     """rollout.max_rows = 3 decodes the 32 completions of an update at most 3 at a time (so a
     group of 8 in slices 2-3-3) and the run samples the same completions, so it ends with the
     same rewards, the same loss and, within float noise, the same adapters."""
-    from mlxgrpo.generation import rollout as rollout_module
 
     run(tmp_path, "run.max_steps=2", "logging.log_completions=true", name="whole")
-    widths = []
-    step = rollout_module.queue_next_token
-    monkeypatch.setattr(
-        rollout_module,
-        "queue_next_token",
-        lambda m, batch, *a: widths.append(len(batch.rows)) or step(m, batch, *a),
-    )
+    widths = record_decode_widths(monkeypatch)
     run(tmp_path, "run.max_steps=2", "logging.log_completions=true", "rollout.max_rows=3",
         name="bounded")  # fmt: skip
     assert widths and max(widths) == 3
