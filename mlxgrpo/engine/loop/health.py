@@ -76,13 +76,23 @@ class HealthWatch:
                 "algorithm.num_iterations"
             )))  # fmt: skip
         out += self._entropy(update, m) + self._mismatch(m)
-        if update >= STREAK and model is not None and _adapters_unmoved(model):
+        if update >= STREAK and model is not None and self._adapters_unmoved(model):
             out.append(("adapters_unmoved", (
                 f"after {update} updates every LoRA B matrix is still exactly zero: the "
                 "adapters have not moved; check zero_std_groups, grad_norm and "
                 "optim.learning_rate"
             )))  # fmt: skip
         return out
+
+    def _adapters_unmoved(self, model: Any) -> bool:
+        """Whether every LoRA B is still zero; checked until it has moved or been named once
+        (it reads every adapter, so not on every update of a healthy run)."""
+        if "adapters_unmoved" in self.given or self.first.get("adapters_moved"):
+            return False
+        unmoved = _adapters_unmoved(model)
+        if not unmoved:
+            self.first["adapters_moved"] = 1.0
+        return unmoved
 
     def _entropy(self, update: int, m: dict[str, Any]) -> list[tuple[str, str]]:
         entropy = m.get("entropy")
