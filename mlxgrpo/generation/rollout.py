@@ -5,7 +5,9 @@ cache whose rows are then repeated G times, and all B*G sequences decode togethe
 sampled-token array per step. The host reads tokens back only every `sync_every` steps (to
 apply stop rules and drop finished rows); `mx.async_eval` keeps the next step computing during
 that bookkeeping. Rows that finished between two syncs keep decoding; their extra tokens are
-discarded on the host.
+discarded on the host. With ``max_rows`` the rows decode in groups of at most that many
+(:func:`row_groups`, :func:`sample_slices`), one after another, each sampling what the single
+batch would (the prefill lives in :mod:`~mlxgrpo.generation.prefill`).
 """
 
 from __future__ import annotations
