@@ -82,6 +82,21 @@ def check_one_line_error(case: Case, code: int, stderr: str) -> None:
     assert case.expect in lines[0], shown
 
 
+def table_params(groups: dict[str, list[Case]]) -> list:
+    """The cases of ``groups`` (name -> cases) as pytest params with ids ``group:case``."""
+    return [pytest.param(case, id=f"{group}:{case.id}") for group, cases in groups.items()
+            for case in cases]  # fmt: skip
+
+
+def check_table(groups: dict[str, list[Case]], taken: set[str] = frozenset()) -> None:
+    """A table has at least 60 cases with unique ids (none of them in ``taken``) and at least
+    3 in each group."""
+    ids = [case.id for cases in groups.values() for case in cases]
+    assert len(ids) >= 60 and len(set(ids)) == len(ids)
+    assert not set(ids) & set(taken)
+    assert all(len(cases) >= 3 for cases in groups.values())
+
+
 def fill(text: str, tmp: Path, assets: Assets) -> str:
     return (
         text.replace("{tmp}", str(tmp))

@@ -60,6 +60,18 @@ def whole_model_loss_and_grad(model: nn.Module, batch):
     return value.item(), dict(tree_flatten(grads))
 
 
+def shared_prompt_batch(vocab: int):
+    """A micro-batch of two groups of completions sharing a prompt (9 and 6 tokens) and a
+    lone prompt, ids below ``vocab``."""
+    from mlxgrpo.generation.rollout import build_micro_batch
+
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (9, 6, 4)]
+    rows = [0, 0, 1, 1, 1, 2]
+    completions = [rng.integers(0, vocab, n).tolist() for n in (7, 3, 8, 1, 6, 2)]
+    return build_micro_batch([prompts[r] for r in rows], completions)
+
+
 def whole_model_logprobs(model: nn.Module, batch) -> np.ndarray:
     """The definition: the whole model's logits, float64 log-softmax, at the completion
     positions [N, T - start]."""
@@ -68,6 +80,20 @@ def whole_model_logprobs(model: nn.Module, batch) -> np.ndarray:
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     targets = np.array(batch.tokens)[:, 1:]
     return np.take_along_axis(log_probs, targets[..., None], -1)[..., 0][:, batch.start - 1 :]
+
+
+def assert_whole_model_logprobs(model: nn.Module, batch, *, terms: int) -> None:
+    """The engine's log-probs (head in chunks of 3) equal :func:`whole_model_logprobs` at
+    every completion position."""
+    from tolerance import assert_close
+
+    want = whole_model_logprobs(model, batch)
+    mask = np.array(batch.completion_mask)[:, batch.start :]
+    logp = sequence_logprobs(
+        model, batch.tokens, batch.start, mask=batch.completion_mask,
+        prompt_lengths=batch.prompt_lengths, chunk_size=3,
+    )  # fmt: skip
+    assert_close(np.array(logp) * mask, want * mask, terms=terms, what="log-probs")
 
 
 def assert_whole_model_gradients(model: nn.Module, batch, *, terms: int) -> None:

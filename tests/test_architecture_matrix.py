@@ -15,16 +15,17 @@ import json
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 from architecture_zoo import VOCAB, ZOO, build, write_model_dir, write_spread_reward
-from loss_checks import assert_whole_model_gradients, whole_model_logprobs
+from loss_checks import (
+    assert_whole_model_gradients,
+    assert_whole_model_logprobs,
+    shared_prompt_batch,
+)
 from mlx.utils import tree_flatten, tree_unflatten
 from tolerance import assert_close
 
 from mlxgrpo.config import resolve_config
-from mlxgrpo.engine.memory.lm_head import sequence_logprobs
-from mlxgrpo.generation.rollout import build_micro_batch
 from mlxgrpo.models.builtin import EOS_TOKEN_ID
 from mlxgrpo.models.finetune import prepare_trainable
 
@@ -54,24 +55,13 @@ def _model(name: str) -> nn.Module:
 
 @functools.cache
 def _batch():
-    """Two groups of completions sharing a prompt (9 and 6 tokens) and a lone prompt."""
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (9, 6, 4)]
-    rows = [0, 0, 1, 1, 1, 2]
-    completions = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 8, 1, 6, 2)]
-    return build_micro_batch([prompts[r] for r in rows], completions)
+    return shared_prompt_batch(VOCAB)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_engines_logprobs_are_the_whole_models(name):
     model, batch = _model(name), _batch()
-    want = whole_model_logprobs(model, batch)
-    mask = np.array(batch.completion_mask)[:, batch.start :]
-    logp = sequence_logprobs(
-        model, batch.tokens, batch.start, mask=batch.completion_mask,
-        prompt_lengths=batch.prompt_lengths, chunk_size=3,
-    )  # fmt: skip
-    assert_close(np.array(logp) * mask, want * mask, terms=TERMS * VOCAB, what="log-probs")
+    assert_whole_model_logprobs(model, batch, terms=TERMS * VOCAB)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -13,19 +13,17 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 from loss_checks import (
     assert_whole_model_gradients,
+    assert_whole_model_logprobs,
+    shared_prompt_batch,
     weighted_loss_and_grad,
-    whole_model_logprobs,
     whole_model_loss_and_grad,
 )
 from random_models import add_random_adapters
 from tolerance import assert_close
 
-from mlxgrpo.engine.memory.lm_head import sequence_logprobs
-from mlxgrpo.generation.rollout import build_micro_batch
 from mlxgrpo.models.batch_masks import fit_batch_masks
 from mlxgrpo.models.heads import conventional_head, split_head
 
@@ -116,12 +114,7 @@ def _model(model_type: str, fit: bool = True) -> nn.Module:
 
 
 def _batch():
-    """Two groups of completions sharing a prompt (9 and 6 tokens) and a lone prompt."""
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (9, 6, 4)]
-    rows = [0, 0, 1, 1, 1, 2]
-    completions = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 8, 1, 6, 2)]
-    return build_micro_batch([prompts[r] for r in rows], completions)
+    return shared_prompt_batch(VOCAB)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
@@ -139,13 +132,7 @@ def test_the_head_splits_off_exactly_where_the_model_allows(model_type):
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_path_gives_the_whole_models_logprobs_and_gradients(model_type):
     model, batch = _model(model_type), _batch()
-    want = whole_model_logprobs(model, batch)
-    mask = np.array(batch.completion_mask)[:, batch.start :]
-    logp = sequence_logprobs(
-        model, batch.tokens, batch.start, mask=batch.completion_mask,
-        prompt_lengths=batch.prompt_lengths, chunk_size=3,
-    )  # fmt: skip
-    assert_close(np.array(logp) * mask, want * mask, terms=TERMS * VOCAB, what="log-probs")
+    assert_whole_model_logprobs(model, batch, terms=TERMS * VOCAB)
     # Gradients: every path against the whole model differentiated as it is.
     assert_whole_model_gradients(model, batch, terms=TERMS * VOCAB)
 

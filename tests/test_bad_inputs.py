@@ -15,7 +15,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_cases import MODEL, Assets, Case, assets, check_one_line_error, run_case
+from cli_cases import (
+    MODEL,
+    Assets,
+    Case,
+    assets,
+    check_one_line_error,
+    check_table,
+    run_case,
+    table_params,
+)
 
 __all__ = ["assets"]  # the fixture is imported for pytest to find it here
 # One update of the tiny model at most, all blocks adapted (the preset's defaults are larger).
@@ -389,14 +398,11 @@ GROUPS = {
     "commands": COMMANDS,
     "resume": RESUME,
 }
-CASES = [pytest.param(case, id=f"{group}:{case.id}") for group, cases in GROUPS.items()
-         for case in cases]  # fmt: skip
+CASES = table_params(GROUPS)
 
 
 def test_the_table_is_large_and_unique():
-    ids = [p.values[0].id for p in CASES]
-    assert len(ids) >= 60 and len(set(ids)) == len(ids)
-    assert all(len(cases) >= 3 for cases in GROUPS.values())
+    check_table(GROUPS)
 
 
 # ---------------------------------------------------------------------------------------------

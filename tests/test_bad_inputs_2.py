@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_cases import MODEL, Assets, Case, assets, run_case
+from cli_cases import MODEL, Assets, Case, assets, check_table, run_case, table_params
 
 __all__ = ["assets"]  # the fixture is imported for pytest to find it here
 
@@ -360,17 +360,13 @@ GROUPS = {
     "resume": RESUME,
     "smaller": SMALLER,
 }
-CASES = [pytest.param(case, id=f"{group}:{case.id}") for group, cases in GROUPS.items()
-         for case in cases]  # fmt: skip
+CASES = table_params(GROUPS)
 
 
 def test_the_table_is_large_and_unique():
-    from test_bad_inputs import CASES as ROUND_ONE
+    from test_bad_inputs import GROUPS as ROUND_ONE
 
-    ids = [p.values[0].id for p in CASES]
-    assert len(ids) >= 60 and len(set(ids)) == len(ids)
-    assert not set(ids) & {p.values[0].id for p in ROUND_ONE}
-    assert all(len(cases) >= 3 for cases in GROUPS.values())
+    check_table(GROUPS, taken={case.id for cases in ROUND_ONE.values() for case in cases})
 
 
 @pytest.mark.parametrize("case", CASES)
