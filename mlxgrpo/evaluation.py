@@ -190,19 +190,21 @@ def _generate(
     sampling = SamplingConfig(temperature=temperature)
     out: list[tuple[list[int], str, bool]] = []
     per_call = max(1, batch_size // k)
-    check_decode_budget(
-        model,
-        rows=min(per_call, len(examples)) * k,
-        prompt_tokens=max((len(encode_prompt(ex)) for ex in examples[:per_call]), default=0),
-        new_tokens=max_new_tokens,
-        available=memory_budget_bytes(),
-        keys=f"eval.max_new_tokens = {max_new_tokens}",
-    )
     for begin in range(0, len(examples), per_call):
         chunk = examples[begin : begin + per_call]
+        prompts = [encode_prompt(ex) for ex in chunk]
+        if begin == 0:  # before the first allocation: does a batch of this size fit?
+            check_decode_budget(
+                model,
+                rows=len(chunk) * k,
+                prompt_tokens=max(len(ids) for ids in prompts),
+                new_tokens=max_new_tokens,
+                available=memory_budget_bytes(),
+                keys=f"eval.max_new_tokens = {max_new_tokens}",
+            )
         rollout = generate_groups(
             model,
-            [encode_prompt(ex) for ex in chunk],
+            prompts,
             num_generations=k,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
