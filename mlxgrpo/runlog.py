@@ -88,6 +88,13 @@ def display_names(run_dirs: list[Path]) -> list[str]:
 # --- reading the logs ----------------------------------------------------------------------------
 
 
+def update_of(record: dict[str, Any]) -> int | None:
+    """A log record's update number (0 when it names none); None when it is not a whole
+    number (null, text, a bool), so that readers skip such a record."""
+    update = record.get("update", 0)
+    return None if isinstance(update, bool) or not isinstance(update, int) else update
+
+
 def read_jsonl(
     path: Path, what: str, fix: str, skipped: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -116,10 +123,10 @@ def read_jsonl(
                 f"{path} line {number} is not a JSON object",
                 hint=f"fix or delete that line of the {what}",
             )
-        update = record.get("update", 0)
-        if isinstance(update, bool) or not isinstance(update, int):
+        if update_of(record) is None:
             if skipped is not None:
-                skipped.append(f"skipped {path} line {number}: its update is {update!r}")
+                shown = record.get("update")
+                skipped.append(f"skipped {path} line {number}: its update is {shown!r}")
             continue
         records.append(record)
     if not records:

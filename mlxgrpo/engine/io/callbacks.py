@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxgrpo import parsing, safe_io
+from mlxgrpo.runlog import update_of
 from mlxgrpo.safe_io import io_errors
 
 
@@ -129,7 +130,7 @@ def truncate_jsonl(path: Path, last_update: int) -> None:
             record = parsing.json_text(line, f"{path}:{number}")
         except parsing.ParseError:
             continue  # a line cut by a crash
-        update = record.get("update", 0) if isinstance(record, dict) else None
-        if isinstance(update, int) and not isinstance(update, bool) and update <= last_update:
+        update = update_of(record) if isinstance(record, dict) else None
+        if update is not None and update <= last_update:
             kept.append(line)
     safe_io.write_text(path, "".join(k + "\n" for k in kept))
