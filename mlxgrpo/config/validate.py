@@ -16,54 +16,7 @@ from mlxgrpo.errors import ConfigError
 def check_config(resolved: ResolvedConfig) -> list[str]:
     cfg, problems = resolved.config, []
     algo, rollout, optim, rewards = cfg.algorithm, cfg.rollout, cfg.optim, cfg.rewards
-    if algo.advantage_estimator != "grpo" and algo.scale_rewards != "group":
-        problems.append(
-            f"algorithm.scale_rewards = {algo.scale_rewards} applies to advantage_estimator = "
-            f"grpo only; {algo.advantage_estimator} scales its advantages its own way"
-        )
-    if algo.reward_aggregation == "normalize_then_sum" and algo.advantage_estimator != "grpo":
-        problems.append(
-            "algorithm.reward_aggregation = normalize_then_sum gives advantages itself; use it "
-            f"with advantage_estimator = grpo, not {algo.advantage_estimator}"
-        )
-    if algo.reward_aggregation == "normalize_then_sum" and algo.overlong_penalty > 0:
-        problems.append(
-            "algorithm.overlong_penalty changes the summed reward, which normalize_then_sum "
-            "does not use; set one of them"
-        )
-    adaptive = ("entropy_coeff_step", "entropy_coeff_min", "entropy_coeff_max")
-    changed = [k for k in adaptive if f"algorithm.{k}" in resolved.changed_keys()]
-    if algo.entropy_target is None and changed:
-        problems.append(
-            f"algorithm.{changed[0]} steers the adaptive entropy weight, which is off; set "
-            "algorithm.entropy_target too, or leave it out"
-        )
-    if algo.entropy_target is not None and not (
-        algo.entropy_coeff_min <= algo.entropy_coeff <= algo.entropy_coeff_max
-    ):
-        problems.append(
-            f"algorithm.entropy_coeff ({algo.entropy_coeff}) starts the adaptive weight and must "
-            f"lie within [entropy_coeff_min, entropy_coeff_max] = [{algo.entropy_coeff_min}, "
-            f"{algo.entropy_coeff_max}]"
-        )
-    if algo.delta is not None:
-        high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
-        if algo.loss_type in ("cispo", "sapo"):
-            problems.append(
-                f"algorithm.delta caps the clipped losses' ratio; loss_type = {algo.loss_type} "
-                "has no such term (use grpo, bnpo, dr_grpo, dapo or gspo, or unset delta)"
-            )
-        elif algo.delta <= 1 + high:
-            problems.append(
-                f"algorithm.delta ({algo.delta}) must exceed 1 + clip_eps_high ({1 + high:g}), "
-                "or the cap would cut inside the clip range"
-            )
-    if algo.rollout_correction_min >= algo.rollout_correction_cap:
-        problems.append(
-            f"algorithm.rollout_correction_min ({algo.rollout_correction_min}) must be below "
-            f"algorithm.rollout_correction_cap ({algo.rollout_correction_cap}): the weights "
-            "kept lie between the two"
-        )
+    problems += _check_algorithm_options(resolved)
     if algo.clip_eps_high is not None and algo.clip_eps_high < algo.clip_eps:
         problems.append(
             f"algorithm.clip_eps_high ({algo.clip_eps_high}) must be >= algorithm.clip_eps "
@@ -92,6 +45,78 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
     problems += _check_rewards(resolved)
     problems += _check_dataset(resolved)
     return problems
+
+
+def _check_algorithm_options(resolved: ResolvedConfig) -> list[str]:
+    """[algorithm] settings whose combination would do nothing, or contradict itself."""
+    algo, problems = resolved.config.algorithm, []
+    if algo.advantage_estimator != "grpo" and algo.scale_rewards != "group":
+        problems.append(
+            f"algorithm.scale_rewards = {algo.scale_rewards} applies to advantage_estimator = "
+            f"grpo only; {algo.advantage_estimator} scales its advantages its own way"
+        )
+    if algo.reward_aggregation == "normalize_then_sum" and algo.advantage_estimator != "grpo":
+        problems.append(
+            "algorithm.reward_aggregation = normalize_then_sum gives advantages itself; use it "
+            f"with advantage_estimator = grpo, not {algo.advantage_estimator}"
+        )
+    if algo.reward_aggregation == "normalize_then_sum" and algo.overlong_penalty > 0:
+        problems.append(
+            "algorithm.overlong_penalty changes the summed reward, which normalize_then_sum "
+            "does not use; set one of them"
+        )
+    problems += _set_while_off(
+        resolved,
+        ("entropy_coeff_step", "entropy_coeff_min", "entropy_coeff_max"),
+        off=algo.entropy_target is None,
+        what="steers the adaptive entropy weight",
+        switch="algorithm.entropy_target",
+    )
+    if algo.entropy_target is not None and not (
+        algo.entropy_coeff_min <= algo.entropy_coeff <= algo.entropy_coeff_max
+    ):
+        problems.append(
+            f"algorithm.entropy_coeff ({algo.entropy_coeff}) starts the adaptive weight and must "
+            f"lie within [entropy_coeff_min, entropy_coeff_max] = [{algo.entropy_coeff_min}, "
+            f"{algo.entropy_coeff_max}]"
+        )
+    if algo.delta is not None:
+        high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
+        if algo.loss_type in ("cispo", "sapo"):
+            problems.append(
+                f"algorithm.delta caps the clipped losses' ratio; loss_type = {algo.loss_type} "
+                "has no such term (use grpo, bnpo, dr_grpo, dapo or gspo, or unset delta)"
+            )
+        elif algo.delta <= 1 + high:
+            problems.append(
+                f"algorithm.delta ({algo.delta}) must exceed 1 + clip_eps_high ({1 + high:g}), "
+                "or the cap would cut inside the clip range"
+            )
+    problems += _set_while_off(
+        resolved,
+        ("rollout_correction_cap", "rollout_correction_min", "rollout_correction_level"),
+        off=algo.rollout_correction == "none",
+        what="shapes the rollout correction",
+        switch="algorithm.rollout_correction (tis, mis or reject)",
+    )
+    if algo.rollout_correction_min >= algo.rollout_correction_cap:
+        problems.append(
+            f"algorithm.rollout_correction_min ({algo.rollout_correction_min}) must be below "
+            f"algorithm.rollout_correction_cap ({algo.rollout_correction_cap}): the weights "
+            "kept lie between the two"
+        )
+    return problems
+
+
+def _set_while_off(
+    resolved: ResolvedConfig, keys: tuple[str, ...], *, off: bool, what: str, switch: str
+) -> list[str]:
+    """One problem when any of the [algorithm] ``keys`` was set while the option they belong
+    to is ``off`` (a key accepted and then ignored)."""
+    changed = [k for k in keys if f"algorithm.{k}" in resolved.changed_keys()]
+    if not off or not changed:
+        return []
+    return [f"algorithm.{changed[0]} {what}, which is off; set {switch} too, or leave it out"]
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
