@@ -7,8 +7,8 @@ completion earns partial credit and groups have a reward spread. Two optimisatio
 rollout (`algorithm.num_iterations = 2`), so the second pass is off-policy and the losses'
 ratio handling (clip, soft gate, clipped weight, sequence ratio) matters.
 
-Beside the loss types, rows for the other advantage estimators and for GDPO's per-function
-aggregation (each with the grpo loss). For each row and seed: the updates needed for the mean
+Beside the loss types, rows for the other advantage estimators, for GDPO's per-function
+aggregation and for two optimizer steps per rollout (each with the grpo loss). For each row and seed: the updates needed for the mean
 reward of 4 consecutive updates to reach the threshold, and the mean reward of the last 4
 updates. The table reports medians over the seeds.
 """
@@ -76,6 +76,8 @@ ROWS: dict[str, list[str]] = {
         if name != "grpo"
     },
     "grpo, normalize_then_sum": ["algorithm.reward_aggregation=normalize_then_sum"],
+    # Half the rollouts: each of 8 prompts feeds 2 optimizer steps.
+    "grpo, 2 steps per rollout": ["optim.steps_per_generation=2"],
 }
 
 

@@ -363,6 +363,27 @@ def test_two_ranks_match_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_match_one_with_four_steps_per_rollout(tmp_path):
+    """One rollout of 4 x 4 prompts feeds 4 optimizer steps. The groups of a step are every
+    fourth of the rollout's, so each rank's half holds half of every step's groups and its one
+    micro-batch is one of the single process's two: bit-identical metrics and adapters."""
+    steps = ["--set", "optim.learning_rate=1e-2", "--max-steps", "8"]
+    steps += ["--set", "finetune.reuse_rollout_activations=false"]
+    steps += ["--set", "optim.steps_per_generation=4"]
+    two = _launch(tmp_path / "two", *steps, "--set", "optim.gradient_accumulation_steps=1")
+    assert two.returncode == 0 and "WARN" not in two.stderr, two.stderr[-2000:]
+    one = _launch(tmp_path / "one", *steps, ranks=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r1, r2 = _train_records(tmp_path / "one" / "r"), _train_records(tmp_path / "two" / "r")
+    assert [r["generation_step"] for r in r2] == [0, 1, 2, 3] * 2
+    keys = ("reward_mean", "advantage_std", "grad_norm", "policy_loss", "ratio", "entropy")
+    for key in (*keys, "micro_batches"):
+        assert [r[key] for r in r2] == [r[key] for r in r1], key
+    a1, a2 = _adapters(tmp_path / "one" / "r"), _adapters(tmp_path / "two" / "r")
+    assert a1.keys() == a2.keys() and all(mx.array_equal(a1[k], a2[k]).item() for k in a1)
+
+
+@pytest.mark.slow
 def test_other_micro_batch_layout_matches_to_rounding(tmp_path):
     """2 ranks x 2 accumulation steps vs 1 x 2: other matmul shapes and sum order, so equal
     only to float rounding (a small learning rate keeps Adam from magnifying it)."""

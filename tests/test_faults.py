@@ -68,10 +68,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def train_args(out: Path, resume: str = "auto") -> list[str]:
+def train_args(out: Path, resume: str = "auto", extra: tuple[str, ...] = ()) -> list[str]:
     args = ["train", "-m", "builtin:tiny-qwen2", "-o", str(out), "--run-name", "r"]
     args += ["--resume", resume]
-    for item in [*SETS, spread_reward(out.parent)]:  # the reward file stays out of `out`
+    for item in [*SETS, spread_reward(out.parent), *extra]:  # the reward file stays out of `out`
         args += ["--set", item]
     return args
 
@@ -132,6 +132,32 @@ def test_kill_then_resume_matches_uninterrupted_run(tmp_path, reference, fault):
     if kind == "checkpoint":
         assert "left half-written by a run that was killed" in resumed.stdout + resumed.stderr
     assert_same_training(tmp_path / "r", reference)
+
+
+TWO_STEPS = ("optim.steps_per_generation=2",)
+
+
+@pytest.fixture(scope="module")
+def two_steps_reference(tmp_path_factory) -> Path:
+    """An uninterrupted run that takes two optimizer steps per rollout."""
+    out = tmp_path_factory.mktemp("two-steps")
+    done = run_cli(train_args(out, "never", TWO_STEPS))
+    assert done.returncode == 0, done.stderr
+    return out / "r"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["update:1", "update:3"])
+def test_kill_between_the_steps_of_a_rollout_resumes_exactly(tmp_path, two_steps_reference, fault):
+    """Killed after a rollout's first step: the resume starts that rollout again from the
+    checkpoint before it (the same weights, so the same samples) and ends in the same weights."""
+    killed = run_cli(train_args(tmp_path, extra=TWO_STEPS), fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_cli(train_args(tmp_path, extra=TWO_STEPS))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training(tmp_path / "r", two_steps_reference)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert [r["generation_step"] for r in records if r["kind"] == "train"] == [0, 1] * 3
 
 
 @pytest.mark.slow

@@ -50,22 +50,22 @@ def test_nonfinite_updates_are_skipped_and_three_in_a_row_stop_the_run(tmp_path,
     poisoned = {2, 4, 5, 6}  # 1-based updates whose loss is NaN
     state = {"update": 0}
     before_after: list[tuple[dict, dict, int, int]] = []
-    real_loss, real_run_update = grpo.policy_loss, update.run_update
+    real_loss, real_train_step = grpo.policy_loss, update.train_step
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real_loss(*args, **kwargs)
         return (loss * mx.nan if state["update"] in poisoned else loss), metrics
 
-    def recording_run_update(ctx, *args, **kwargs):
+    def recording_train_step(ctx, *args, **kwargs):
         state["update"] += 1
         weights, steps = _snapshot(ctx.model), int(ctx.optimizer.state["step"])
-        result = real_run_update(ctx, *args, **kwargs)
+        result = real_train_step(ctx, *args, **kwargs)
         after = int(ctx.optimizer.state["step"])
         before_after.append((weights, _snapshot(ctx.model), steps, after))
         return result
 
     monkeypatch.setattr(grpo, "policy_loss", nan_loss)
-    monkeypatch.setattr(update, "run_update", recording_run_update)
+    monkeypatch.setattr(update, "train_step", recording_train_step)
     messages = Messages()
     with pytest.raises(TrainingDivergedError) as info:
         _run(tmp_path, "run.max_steps=10", callbacks=[messages])

@@ -295,7 +295,7 @@ def test_bad_resume_fails_early_and_leaves_no_run_dir(cli, tmp_path, monkeypatch
 
 
 def test_auto_and_never_pass_the_early_check():
-    from mlxgrpo.engine.loop.trainer import check_resume_target
+    from mlxgrpo.engine.loop.resume import check_resume_target
 
     check_resume_target("auto")
     check_resume_target("never")

@@ -340,6 +340,15 @@ class OptimConfig:
         "not used. 0 = off.",
         min=0,
     )
+    steps_per_generation: int = opt(
+        1,
+        "Optimizer steps per rollout: one rollout of this many batches of batch_size prompts "
+        "feeds this many updates, each on its own share of the groups, with the rollout's "
+        "policy as the old policy of every share. Advantages are taken over the whole rollout. "
+        "Checkpoints fall between rollouts, so checkpoint.save_steps and run.max_steps must be "
+        "multiples of it.",
+        min=1,
+    )
     max_nonfinite_updates: int = opt(
         3,
         "Stop the run after this many consecutive updates skipped for a NaN/inf loss or "

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from mlxgrpo.config.resolved import ResolvedConfig
+from mlxgrpo.config.schema import Config
 from mlxgrpo.errors import ConfigError
 
 
@@ -35,6 +36,7 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
             f"{optim.gradient_accumulation_steps} equal micro-batches; "
             f"pick a divisor of {completions}"
         )
+    problems += _check_generation_steps(cfg)
     if cfg.eval.pass_k > 1 and cfg.eval.temperature <= 0:
         problems.append(
             "eval.pass_k > 1 needs eval.temperature > 0 (k greedy samples are identical)"
@@ -44,6 +46,25 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
         problems += _check_existing_dir(cfg.model.adapter_path, "model.adapter_path")
     problems += _check_rewards(resolved)
     problems += _check_dataset(resolved)
+    return problems
+
+
+def _check_generation_steps(cfg: Config) -> list[str]:
+    """With several optimizer steps per rollout, checkpoints and the run's end fall between
+    rollouts (a resume regenerates a rollout from the weights it was sampled with)."""
+    steps, problems = cfg.optim.steps_per_generation, []
+    if steps == 1:
+        return problems
+    for key, value in (
+        ("checkpoint.save_steps", cfg.checkpoint.save_steps),
+        ("run.max_steps", cfg.run.max_steps),
+    ):
+        if value and value % steps:
+            problems.append(
+                f"{key} = {value} is not a multiple of optim.steps_per_generation = {steps}; "
+                f"checkpoints and the run's end fall between rollouts, so pick a multiple of "
+                f"{steps}"
+            )
     return problems
 
 

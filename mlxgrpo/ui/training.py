@@ -68,7 +68,8 @@ class TrainProgress:
             f"[bold]data[/]       {escape(info['dataset'])}; "
             f"rewards: {escape(', '.join(info['rewards']))}",
             f"[bold]algorithm[/]  {info['loss_type']}, G = {info['num_generations']}, "
-            f"{info['batch_size']} prompts per update, {info['total_updates']} updates",
+            f"{info['batch_size']} prompts per update, {info['total_updates']} updates"
+            + _per_rollout(info.get("steps_per_generation", 1)),
             f"[bold]device[/]     {escape(str(device.get('backend', '?')))}, "
             f"BLAS: {escape(info['blas'])}",
             "[bold]precision[/]  " + _hanging(info.get("precision", "?"), indent=11),
@@ -169,3 +170,8 @@ def reward_trend(rewards: Sequence[float | None]) -> str:
     if not known:
         return "[dim]reward: no values[/]"
     return f"[bold]reward[/] [cyan]{sparkline(known)}[/] {fmt(known[0])} → {fmt(known[-1])}"
+
+
+def _per_rollout(steps: int) -> str:
+    """', 4 per rollout' when one rollout feeds several optimizer steps."""
+    return f", {steps} per rollout" if steps > 1 else ""

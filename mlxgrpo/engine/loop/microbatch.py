@@ -7,6 +7,9 @@ many as fit ``rows x longest sequence <= budget``. Sorting keeps the right-paddi
 budget bounds activation memory whatever the completion lengths turn out to be. Either way the
 loss normalisers describe the whole update (:class:`~mlxgrpo.engine.loss.grpo.LossNorm`), so the
 accumulated gradient does not depend on the split (bnpo excepted: it is defined per micro-batch).
+
+One level up, a rollout that feeds several optimizer steps (``optim.steps_per_generation``)
+splits its kept completions into the steps' shares first (:func:`generation_shares`).
 """
 
 from __future__ import annotations
@@ -57,3 +60,21 @@ def plan_microbatches(
     if max_tokens > 0:
         return pack_by_tokens(indices, lengths, max_tokens)
     return split_evenly(indices, parts)
+
+
+def generation_shares(
+    keep: Sequence[int], group: int, steps: int, first_group: int = 0
+) -> list[list[int]]:
+    """Per optimizer step of a generation, the kept completions it trains on.
+
+    ``keep``: kept completion indices in local numbering, ``group`` completions per prompt;
+    this process's first group is the generation's ``first_group``-th (several ranks). Group
+    ``g`` goes to step ``g mod steps`` (global numbering): every step gets an equal share of
+    each rank's groups, and the shares do not depend on how many ranks there are.
+    """
+    if steps < 1 or group < 1:
+        raise ValueError(f"steps and group must be >= 1, got {steps} and {group}")
+    shares: list[list[int]] = [[] for _ in range(steps)]
+    for i in keep:
+        shares[(first_group + i // group) % steps].append(i)
+    return shares

@@ -24,9 +24,9 @@ from mlxgrpo.engine.io.callbacks import (
     CallbackList,
     CompletionsLogger,
     JsonlLogger,
-    truncate_jsonl,
 )
 from mlxgrpo.engine.io.run_lock import hold_run
+from mlxgrpo.engine.loop.resume import check_resume_target, resume_session
 from mlxgrpo.errors import ConfigError, MlxgrpoError, TrainingDivergedError
 from mlxgrpo.safe_io import io_errors, make_temp_dir, remove_stale_temporaries
 
@@ -66,25 +66,6 @@ def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
         if not candidate.exists():
             return candidate
     raise MlxgrpoError(f"too many runs named {name} in {output_dir}", hint="pick another run_name")
-
-
-def check_resume_target(resume: str) -> None:
-    """Fail on a run.resume path that is no checkpoint before the model loads or a run
-    directory is made (which checkpoint `auto` picks is `_maybe_resume`'s business)."""
-    if resume in ("auto", "never"):
-        return
-    from mlxgrpo.engine.io.checkpoint import STATE_FILE
-
-    path = Path(resume).expanduser()
-    hint = "use auto, never, or a checkpoints/step-NNNNNN directory"
-    if not path.is_dir():
-        what = "a file, not a checkpoint directory" if path.exists() else "no such directory"
-        raise ConfigError(f"run.resume = '{resume}': {what}", hint=hint)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(
-            f"run.resume = '{resume}': not a complete mlxgrpo checkpoint (no {STATE_FILE})",
-            hint=hint,
-        )
 
 
 def update_seed(seed: int, update: int) -> int:
@@ -217,7 +198,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         dist=ctx.dist,
     )
     session.entropy_control = EntropyControl.from_config(cfg.algorithm)
-    _maybe_resume(session, cb)
+    resume_session(session, cb)
     return session
 
 
@@ -227,7 +208,7 @@ def _check_rollout_budget(cfg: Any, model: Any) -> None:
     from mlxgrpo.generation.budget import check_decode_budget
 
     r = cfg.rollout
-    rows = cfg.optim.batch_size * r.num_generations
+    rows = cfg.optim.batch_size * cfg.optim.steps_per_generation * r.num_generations
     check_decode_budget(
         model,
         rows=min(rows, r.max_rows) if r.max_rows else rows,
@@ -251,6 +232,14 @@ def _prompt_stream(cfg: Any, train_examples: list) -> tuple[Any, int]:
             hint="lower optim.batch_size or raise run.max_train_samples",
         )
     total = cfg.run.max_steps or per_epoch * cfg.run.num_epochs
+    steps = cfg.optim.steps_per_generation
+    if total < steps:
+        raise ConfigError(
+            f"the run has {total} updates, fewer than optim.steps_per_generation = {steps}",
+            hint="lower optim.steps_per_generation, or train longer (run.max_steps, "
+            "run.num_epochs)",
+        )
+    total -= total % steps  # whole generations (a config's max_steps is a multiple already)
     epochs = max(cfg.run.num_epochs, math.ceil(total / per_epoch))
     if cfg.algorithm.dynamic_sampling:  # extra draws read on into later epochs
         epochs *= 1 + cfg.algorithm.max_resample_batches
@@ -279,83 +268,6 @@ def _optimizer(optim_cfg: Any, model: Any) -> Any:
     # State allocated now rather than at the first step, so the header can report its dtype.
     optimizer.init(model.trainable_parameters())
     return optimizer
-
-
-def _maybe_resume(session: Session, cb: Callback) -> None:
-    from mlxgrpo.engine.io.checkpoint import (
-        apply_checkpoint,
-        newest_valid_checkpoint,
-        read_checkpoint,
-    )
-
-    resume = session.resolved.config.run.resume
-    if resume == "never":
-        return
-    finetune_type = session.resolved.config.finetune.type
-    dist = session.dist
-    if resume == "auto":
-        # Broken checkpoints (a kill, a full disk) are skipped and named, not fatal.
-        # Rank 0 picks; the others load the very checkpoint it named ("" = none).
-        loaded = (
-            newest_valid_checkpoint(session.run_dir, finetune_type, cb.on_message)
-            if dist.is_main
-            else None
-        )
-        chosen = dist.broadcast_text(str(loaded.path) if loaded is not None else "")
-        if chosen and loaded is None:
-            loaded = read_checkpoint(Path(chosen), finetune_type)
-        if loaded is None:
-            if not dist.is_main:
-                return
-            # Nothing to resume, so this run starts at update 0: the records of an earlier
-            # attempt killed before its first checkpoint would otherwise be doubled.
-            for name in ("metrics.jsonl", "completions.jsonl"):
-                with io_errors(session.run_dir / name, "remove"):
-                    (session.run_dir / name).unlink(missing_ok=True)
-            return
-        path = loaded.path
-    else:
-        path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise ConfigError(
-            f"run.resume = '{resume}': no such checkpoint directory",
-            hint="use auto, never, or a checkpoints/step-NNNNNN directory",
-        )
-    if resume != "auto":
-        loaded = read_checkpoint(path, finetune_type)
-    _check_identity(session, loaded.path, loaded.state, cb)
-    state = apply_checkpoint(loaded, session.model, session.optimizer, finetune_type)
-    session.stream.load_state(state["data"])
-    session.start_update = int(state["update"])
-    control = session.entropy_control
-    if control is not None and isinstance(state.get("entropy_coeff"), int | float):
-        control.coeff = float(state["entropy_coeff"])  # the weight its next update used
-        session.ctx.algorithm = replace(session.ctx.algorithm, entropy_coeff=control.coeff)
-    if not dist.is_main:
-        return
-    for name in ("metrics.jsonl", "completions.jsonl"):
-        truncate_jsonl(session.run_dir / name, session.start_update)
-    cb.on_message(f"resumed from {path} at update {session.start_update}")
-
-
-def _check_identity(session: Session, path: Path, state: dict[str, Any], cb: Callback) -> None:
-    """Refuse to resume a checkpoint written with other model, finetune or data settings
-    (listing them) unless run.resume_despite_changes; then name them."""
-    from mlxgrpo.engine.io.run_identity import identity_changes, run_identity
-
-    cfg = session.resolved.config
-    saved = state.get("identity")
-    changes = identity_changes(saved if isinstance(saved, dict) else {}, run_identity(cfg))
-    if not changes:
-        return
-    listed = "; ".join(changes)
-    if not cfg.run.resume_despite_changes:
-        raise ConfigError(
-            f"checkpoint {path} was written with other settings ({listed})",
-            hint="resume with those settings, start a new run (run.resume=never or another "
-            "run.run_name), or set run.resume_despite_changes=true to resume anyway",
-        )
-    cb.on_message(f"resuming {path} despite changed settings: {listed}")
 
 
 def _adapted_blocks(s: Session) -> str | None:
@@ -389,6 +301,7 @@ def _start_info(s: Session) -> dict[str, Any]:
         "num_generations": cfg.rollout.num_generations,
         "batch_size": cfg.optim.batch_size,
         "total_updates": s.total_updates,
+        "steps_per_generation": cfg.optim.steps_per_generation,
         "start_update": s.start_update,
         "logging_steps": cfg.logging.logging_steps,
         "device": device_summary(),
@@ -408,7 +321,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     from mlxgrpo.engine.loop.guards import RunGuards
     from mlxgrpo.engine.loop.health import HealthWatch
     from mlxgrpo.engine.loop.schedule import learning_rate_at
-    from mlxgrpo.engine.loop.update import run_update
+    from mlxgrpo.engine.loop.update import sample_generation, train_step
 
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
@@ -417,11 +330,15 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     control = s.entropy_control
     if cfg.eval.before_training and s.start_update == 0 and s.task.eval_examples:
         cb.on_eval(0, _evaluate(s))
-    update = s.start_update
+    update, steps, generation, told = s.start_update, cfg.optim.steps_per_generation, None, False
     while update < s.total_updates:
-        batch = s.stream.next_batch()
-        if batch is None:
-            break
+        seed = update_seed(cfg.run.seed, update)
+        if update % steps == 0:  # a new rollout, for this and the next steps - 1 updates
+            batch = _generation_prompts(s.stream, steps)
+            if batch is None:
+                break
+            more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
+            generation = sample_generation(s.ctx, batch, seed, more)
         lr = learning_rate_at(
             update,
             peak=cfg.optim.learning_rate,
@@ -429,8 +346,7 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
             warmup_ratio=cfg.optim.warmup_ratio,
             kind=cfg.optim.lr_scheduler_type,
         )
-        more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
-        result = run_update(s.ctx, batch, update_seed(cfg.run.seed, update), lr, more)
+        result = train_step(s.ctx, generation, update % steps, seed, lr)
         update += 1
         record_weights(s.dist, s.model, update)
         if control is not None:  # this update's weight is logged, the next one's set
@@ -446,7 +362,15 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         last = result.metrics["reward_mean"]
         if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.task.eval_examples:
             cb.on_eval(update, _evaluate(s))
-        stopping = s.dist.any(should_stop())  # one rank's Ctrl-C stops all at this update
+        # One rank's Ctrl-C stops all at this update (at a generation's end: told till then).
+        stopping = told or s.dist.any(should_stop())
+        if update % steps:  # inside a generation: a checkpoint or a stop waits for its end
+            if stopping and not told:
+                cb.on_message(
+                    f"stopping after this rollout's last {steps - update % steps} updates"
+                )
+                told = True
+            continue
         if stopping or (cfg.checkpoint.save_steps and update % cfg.checkpoint.save_steps == 0):
             if s.dist.is_main:
                 cb.on_checkpoint(update, _checkpoint(s, update))
@@ -466,6 +390,17 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     }
     cb.on_end(summary)
     return summary
+
+
+def _generation_prompts(stream: Any, steps: int) -> list | None:
+    """The prompts of one rollout: ``steps`` batches of the stream, or None when it ran out."""
+    prompts = []
+    for _ in range(steps):
+        batch = stream.next_batch()
+        if batch is None:
+            return None
+        prompts.extend(batch)
+    return prompts
 
 
 def _report_health(watch: Any, update: int, metrics: dict, model: Any, cb: Callback) -> None:

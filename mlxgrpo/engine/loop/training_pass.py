@@ -4,7 +4,9 @@ reference log-probs, gradient accumulation over the passes, and the optimizer st
 
 Old log-probs are never computed by a separate model: for num_iterations = 1 the
 ratio is exactly 1 (stop-gradient of the current log-probs); for more passes the first pass's
-log-probs, taken before any optimizer step of this update, serve as the old policy.
+log-probs, taken before any optimizer step of this update, serve as the old policy. With
+several optimizer steps per rollout (``optim.steps_per_generation``), the steps after the first
+take theirs from one pass of the policy before the first step (:func:`old_logprobs`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mlxgrpo.engine.loop.context import UpdateContext, trainer_temperature
 from mlxgrpo.engine.loop.microbatch import plan_microbatches
 from mlxgrpo.engine.loss import grpo
 from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.recompute import checkpointed_blocks
 from mlxgrpo.errors import TrainingDivergedError
 from mlxgrpo.generation.logprobs import completion_slice
 from mlxgrpo.generation.recording import GatheredActivations
@@ -28,30 +31,34 @@ from mlxgrpo.generation.rollout import MicroBatch, Rollout
 from mlxgrpo.models.finetune import adapters_disabled
 
 
-def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: list[int]):
-    """Gradient passes over the kept completions; returns (metrics, tokens processed)."""
+def learn(
+    ctx: UpdateContext,
+    rollout: Rollout,
+    advantages: list[float],
+    keep: list[int],
+    olds: list[mx.array] | None = None,
+):
+    """Gradient passes over the kept completions; returns (metrics, tokens processed).
+
+    ``olds``: per micro-batch (:func:`micro_batches`), the old policy's log-probs, for a step
+    taken after the weights moved away from the rollout's (a later step of one generation,
+    :func:`old_logprobs`); None: the first pass of this step gives them."""
     algo, dist = ctx.algorithm, ctx.dist
     # Every rank takes the same branch: a rank with nothing to train still joins the sums.
     if not dist.sum_floats([len(keep)])[0]:
         return {"skipped": 1.0, "nonfinite_skipped": 0.0, "policy_loss": 0.0, "grad_norm": 0.0}, 0
-    lengths = [
-        len(rollout.prompt_ids[p]) + len(c)
-        for p, c in zip(rollout.prompt_index, rollout.completion_ids, strict=True)
-    ]
-    chunks = plan_microbatches(
-        keep,
-        lengths,
-        parts=ctx.optim.gradient_accumulation_steps,
-        max_tokens=ctx.optim.max_tokens_per_microbatch,
-    )
-    chunks = [c for c in chunks if c]  # none at all on a rank that kept nothing
+    chunks = micro_batches(ctx, rollout, keep)
+    if olds is not None and len(olds) != len(chunks):
+        raise ValueError(f"{len(olds)} old log-prob arrays for {len(chunks)} micro-batches")
     batches = [rollout.training_batch(c, pad_id=ctx.codec.pad_id) for c in chunks]
     advs = [mx.array([advantages[i] for i in c], dtype=mx.float32) for c in chunks]
     norm = distributed.global_norm(dist, _local_norm(batches, ctx.rollout.max_new_tokens))
     policy_masks = _top_entropy_masks(batches, algo.top_entropy_quantile)
     refs = [reference_logprobs(ctx, b) for b in batches] if algo.kl_coeff > 0 else None
-    olds: list[mx.array | None] = [None] * len(batches)
+    if olds is not None:  # the weights are no longer the rollout's: nothing to replay
+        rollout.activations = None
     known = _replay_inputs(rollout, chunks)
+    old: list[mx.array | None] = [None] * len(batches) if olds is None else list(olds)
     totals: dict[str, float] = {}
     mismatch = _Mismatch()
     passes, nonfinite = algo.num_iterations, False
@@ -61,7 +68,7 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
             (loss, (metrics, logp)), g = ctx.loss_and_grad(
                 batch,
                 advs[k],
-                olds[k],
+                old[k],
                 refs[k] if refs else None,
                 norm,
                 policy_masks[k],
@@ -69,9 +76,9 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
             )
             known[k] = None  # the first iteration only: the weights change after it
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            if passes > 1 and olds[k] is None:
-                olds[k] = logp
-            mx.eval(loss, metrics, grads, *(o for o in olds if o is not None))
+            if passes > 1 and old[k] is None:
+                old[k] = logp
+            mx.eval(loss, metrics, grads, *(o for o in old if o is not None))
             if iteration == 0:
                 mismatch.add(logp, batch)
             loss_sum += loss.item()
@@ -96,6 +103,49 @@ def learn(ctx: UpdateContext, rollout: Rollout, advantages: list[float], keep: l
         **totals,
         **mismatch.metrics(dist),
     }, tokens
+
+
+def micro_batches(ctx: UpdateContext, rollout: Rollout, keep: list[int]) -> list[list[int]]:
+    """The kept completions' micro-batches (none at all on a rank that kept nothing)."""
+    lengths = [
+        len(rollout.prompt_ids[p]) + len(c)
+        for p, c in zip(rollout.prompt_index, rollout.completion_ids, strict=True)
+    ]
+    chunks = plan_microbatches(
+        keep,
+        lengths,
+        parts=ctx.optim.gradient_accumulation_steps,
+        max_tokens=ctx.optim.max_tokens_per_microbatch,
+    )
+    return [c for c in chunks if c]
+
+
+def old_logprobs(ctx: UpdateContext, rollout: Rollout, keep: list[int]) -> list[mx.array]:
+    """Per micro-batch of ``keep``, the policy's log-probs now, without gradient: taken before
+    a generation's first optimizer step, they are the old policy of its later steps. Where the
+    rollout recorded its blocks' outputs they stand in for the trunk (the same weights)."""
+    records = rollout.activations
+    olds = []
+    for chunk in micro_batches(ctx, rollout, keep):
+        batch = rollout.training_batch(chunk, pad_id=ctx.codec.pad_id)
+        width = max(len(rollout.completion_ids[i]) for i in chunk)
+        known = records.gathered(chunk, width) if records is not None else None
+        with checkpointed_blocks(ctx.model, ctx.finetune.grad_checkpoint):
+            logp = sequence_logprobs(
+                ctx.model,
+                batch.tokens,
+                batch.start,
+                mask=batch.completion_mask,
+                chunk_size=ctx.finetune.lm_head_chunk or None,
+                differentiable=False,
+                prompt_lengths=batch.prompt_lengths,
+                temperature=trainer_temperature(ctx.rollout),
+                known=known,
+            )
+        logp = mx.stop_gradient(logp)
+        mx.eval(logp)
+        olds.append(logp)
+    return olds
 
 
 def _replay_inputs(rollout: Rollout, chunks: list[list[int]]) -> list[GatheredActivations | None]:

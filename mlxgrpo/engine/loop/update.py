@@ -1,5 +1,6 @@
-"""One GRPO update: rollout, rewards and advantages, then the training pass
-(:mod:`~mlxgrpo.engine.loop.training_pass`); what it logs is in
+"""One GRPO generation: rollout, rewards and advantages (:func:`sample_generation`), then
+the training pass of each of its optimizer steps (:func:`train_step`,
+:mod:`~mlxgrpo.engine.loop.training_pass`), one by default; what they log is in
 :mod:`~mlxgrpo.engine.loop.update_metrics`.
 """
 
@@ -17,7 +18,8 @@ from mlxgrpo.data import Example
 from mlxgrpo.engine.loop import dynamic_sampling
 from mlxgrpo.engine.loop.context import UpdateContext
 from mlxgrpo.engine.loop.dynamic_sampling import ScoredRollout
-from mlxgrpo.engine.loop.training_pass import learn
+from mlxgrpo.engine.loop.microbatch import generation_shares
+from mlxgrpo.engine.loop.training_pass import learn, old_logprobs
 from mlxgrpo.engine.loop.update_metrics import (
     advantage_metrics,
     completion_metrics,
@@ -45,6 +47,24 @@ class UpdateResult:
     reward_failures: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Generation:
+    """One rollout, scored, with its advantages, split into the optimizer steps it feeds
+    (``optim.steps_per_generation``; one step by default)."""
+
+    sample: ScoredRollout  # everything sampled (logged)
+    trained: ScoredRollout  # the groups the steps train on
+    advantages: list[float]  # per trained completion (local numbering)
+    shares: list[list[int]]  # per step, the kept completions it trains on
+    olds: list[list[mx.array] | None]  # per step, its old log-probs (None: its own first pass)
+    metrics: dict[str, Any]  # the rollout's figures, logged with every step
+    completions: list[dict[str, Any]]
+    reward_errors: dict[str, str]
+    reward_failures: dict[str, str]
+    seconds: float  # sampling, scoring and advantages
+    comm_before: float  # this rank's time in collectives when the generation began
+
+
 def run_update(
     ctx: UpdateContext,
     examples: Sequence[Example],
@@ -52,10 +72,25 @@ def run_update(
     lr: float,
     more_examples: Callable[[], Sequence[Example] | None] | None = None,
 ) -> UpdateResult:
-    """Sample, score and learn from one batch of prompts; returns the update's metrics.
+    """Sample, score and learn from one batch of prompts (a run with one optimizer step per
+    rollout); returns the update's metrics. See :func:`sample_generation`."""
+    if ctx.optim.steps_per_generation != 1:
+        raise ValueError("run_update takes one step per rollout; use sample_generation")
+    return train_step(ctx, sample_generation(ctx, examples, seed, more_examples), 0, seed, lr)
+
+
+def sample_generation(
+    ctx: UpdateContext,
+    examples: Sequence[Example],
+    seed: int,
+    more_examples: Callable[[], Sequence[Example] | None] | None = None,
+) -> Generation:
+    """Sample and score the prompts (all ranks'), take the advantages over all of them and
+    split the kept completions into the generation's steps; before any step, the policy's
+    log-probs of the later steps' shares (their old policy).
 
     With ``algorithm.dynamic_sampling``, ``more_examples()`` supplies further batches of
-    prompts (None when the data ran out) until the update holds enough informative groups.
+    prompts (None when the data ran out) until the generation holds enough informative groups.
     """
     started, dist = time.perf_counter(), ctx.dist
     comm_before = dist.comm_seconds
@@ -65,7 +100,7 @@ def run_update(
     scored_parts: list[RewardResult] = []
     sample = _sample(ctx, local, seed, offset, scored_parts)
     sample, trained, trained_groups, extra = _fill(ctx, sample, seed, more_examples, scored_parts)
-    # Advantages from the whole update's rewards (batch-scaled std is global), then our rows.
+    # Advantages from the whole generation's rewards (batch-scaled std is global), then ours.
     rows = distributed.global_rows(dist, trained)
     group = ctx.rollout.num_generations
     all_advantages, all_keep = advantages_and_keep(
@@ -75,42 +110,74 @@ def run_update(
     shown = rows if trained is sample else distributed.global_rows(dist, sample)
     if sample is not trained:  # learn() consumes the records; no other copy may keep them
         sample.rollout.activations = None
-    mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
-    ctx.optimizer.learning_rate = lr
-    train_started = time.perf_counter()
-    train_metrics, trained_tokens = learn(ctx, trained.rollout, advantages, keep)
-    train_seconds = time.perf_counter() - train_started
+    steps = ctx.optim.steps_per_generation
+    shares = generation_shares(keep, group, steps, rows.offset // group)
+    # Taken before the first step moves the weights (which also ends the records' validity).
+    olds = [None] + [old_logprobs(ctx, trained.rollout, share) for share in shares[1:]]
     rollout = sample.rollout
-    # Tokens summed over ranks, seconds of the slowest: the throughput of the whole run.
-    (rollout_rate, rollout_seconds), (train_rate, train_seconds) = distributed.global_rates(
-        dist,
-        [
-            (rollout.generated_tokens, rollout.seconds),
-            (trained_tokens, train_seconds),
-        ],
+    [(rollout_rate, rollout_seconds)] = distributed.global_rates(
+        dist, [(rollout.generated_tokens, rollout.seconds)]
     )
     metrics = {
         **reward_metrics(shown.scored, shown.rewards, group),
         **advantage_metrics(all_advantages, all_keep),
         **completion_metrics(shown.lengths, shown.truncated),
         **tool_metrics(dist, sample.rollout),
-        **train_metrics,
         **extra,
-        "learning_rate": lr,
         "rollout_tokens_per_sec": rollout_rate,
         "rollout_seconds": rollout_seconds,
-        "train_tokens_per_sec": train_rate,
-        "train_seconds": train_seconds,
-        "step_seconds": time.perf_counter() - started,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
-    if dist.active:  # rank 0's time in collectives this update (data moved, peers waited for)
-        metrics["comm_seconds"] = dist.comm_seconds - comm_before
     per_row = _sampled_advantages(advantages, trained_groups, len(sample.rewards), group)
     records = distributed.join_records(dist, completion_records(sample, per_row))
     errors = {name: f.first_message for name, f in sample.scored.errors.items() if f.count == 1}
     failures = distributed.common_failures(dist, _failed_every_call(scored_parts))
-    return UpdateResult(metrics, records, errors, failures)
+    seconds = time.perf_counter() - started
+    return Generation(
+        sample,
+        trained,
+        advantages,
+        shares,
+        olds,
+        metrics,
+        records,
+        errors,
+        failures,
+        seconds,
+        comm_before,
+    )
+
+
+def train_step(ctx: UpdateContext, gen: Generation, step: int, seed: int, lr: float):
+    """The ``step``-th optimizer step of ``gen`` at learning rate ``lr`` (``seed``: the
+    update's, for dropout); its result carries the generation's rollout figures, and the
+    first step also its completions and reward errors."""
+    started, dist = time.perf_counter(), ctx.dist
+    comm_before = gen.comm_before if step == 0 else dist.comm_seconds
+    mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
+    ctx.optimizer.learning_rate = lr
+    train_metrics, trained_tokens = learn(
+        ctx, gen.trained.rollout, gen.advantages, gen.shares[step], gen.olds[step]
+    )
+    train_seconds = time.perf_counter() - started
+    [(train_rate, train_seconds)] = distributed.global_rates(
+        dist, [(trained_tokens, train_seconds)]
+    )
+    metrics = {
+        **gen.metrics,
+        **train_metrics,
+        "learning_rate": lr,
+        "train_tokens_per_sec": train_rate,
+        "train_seconds": train_seconds,
+        "step_seconds": time.perf_counter() - started + (gen.seconds if step == 0 else 0.0),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+    if len(gen.shares) > 1:
+        metrics["generation_step"] = step
+    if dist.active:  # rank 0's time in collectives this update (data moved, peers waited for)
+        metrics["comm_seconds"] = dist.comm_seconds - comm_before
+    if step:
+        return UpdateResult(metrics)
+    return UpdateResult(metrics, gen.completions, gen.reward_errors, gen.reward_failures)
 
 
 def _fill(
@@ -135,7 +202,7 @@ def _fill(
     filled = dynamic_sampling.fill(
         sample,
         draw,
-        batch_size=ctx.optim.batch_size,
+        batch_size=ctx.optim.batch_size * ctx.optim.steps_per_generation,
         max_extra_draws=algo.max_resample_batches,
     )
     extra = {
