@@ -309,6 +309,11 @@ def reject_unsupported(cfg: Any, dist: Dist) -> None:
     if not dist.active:
         return
     dist.check_batch_size(cfg.optim.batch_size)
+    if cfg.algorithm.type == "sft":
+        raise ConfigError(
+            "algorithm.type = sft is not supported with several ranks yet",
+            hint="train in one process",
+        )
     if cfg.algorithm.dynamic_sampling:
         raise ConfigError(
             "algorithm.dynamic_sampling is not supported with several ranks yet",

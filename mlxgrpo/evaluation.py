@@ -247,7 +247,8 @@ def evaluate_config(
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[str, EvalResult]]:
-    """Evaluate the config's model (with `adapter_dir`) on its eval split, as training does.
+    """Evaluate the config's model (with `adapter_dir`) on its eval split, as training does
+    (a supervised fine-tuning config's too: its task's prompts, scored by its rewards).
 
     With `compare_base`, the base model is evaluated too, by switching the adapters off in the
     same loaded model, and comes first. Returns (label, result) pairs. `on_start(total)` gets
@@ -269,6 +270,12 @@ def evaluate_config(
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     resolve_load_target(cfg.model.path)
+    if cfg.algorithm.type != "grpo":  # an SFT run's model, scored on its task's prompts
+        from dataclasses import replace
+
+        resolved = replace(
+            resolved, config=replace(cfg, algorithm=replace(cfg.algorithm, type="grpo"))
+        )
     task = Task.load(resolved, train=False, eval_limit=limit)
     model, tokenizer = load_model(
         cfg.model.path,

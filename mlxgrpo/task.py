@@ -15,7 +15,6 @@ from mlxgrpo.config import ResolvedConfig
 from mlxgrpo.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mlxgrpo.data import Example
     from mlxgrpo.rewards import RewardSet
 
 
@@ -41,9 +40,11 @@ class Task:
     """
 
     resolved: ResolvedConfig
-    train_examples: list[Example]
-    eval_examples: list[Example]
-    reward_set: RewardSet
+    # GRPO: Examples (prompts). SFT: Demonstrations, EncodedDemonstrations once the tokenizer
+    # is known.
+    train_examples: list[Any]
+    eval_examples: list[Any]
+    reward_set: RewardSet | None  # None for supervised fine-tuning
     tools: Any = None  # generation.tool_loop.ToolRunner when rollout.tools is set
     codec: TextCodec | None = None
 
@@ -58,15 +59,79 @@ class Task:
     ) -> Task:
         """The task's prompts (the train split with `train`, at most `eval_limit` prompts of
         the eval split with `evaluate`; otherwise none) and its reward set."""
+        if resolved.config.algorithm.type == "sft":
+            train_demos = _load_demonstrations(resolved, "train") if train else []
+            eval_demos = _load_demonstrations(resolved, "eval", eval_limit) if evaluate else []
+            return cls(resolved, train_demos, eval_demos, None)
         check_tools(resolved)
         train_examples = _load_train_examples(resolved) if train else []
         eval_examples = _load_eval_examples(resolved, eval_limit) if evaluate else []
         return cls(resolved, train_examples, eval_examples, _build_reward_set(resolved))
 
     def with_tokenizer(self, tokenizer: Any) -> Task:
-        """This task with the tool runner and text codec of `tokenizer`."""
+        """This task with the tool runner and text codec of `tokenizer` (and, for supervised
+        fine-tuning, its demonstrations encoded)."""
+        cfg = self.resolved.config
+        if cfg.algorithm.type == "sft":
+            codec = text_codec(tokenizer, cfg)
+            encode = demonstration_encoder(tokenizer, cfg, codec)
+            return replace(
+                self,
+                codec=codec,
+                train_examples=[encode(d) for d in self.train_examples],
+                eval_examples=[encode(d) for d in self.eval_examples],
+            )
         tools = build_tool_runner(self.resolved, tokenizer)
-        return replace(self, tools=tools, codec=text_codec(tokenizer, self.resolved.config, tools))
+        return replace(self, tools=tools, codec=text_codec(tokenizer, cfg, tools))
+
+
+def demonstration_encoder(tokenizer: Any, cfg: Any, codec: TextCodec) -> Callable[[Any], Any]:
+    """Demonstration -> EncodedDemonstration with the model's chat template and the [sft]
+    settings; a demonstration without an end-of-sequence token gets the tokenizer's."""
+    from functools import partial
+
+    from mlxgrpo.data import encode_demonstration
+    from mlxgrpo.models.tokenizer import render_prompt
+
+    own = getattr(tokenizer, "eos_token_id", None)
+    eos = own if isinstance(own, int) else min(codec.eos_ids)
+    return partial(
+        encode_demonstration,
+        render=lambda messages, generation: render_prompt(
+            tokenizer, messages, add_generation_prompt=generation
+        ),
+        encode_text=tokenizer.encode,
+        eos_ids=codec.eos_ids,
+        eos_id=eos,
+        train_on_prompt=cfg.sft.train_on_prompt,
+        max_length=cfg.sft.max_length,
+    )
+
+
+def _load_demonstrations(resolved: ResolvedConfig, which: str, limit: int | None = None) -> list:
+    """The train split's demonstrations, or at most `limit` (default eval.samples) of the
+    eval split's, in file order."""
+    from mlxgrpo.data import default_system_prompt, load_demonstrations
+
+    cfg = resolved.config
+    system = cfg.data.system_prompt
+    if system is None:
+        system = default_system_prompt(cfg.data.dataset)
+    train = which == "train"
+    return load_demonstrations(
+        cfg.data.dataset,
+        cfg.data.train_split if train else cfg.data.eval_split,
+        system_prompt=system,
+        subset=cfg.data.subset,
+        prompt_field=cfg.data.prompt_field,
+        completion_field=cfg.sft.completion_field,
+        max_samples=(cfg.run.max_train_samples or None)
+        if train
+        else (limit if limit is not None else cfg.eval.samples),
+        shuffle=cfg.data.shuffle if train else False,
+        seed=cfg.run.seed,
+        base_dir=resolved.base_dir(),
+    )
 
 
 def _loader_options(resolved: ResolvedConfig) -> dict[str, Any]:

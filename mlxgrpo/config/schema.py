@@ -170,6 +170,12 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
+    type: str = opt(
+        "grpo",
+        "What the run trains: grpo = sample, score and reinforce (the keys below, [rollout] "
+        "and [rewards]); sft = supervised fine-tuning on demonstrations ([sft]).",
+        choices=("grpo", "sft"),
+    )
     loss_type: str = opt(
         "grpo",
         "Policy loss. Clipped ratio, normalised per sequence (grpo), per micro-batch's tokens "
@@ -358,6 +364,26 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class SftConfig:
+    train_on_prompt: bool = opt(
+        False,
+        "Train on every token of a conversation, not only its assistant turns (a plain text "
+        "always trains whole).",
+    )
+    max_length: int = opt(
+        2048,
+        "Longest demonstration in tokens; a longer one is cut at the end (the update's "
+        "truncated_examples counts them).",
+        min=2,
+    )
+    completion_field: str = opt(
+        "completion",
+        "Column with a demonstration's completion, beside data.prompt_field. A 'messages' "
+        "column (chat turns) or a 'text' column (trained whole) is used instead when present.",
+    )
+
+
+@dataclass(frozen=True)
 class RewardsConfig:
     functions: list[str] = opt(
         [],
@@ -436,6 +462,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -37,6 +37,7 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
             f"pick a divisor of {completions}"
         )
     problems += _check_generation_steps(cfg)
+    problems += _check_training_kind(resolved)
     if cfg.eval.pass_k > 1 and cfg.eval.temperature <= 0:
         problems.append(
             "eval.pass_k > 1 needs eval.temperature > 0 (k greedy samples are identical)"
@@ -47,6 +48,42 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
     problems += _check_rewards(resolved)
     problems += _check_dataset(resolved)
     return problems
+
+
+# Keys that only a GRPO run reads (besides the rest of [algorithm], [rollout] and [rewards]).
+GRPO_ONLY_KEYS = (
+    "optim.steps_per_generation",
+    "eval.max_new_tokens",
+    "eval.temperature",
+    "eval.pass_k",
+    "data.answer_field",
+)
+
+
+def _check_training_kind(resolved: ResolvedConfig) -> list[str]:
+    """Settings of one kind of training set while the run is of the other (accepted, then
+    ignored): one problem naming the first of them."""
+    kind = resolved.config.algorithm.type
+    changed = resolved.changed_keys()
+    if kind == "sft":
+        unused = [
+            key
+            for key in changed
+            if key.split(".")[0] in ("rollout", "rewards")
+            or (key.startswith("algorithm.") and key != "algorithm.type")
+            or key in GRPO_ONLY_KEYS
+        ]
+        reads = "GRPO runs"
+    else:
+        unused = [key for key in changed if key.startswith("sft.")]
+        reads = "algorithm.type = sft"
+    if not unused:
+        return []
+    more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+    return [
+        f"{unused[0]}{more} is read by {reads} only, and this run has algorithm.type = {kind}; "
+        "leave it out, or set algorithm.type"
+    ]
 
 
 def _check_generation_steps(cfg: Config) -> list[str]:

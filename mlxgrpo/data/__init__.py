@@ -3,12 +3,18 @@
 Importing this package does not import ``datasets`` or mlx; loading files or Hub data does.
 """
 
+from mlxgrpo.data.demonstration import (
+    Demonstration,
+    EncodedDemonstration,
+    encode_demonstration,
+)
 from mlxgrpo.data.example import GSM8K_SYSTEM_PROMPT, Example, Message, build_messages
 from mlxgrpo.data.loading import (
     GSM8K_CONFIG,
     GSM8K_HUB_ID,
     default_rewards,
     default_system_prompt,
+    load_demonstrations,
     load_examples,
     resolve_local_path,
 )
@@ -28,6 +34,8 @@ __all__ = [
     "GSM8K_HUB_ID",
     "GSM8K_SYSTEM_PROMPT",
     "SYNTHETIC_TASKS",
+    "Demonstration",
+    "EncodedDemonstration",
     "Example",
     "Message",
     "PromptStream",
@@ -38,8 +46,10 @@ __all__ = [
     "build_messages",
     "default_rewards",
     "default_system_prompt",
+    "encode_demonstration",
     "generate_synthetic",
     "is_synthetic",
+    "load_demonstrations",
     "load_examples",
     "num_updates",
     "parse_gsm8k_answer",

@@ -1,4 +1,5 @@
-"""Load examples from synthetic tasks, local files or directories, or the Hugging Face Hub.
+"""Load examples (and demonstrations for supervised fine-tuning) from synthetic tasks, local
+files or directories, or the Hugging Face Hub.
 
 ``datasets`` is imported inside the functions that need it, so config tooling that imports this
 package stays fast and works without it.
@@ -14,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from mlxgrpo import parsing
+from mlxgrpo.data.demonstration import Demonstration, rows_to_demonstrations
 from mlxgrpo.data.example import GSM8K_SYSTEM_PROMPT, Example
-from mlxgrpo.data.synthetic import generate_synthetic, is_synthetic, parse_synthetic_spec
+from mlxgrpo.data.synthetic import (
+    generate_synthetic,
+    is_synthetic,
+    parse_synthetic_spec,
+    synthetic_demonstrations,
+)
 from mlxgrpo.errors import ConfigError, MlxgrpoError
 from mlxgrpo.rewards.gsm8k import GSM8K_REWARDS, parse_gsm8k_answer
 
@@ -70,6 +77,39 @@ def load_examples(
     if max_samples:
         examples = examples[:max_samples]
     return examples
+
+
+def load_demonstrations(
+    dataset: str,
+    split: str = "train",
+    *,
+    system_prompt: str | None,
+    subset: str | None = None,
+    prompt_field: str = "question",
+    completion_field: str = "completion",
+    max_samples: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    base_dir: str | Path | None = None,
+) -> list[Demonstration]:
+    """Demonstrations of one split for supervised fine-tuning, shuffled and cut as
+    :func:`load_examples` does; a synthetic task writes its own (its prompts with their ideal
+    completions, rendered with ``system_prompt`` as its GRPO prompts are)."""
+    if max_samples is not None and max_samples < 0:
+        raise ConfigError(f"max_samples must be >= 0 (0 = all), got {max_samples}.")
+    if is_synthetic(dataset):
+        examples = generate_synthetic(dataset, split)
+        completions = synthetic_demonstrations(dataset, examples)
+        demos = [
+            Demonstration.of_example(ex, completion, system_prompt)
+            for ex, completion in zip(examples, completions, strict=True)
+        ]
+    else:
+        table, label = _load_table(dataset, split, subset, base_dir)
+        demos = rows_to_demonstrations(table, label, prompt_field, completion_field, system_prompt)
+    if shuffle:
+        random.Random(seed).shuffle(demos)
+    return demos[:max_samples] if max_samples else demos
 
 
 def default_rewards(dataset: str) -> list[str]:

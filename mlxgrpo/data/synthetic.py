@@ -19,6 +19,7 @@ from mlxgrpo.rewards.gsm8k import GSM8K_REWARDS
 SYNTHETIC_PREFIX = "synthetic:"
 DEFAULT_TRAIN_SIZE = 1000
 DEFAULT_EVAL_SIZE = 200
+REPEAT_DEMO_LENGTH = 8  # characters in a demonstration of synthetic:repeat
 _COMMON_OPTIONS = {"n": "number of examples", "seed": "generation seed (default 0)"}
 
 Generator = Callable[[random.Random, int, Mapping[str, str]], list[Example]]
@@ -35,6 +36,8 @@ class SyntheticTask:
     system_prompt: str | None = None
     options: Mapping[str, str] = field(default_factory=dict)
     tool_rewards: tuple[str, ...] = ()  # with the option tool=...: rewards for tool use
+    # An example's ideal completion, for supervised fine-tuning (None: the task has none).
+    demonstrate: Callable[[Example, Mapping[str, str]], str | None] | None = None
 
     def rewards(self, options: Mapping[str, str]) -> tuple[str, ...]:
         return self.tool_rewards if options.get("tool") else self.default_rewards
@@ -130,6 +133,15 @@ def _generate_arithmetic(rng: random.Random, n: int, options: Mapping[str, str])
     return examples
 
 
+def _demonstrate_arithmetic(example: Example, options: Mapping[str, str]) -> str | None:
+    """The answer in the system prompt's format, its worked steps as the reasoning (the tool
+    form of the task has none: its demonstrations would need the tool's call format)."""
+    if options.get("tool"):
+        return None
+    steps = str(example.extra["solution"]).split("\n####")[0]
+    return f"<reasoning>\n{steps}\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
+
+
 def _letters_option(options: Mapping[str, str], task: str) -> str:
     letters = options.get("letters", string.ascii_lowercase)
     if not letters or any(ch not in string.printable or ch.isspace() for ch in letters):
@@ -179,6 +191,7 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
                 "prefill": "with tool: call = the prompt opens the call (none = it does not)",
             },
             tool_rewards=("final_number",),
+            demonstrate=_demonstrate_arithmetic,
         ),
         SyntheticTask(
             name="repeat",
@@ -186,12 +199,14 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
             generate=_generate_repeat,
             default_rewards=("char_match",),
             options={"letters": "letters to draw targets from (default a-z)"},
+            demonstrate=lambda example, options: str(example.answer) * REPEAT_DEMO_LENGTH,
         ),
         SyntheticTask(
             name="copy",
             description="'Copy: abc' — dense reward: position-wise character overlap",
             generate=_generate_copy,
             default_rewards=("char_overlap",),
+            demonstrate=lambda example, options: str(example.answer),
             options={
                 "letters": "alphabet of the strings (default a-z)",
                 "min_len": "shortest string (default 2)",
@@ -240,6 +255,19 @@ def generate_synthetic(dataset: str, split: str = "train") -> list[Example]:
     # A string seed is hashed with SHA-512 by random.Random: stable across processes.
     rng = random.Random(f"{task.name}/{split}/{seed}")
     return task.generate(rng, n, options)
+
+
+def synthetic_demonstrations(dataset: str, examples: list[Example]) -> list[str]:
+    """The ideal completion of each of a synthetic task's examples."""
+    task, options = parse_synthetic_spec(dataset)
+    completions = [task.demonstrate(ex, options) if task.demonstrate else None for ex in examples]
+    if any(c is None for c in completions):
+        raise ConfigError(
+            f"{dataset} has no demonstrations to train on",
+            hint="use a task that writes them (synthetic:arithmetic without tool, "
+            "synthetic:repeat, synthetic:copy) or a data file of demonstrations",
+        )
+    return [c for c in completions if c is not None]
 
 
 def _int_option(options: Mapping[str, str], key: str, default: int, task: str) -> int:

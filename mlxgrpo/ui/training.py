@@ -38,7 +38,7 @@ class TrainProgress:
         )
 
         self.progress = Progress(
-            TextColumn("[bold]GRPO[/]"),
+            TextColumn("[bold]{task.description}[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -65,11 +65,9 @@ class TrainProgress:
             f"[bold]model[/]      {escape(info['model'])} ({info['finetune']}"
             + (f" on {info['adapted_blocks']}" if info.get("adapted_blocks") else "")
             + f", {info['trainable_parameters']:,} trainable parameters)",
-            f"[bold]data[/]       {escape(info['dataset'])}; "
-            f"rewards: {escape(', '.join(info['rewards']))}",
-            f"[bold]algorithm[/]  {info['loss_type']}, G = {info['num_generations']}, "
-            f"{info['batch_size']} prompts per update, {info['total_updates']} updates"
-            + _per_rollout(info.get("steps_per_generation", 1)),
+            f"[bold]data[/]       {escape(info['dataset'])}"
+            + (f"; rewards: {escape(', '.join(info['rewards']))}" if info["rewards"] else ""),
+            "[bold]algorithm[/]  " + _algorithm_line(info),
             f"[bold]device[/]     {escape(str(device.get('backend', '?')))}, "
             f"BLAS: {escape(info['blas'])}",
             "[bold]precision[/]  " + _hanging(info.get("precision", "?"), indent=11),
@@ -80,20 +78,28 @@ class TrainProgress:
         # Wrap long lines inside the panel, never crop them.
         console.err.print(panel, soft_wrap=False)
         self.every = int(info.get("logging_steps", 1)) or 1
+        self.headline = "loss" if info.get("algorithm_type") == "sft" else "reward_mean"
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=info["total_updates"], completed=info.get("start_update", 0), status=""
+            "SFT" if self.headline == "loss" else "GRPO",
+            total=info["total_updates"],
+            completed=info.get("start_update", 0),
+            status="",
         )
 
     def on_update(self, update: int, m: dict[str, Any]) -> None:
-        status = (
-            f"reward {fmt(m['reward_mean'])}  kl {fmt(m.get('kl'))}  "
-            f"{m['rollout_tokens_per_sec']:.0f} tok/s"
-        )
+        sft = self.headline == "loss"
+        if sft:
+            status = f"loss {fmt(m['loss'])}  {m['train_tokens_per_sec']:.0f} tok/s"
+        else:
+            status = (
+                f"reward {fmt(m['reward_mean'])}  kl {fmt(m.get('kl'))}  "
+                f"{m['rollout_tokens_per_sec']:.0f} tok/s"
+            )
         self.progress.update(self.task, completed=update, status=status)
-        self.rewards.append(m.get("reward_mean"))
+        self.rewards.append(m.get(self.headline))
         if update % self.every == 0:
-            self.progress.console.print(reward_table(update, m))
+            self.progress.console.print(sft_table(update, m) if sft else reward_table(update, m))
 
     def on_completions(self, update: int, records: list[dict[str, Any]]) -> None: ...
 
@@ -109,15 +115,17 @@ class TrainProgress:
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.progress.stop()
-        first, last = summary["first_reward_mean"], summary["last_reward_mean"]
+        key = summary.get("headline", "reward_mean")
+        first, last = summary[f"first_{key}"], summary[f"last_{key}"]
+        label = "loss" if key == "loss" else "reward"
         verb = "stopped" if summary["interrupted"] else "finished"
         console.err.print(
             f"[green]✓[/] {verb} after {summary['updates']}/{summary['total_updates']} updates in "
-            f"{summary['seconds']:.0f}s; reward {fmt(first)} → {fmt(last)}; "
+            f"{summary['seconds']:.0f}s; {label} {fmt(first)} → {fmt(last)}; "
             f"run: {escape(summary['run_dir'])}"
         )
         if len(self.rewards) > 1:
-            console.err.print(reward_trend(self.rewards))
+            console.err.print(reward_trend(self.rewards, label))
 
 
 def _hanging(text: str, indent: int) -> str:
@@ -128,7 +136,15 @@ def _hanging(text: str, indent: int) -> str:
     return ("\n" + " " * indent).join(escape(line) for line in lines)
 
 
-_EVAL_KEYS = ("accuracy", "format_rate", "reward_mean", "completion_length_mean", "tokens_per_sec")
+_EVAL_KEYS = (
+    "accuracy",
+    "format_rate",
+    "reward_mean",
+    "completion_length_mean",
+    "tokens_per_sec",
+    "loss",
+    "perplexity",
+)
 
 
 def reward_table(update: int, m: dict[str, Any]) -> Table:
@@ -164,12 +180,42 @@ def reward_table(update: int, m: dict[str, Any]) -> Table:
     return table
 
 
-def reward_trend(rewards: Sequence[float | None]) -> str:
-    """`reward ▁▂▃▅▇█ 0.010 → 0.980`: the run's reward curve on one line (markup)."""
+def reward_trend(rewards: Sequence[float | None], label: str = "reward") -> str:
+    """`reward ▁▂▃▅▇█ 0.010 → 0.980`: the run's reward (or loss) curve on one line (markup)."""
     known = [r for r in rewards if r is not None]
     if not known:
-        return "[dim]reward: no values[/]"
-    return f"[bold]reward[/] [cyan]{sparkline(known)}[/] {fmt(known[0])} → {fmt(known[-1])}"
+        return f"[dim]{label}: no values[/]"
+    return f"[bold]{label}[/] [cyan]{sparkline(known)}[/] {fmt(known[0])} → {fmt(known[-1])}"
+
+
+def sft_table(update: int, m: dict[str, Any]) -> Table:
+    """The per-update table of a supervised fine-tuning run."""
+    table = Table(title=f"update {update}", title_justify="left", header_style="bold")
+    table.add_column("sft")
+    table.add_column("value", justify="right")
+    rows = [
+        ("loss", fmt(m.get("loss"))),
+        ("perplexity", fmt(m.get("perplexity"))),
+        ("target tokens", f"{m.get('target_tokens', 0):.0f}"),
+        ("truncated examples", f"{m.get('truncated_examples', 0):.0f}"),
+        ("grad norm", fmt(m.get("grad_norm"))),
+        ("learning rate", fmt(m.get("learning_rate"))),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def _algorithm_line(info: dict[str, Any]) -> str:
+    """The header's algorithm line: GRPO's loss and group, or supervised fine-tuning."""
+    tail = f"{info['total_updates']} updates"
+    if info.get("algorithm_type") == "sft":
+        return f"sft, {info['batch_size']} demonstrations per update, {tail}"
+    return (
+        f"{info['loss_type']}, G = {info['num_generations']}, "
+        f"{info['batch_size']} prompts per update, {tail}"
+        + _per_rollout(info.get("steps_per_generation", 1))
+    )
 
 
 def _per_rollout(steps: int) -> str:

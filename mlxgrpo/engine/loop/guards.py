@@ -34,8 +34,9 @@ class RunGuards:
         metrics = result.metrics
         if metrics.get("nonfinite_skipped"):
             self.nonfinite_streak += 1
+            loss = metrics.get("policy_loss", metrics.get("loss"))  # GRPO's, or SFT's
             cb.on_message(
-                f"update {update} skipped: loss {metrics.get('policy_loss'):.3g}, gradient norm "
+                f"update {update} skipped: loss {loss:.3g}, gradient norm "
                 f"{metrics.get('grad_norm'):.3g} (not finite); the weights were left unchanged "
                 f"({self.nonfinite_streak} of {self.max_nonfinite} allowed in a row)"
             )

@@ -166,9 +166,11 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     task = Task.load(resolved, evaluate=wants_eval)
     model, tokenizer, trainable = load_policy(cfg.model, cfg.finetune, seed=cfg.run.seed)
     task = task.with_tokenizer(tokenizer)
-    _check_rollout_budget(cfg, model)
+    grpo = cfg.algorithm.type == "grpo"
+    if grpo:
+        _check_rollout_budget(cfg, model)
     ref_model = None
-    if cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
+    if grpo and cfg.algorithm.kl_coeff > 0 and cfg.finetune.type == "full":
         # The frozen reference copy of full fine-tuning stays in the compute dtype.
         ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **model_source(cfg.model))
         ref_model.freeze()
@@ -296,7 +298,8 @@ def _start_info(s: Session) -> dict[str, Any]:
         "adapted_blocks": _adapted_blocks(s),
         "trainable_parameters": s.trainable,
         "dataset": cfg.data.dataset,
-        "rewards": list(s.task.reward_set.names),
+        "rewards": list(s.task.reward_set.names) if s.task.reward_set is not None else [],
+        "algorithm_type": cfg.algorithm.type,
         "loss_type": cfg.algorithm.loss_type,
         "num_generations": cfg.rollout.num_generations,
         "batch_size": cfg.optim.batch_size,
@@ -321,7 +324,6 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     from mlxgrpo.engine.loop.guards import RunGuards
     from mlxgrpo.engine.loop.health import HealthWatch
     from mlxgrpo.engine.loop.schedule import learning_rate_at
-    from mlxgrpo.engine.loop.update import sample_generation, train_step
 
     cfg = s.resolved.config
     started, first, last, interrupted = time.perf_counter(), None, None, False
@@ -330,15 +332,9 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
     control = s.entropy_control
     if cfg.eval.before_training and s.start_update == 0 and s.task.eval_examples:
         cb.on_eval(0, _evaluate(s))
-    update, steps, generation, told = s.start_update, cfg.optim.steps_per_generation, None, False
+    update, steps, told = s.start_update, cfg.optim.steps_per_generation, False
+    source, headline = _UpdateSource(s), "loss" if cfg.algorithm.type == "sft" else "reward_mean"
     while update < s.total_updates:
-        seed = update_seed(cfg.run.seed, update)
-        if update % steps == 0:  # a new rollout, for this and the next steps - 1 updates
-            batch = _generation_prompts(s.stream, steps)
-            if batch is None:
-                break
-            more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
-            generation = sample_generation(s.ctx, batch, seed, more)
         lr = learning_rate_at(
             update,
             peak=cfg.optim.learning_rate,
@@ -346,7 +342,9 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
             warmup_ratio=cfg.optim.warmup_ratio,
             kind=cfg.optim.lr_scheduler_type,
         )
-        result = train_step(s.ctx, generation, update % steps, seed, lr)
+        result = source.next(update, update_seed(cfg.run.seed, update), lr)
+        if result is None:
+            break
         update += 1
         record_weights(s.dist, s.model, update)
         if control is not None:  # this update's weight is logged, the next one's set
@@ -358,8 +356,8 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         cb.on_update(update, result.metrics)
         cb.on_completions(update, result.completions)
         guards.enforce(update, result)
-        first = first if first is not None else result.metrics["reward_mean"]
-        last = result.metrics["reward_mean"]
+        first = first if first is not None else result.metrics[headline]
+        last = result.metrics[headline]
         if cfg.eval.every_updates and update % cfg.eval.every_updates == 0 and s.task.eval_examples:
             cb.on_eval(update, _evaluate(s))
         # One rank's Ctrl-C stops all at this update (at a generation's end: told till then).
@@ -382,14 +380,43 @@ def _loop(s: Session, cb: Callback, should_stop: Callable[[], bool]) -> dict[str
         "run_dir": str(s.run_dir),
         "updates": update,
         "total_updates": s.total_updates,
-        "first_reward_mean": first,
-        "last_reward_mean": last,
+        # The run's headline figure: the mean reward (GRPO) or the loss (SFT).
+        "headline": headline,
+        f"first_{headline}": first,
+        f"last_{headline}": last,
         "seconds": time.perf_counter() - started,
         "interrupted": interrupted,
         "final_dir": str(final) if final else None,
     }
     cb.on_end(summary)
     return summary
+
+
+class _UpdateSource:
+    """The loop's updates: optimizer steps of rollouts, ``optim.steps_per_generation`` per
+    rollout (GRPO), or batches of demonstrations (SFT)."""
+
+    def __init__(self, s: Session) -> None:
+        self.s, self.generation = s, None
+        self.steps = s.resolved.config.optim.steps_per_generation
+
+    def next(self, update: int, seed: int, lr: float) -> Any:
+        """Update ``update``'s result (engine.loop.update.UpdateResult), or None when the
+        data ran out."""
+        from mlxgrpo.engine.loop.sft_update import sft_update
+        from mlxgrpo.engine.loop.update import sample_generation, train_step
+
+        s, cfg = self.s, self.s.resolved.config
+        if cfg.algorithm.type == "sft":
+            batch = s.stream.next_batch()
+            return None if batch is None else sft_update(s.ctx, batch, seed, lr)
+        if update % self.steps == 0:  # a new rollout, for this and the next steps - 1 updates
+            prompts = _generation_prompts(s.stream, self.steps)
+            if prompts is None:
+                return None
+            more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
+            self.generation = sample_generation(s.ctx, prompts, seed, more)
+        return train_step(s.ctx, self.generation, update % self.steps, seed, lr)
 
 
 def _generation_prompts(stream: Any, steps: int) -> list | None:
@@ -416,6 +443,13 @@ def _evaluate(s: Session) -> dict[str, Any]:
     from mlxgrpo.evaluation import evaluate_task
 
     cfg, task = s.resolved.config, s.task
+    if cfg.algorithm.type == "sft":  # held-out demonstrations: loss and perplexity
+        from mlxgrpo.engine.loop.sft_update import validation_loss
+
+        chunk = cfg.finetune.lm_head_chunk or None
+        return validation_loss(
+            s.model, task.eval_examples, task.codec.pad_id, cfg.optim.batch_size, chunk
+        )
     # Several ranks share the eval prompts; every rank gets the global figures.
     result = evaluate_task(
         s.model, task.eval_examples, task.reward_set, task.codec, cfg, dist=s.dist, tools=task.tools

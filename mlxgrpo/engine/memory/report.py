@@ -45,6 +45,13 @@ def memory_paths(
         if conventional_head(model) is not None
         else "no LM head where mlx-lm's conventions put it"
     )
+    if getattr(algorithm, "type", "grpo") == "sft":
+        return [
+            _tiled_head(split, unsplit, algorithm),
+            MemoryPath("shared prompt", False, "supervised fine-tuning: no group shares a prompt"),
+            MemoryPath("replay", False, "supervised fine-tuning: no rollout to replay"),
+            _checkpointing(model, finetune),
+        ]
     return [
         _tiled_head(split, unsplit, algorithm),
         _shared_prompt(model, split, unsplit),
