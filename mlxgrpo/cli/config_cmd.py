@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,13 +32,26 @@ def show(
     ] = False,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.toml,
 ) -> None:
-    """Print the configuration that the layers resolve to (default: only non-default keys)."""
+    """Print the configuration that the layers resolve to (default: only non-default keys).
+
+    A staged config's stages follow, each as it runs: with --resolved every key of it,
+    otherwise what the stage itself sets."""
     result = load_config(config, set_, check_paths=False)
     keys = list(result.sources) if resolved else result.changed_keys()
-    data: dict[str, dict] = {}
-    for key in keys:
-        section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = result.config.get(key)
+    data: dict[str, Any] = _sections(result.config, keys)
+    if result.stages:
+        data["stages"] = [
+            {
+                "name": name,
+                **_sections(
+                    stage.config,
+                    list(stage.sources)
+                    if resolved
+                    else [k for k, s in stage.sources.items() if s.layer == "stage"],
+                ),
+            }
+            for name, stage in result.stages
+        ]
     if fmt is Format.json:
         ui.raw(json.dumps(data, indent=2) + "\n")
     else:
@@ -48,6 +61,15 @@ def show(
             (key, ui.format_value(result.config.get(key)), str(result.sources[key])) for key in keys
         ]
         ui.sources_table(rows)
+
+
+def _sections(config: Any, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """``{section: {name: value}}`` of the config's ``keys``."""
+    data: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = config.get(key)
+    return data
 
 
 @app.command("validate")

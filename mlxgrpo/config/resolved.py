@@ -16,7 +16,7 @@ from mlxgrpo.config.schema import Config
 class Source:
     """Which layer set a value, and where exactly."""
 
-    layer: str  # default | file | env | --set | flag
+    layer: str  # default | file | env | stage | --set | flag
     detail: str = ""
 
     def __str__(self) -> str:
@@ -28,6 +28,10 @@ class ResolvedConfig:
     config: Config
     sources: dict[str, Source]
     files: list[Path] = field(default_factory=list)
+    # A staged config's stages, in order: (name, the stage's own resolved config). The
+    # top-level config is then only what the stages inherit.
+    stages: list[tuple[str, ResolvedConfig]] = field(default_factory=list)
+    stage: str | None = None  # the name of the stage this config is, if it is one
 
     def changed_keys(self) -> list[str]:
         return [k for k, s in self.sources.items() if s.layer != "default"]

@@ -1,5 +1,8 @@
 """Layered configuration: defaults < config files (with `extends`) < --set < command flags.
 
+A file's ``[[stages]]`` tables make a staged config: each stage resolves as defaults < files <
+the stage's own sections < --set < flags, and is checked on its own.
+
 Each layer contributes (dotted key, raw value, source) entries; the last entry for a key wins.
 Then `${env:NAME,default}` and `${section.key}` references are expanded, every value is
 converted to its field's type, and the whole is validated. Every problem found is collected, so
@@ -20,7 +23,14 @@ from mlxgrpo.config import legacy
 from mlxgrpo.config.resolved import ResolvedConfig, Source
 from mlxgrpo.config.schema import SECTIONS, FieldSpec, build_config, field_specs
 from mlxgrpo.config.validate import check_config
-from mlxgrpo.config.values import ValueProblem, check_bounds, closest, coerce, parse_cli_text
+from mlxgrpo.config.values import (
+    ValueProblem,
+    check_bounds,
+    closest,
+    coerce,
+    parse_cli_text,
+    path_component_problem,
+)
 from mlxgrpo.errors import ConfigError
 
 ENV_VAR = "MLX_GRPO_CONFIG"
@@ -50,6 +60,14 @@ class _Collector:
     entries: list[_Entry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    # [[stages]]: per stage, its name and its own entries (the last file that has some wins).
+    stages: list[tuple[str, list[_Entry]]] = field(default_factory=list)
+
+
+# Settings of the whole staged run, which no stage may change.
+STAGE_GLOBAL_KEYS = ("run.output_dir", "run.run_name", "run.resume", "run.resume_despite_changes")
+# A stage after the first starts from the weights the one before it ended with.
+STAGE_CHAINED_KEYS = ("model.path", "model.adapter_path")
 
 
 def resolve_config(
@@ -73,6 +91,7 @@ def resolve_config(
     elif environ.get(ENV_VAR):
         path = _find_file(environ[ENV_VAR], f"${ENV_VAR}")
         _load_file(path, col, Source("env", f"{ENV_VAR}={path}"), chain=())
+    from_files = len(col.entries)
     legacy_sets: dict[str, Any] = {}
     for text in overrides:
         _parse_override(text, col, legacy_sets)
@@ -81,12 +100,85 @@ def resolve_config(
         if value is not None:
             col.entries.append(_Entry(key, value, Source("flag", flag)))
     resolved, problems = _finish(col, environ)
-    if resolved is not None and check_paths:
+    if resolved is not None and col.stages:
+        problems += _resolve_stages(resolved, col, from_files, environ, check_paths)
+    elif resolved is not None and check_paths:
         problems += check_config(resolved)
     if problems:
         raise ConfigProblems(problems)
     assert resolved is not None
     return resolved
+
+
+def _resolve_stages(
+    resolved: ResolvedConfig,
+    col: _Collector,
+    from_files: int,
+    environ: Mapping[str, str],
+    check_paths: bool,
+) -> list[str]:
+    """Resolve each stage (the files' entries, then the stage's, then --set and flags) into
+    ``resolved.stages``; the problems, each naming its stage."""
+    problems: list[str] = []
+    for name, entries in col.stages:
+        layered = [*col.entries[:from_files], *entries, *col.entries[from_files:]]
+        stage, found = _finish(_Collector(layered, [], col.files), environ)
+        if stage is not None:
+            stage.stage = name
+            found += check_config(stage) if check_paths else []
+            resolved.stages.append((name, stage))
+        problems += [f"stage {name}: {p}" for p in found]
+    if resolved.config.run.resume not in ("auto", "never"):
+        problems.append(
+            f"run.resume = '{resolved.config.run.resume}': a staged run resumes with auto, "
+            "which continues at the stage and update it reached (never starts afresh)"
+        )
+    kinds = {stage.config.finetune.type for _, stage in resolved.stages}
+    if len(kinds) > 1:
+        problems.append(
+            "the stages train with different finetune.type values "
+            f"({', '.join(sorted(kinds))}); a stage starts from the weights the one before it "
+            "ended with, so set one finetune.type for all of them"
+        )
+    return problems
+
+
+def _stage_entries(stages: Any, path: Path, col: _Collector) -> list[tuple[str, list[_Entry]]]:
+    """The ``[[stages]]`` tables of one file: each a name and the config sections it changes."""
+    if not isinstance(stages, list) or not stages or not all(isinstance(t, dict) for t in stages):
+        col.problems.append(f"{path}: `stages` must be [[stages]] tables, each with a name")
+        return []
+    out: list[tuple[str, list[_Entry]]] = []
+    for number, table in enumerate(stages, start=1):
+        body = dict(table)
+        name = body.pop("name", None)
+        problem = path_component_problem(name) if isinstance(name, str) else "no name"
+        if not name or problem:
+            col.problems.append(
+                f"{path}: stage {number} needs a name that is a plain directory name "
+                f'(name = "sft"), got {name!r}'
+            )
+            continue
+        if name in (seen for seen, _ in out):
+            col.problems.append(f"{path}: two stages are named {name!r}; give each its own name")
+            continue
+        own = _Collector()
+        _flatten(body, f"{path} [stage {name}]", own, Source("stage", f"{name} in {path.name}"))
+        col.problems += own.problems
+        for entry in own.entries:
+            if entry.key in STAGE_GLOBAL_KEYS:
+                col.problems.append(
+                    f"{path}: stage {name} sets {entry.key}, which belongs to the whole run; "
+                    "set it at the top level"
+                )
+            elif entry.key in STAGE_CHAINED_KEYS and out:
+                col.problems.append(
+                    f"{path}: stage {name} sets {entry.key}, but a stage after the first starts "
+                    "from the weights the stage before it ended with; set it at the top level "
+                    "or in the first stage"
+                )
+        out.append((name, own.entries))
+    return out
 
 
 def _find_file(name: str | Path, how: str) -> Path:
@@ -127,6 +219,7 @@ def _load_file(path: Path, col: _Collector, source: Source, chain: tuple[Path, .
         raise ConfigError(f"`extends` loop: {cycle}", hint="remove one of the extends lines")
     data = _read_toml(path)
     bases = data.pop("extends", None)
+    stages = data.pop("stages", None)
     if isinstance(bases, str):
         bases = [bases]
     if bases is not None and not (
@@ -147,10 +240,12 @@ def _load_file(path: Path, col: _Collector, source: Source, chain: tuple[Path, .
         label = Source(source.layer, f"{base_path} (extended by {path.name})")
         _load_file(base_path, col, label, (*chain, real))
     col.files.append(path)
+    if stages is not None:  # a file's stages replace those of the files it extends
+        col.stages = _stage_entries(stages, path, col)
     _flatten(data, path, col, source)
 
 
-def _flatten(data: dict[str, Any], path: Path, col: _Collector, source: Source) -> None:
+def _flatten(data: dict[str, Any], path: Path | str, col: _Collector, source: Source) -> None:
     legacy_flat: dict[str, Any] = {}
     sectioned: list[tuple[str, Any]] = []
     for name, value in data.items():

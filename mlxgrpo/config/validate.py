@@ -7,6 +7,7 @@ or a data set, so `mlxgrpo config validate` runs anywhere in a fraction of a sec
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 from mlxgrpo.config.resolved import ResolvedConfig
@@ -62,9 +63,12 @@ GRPO_ONLY_KEYS = (
 
 def _check_training_kind(resolved: ResolvedConfig) -> list[str]:
     """Settings of one kind of training set while the run is of the other (accepted, then
-    ignored): one problem naming the first of them."""
+    ignored): one problem naming the first of them. In a stage, only what the stage itself
+    sets counts; the top level of a staged config holds settings for the other stages too."""
     kind = resolved.config.algorithm.type
     changed = resolved.changed_keys()
+    if resolved.stage is not None:  # what a staged config's top level sets is for some stage
+        changed = [key for key in changed if resolved.sources[key].layer == "stage"]
     if kind == "sft":
         unused = [
             key
@@ -77,6 +81,10 @@ def _check_training_kind(resolved: ResolvedConfig) -> list[str]:
     else:
         unused = [key for key in changed if key.startswith("sft.")]
         reads = "algorithm.type = sft"
+    if kind == "sft":
+        problems = _check_demonstrations(resolved.config.data.dataset)
+        if problems:
+            return problems
     if not unused:
         return []
     more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
@@ -84,6 +92,27 @@ def _check_training_kind(resolved: ResolvedConfig) -> list[str]:
         f"{unused[0]}{more} is read by {reads} only, and this run has algorithm.type = {kind}; "
         "leave it out, or set algorithm.type"
     ]
+
+
+def _check_demonstrations(dataset: str) -> list[str]:
+    """A synthetic task that writes no demonstrations cannot feed supervised fine-tuning (a
+    data file's columns are checked when it loads)."""
+    from mlxgrpo.data.synthetic import is_synthetic, parse_synthetic_spec
+
+    if not is_synthetic(dataset):
+        return []
+    try:
+        task, options = parse_synthetic_spec(dataset)
+        probe = task.generate(random.Random(0), 1, options)[0]
+    except ConfigError:
+        return []  # the dataset check names the bad spec
+    if task.demonstrate is None or task.demonstrate(probe, options) is None:
+        return [
+            f"data.dataset = {dataset} writes no demonstrations for algorithm.type = sft; use "
+            "synthetic:repeat, synthetic:copy, synthetic:arithmetic without a tool, or a file "
+            "of demonstrations"
+        ]
+    return []
 
 
 def _check_generation_steps(cfg: Config) -> list[str]:

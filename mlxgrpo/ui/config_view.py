@@ -54,12 +54,27 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def to_toml(data: dict[str, dict[str, Any]]) -> str:
-    """TOML for a {section: {key: value}} mapping; unset (None) values are left out."""
+def to_toml(data: dict[str, Any]) -> str:
+    """TOML for a {section: {key: value}} mapping, and a staged config's ``stages`` list of
+    {"name": ..., section: {key: value}} (``[[stages]]`` tables); unset (None) values are
+    left out."""
     import tomli_w
 
-    clean = {s: {k: v for k, v in d.items() if v is not None} for s, d in data.items()}
-    return tomli_w.dumps({s: d for s, d in clean.items() if d})
+    def sections(mapping: dict[str, Any]) -> dict[str, Any]:
+        clean = {
+            s: {k: v for k, v in d.items() if v is not None}
+            for s, d in mapping.items()
+            if isinstance(d, dict)
+        }
+        return {s: d for s, d in clean.items() if d}
+
+    text = tomli_w.dumps(sections(data))
+    for stage in data.get("stages") or []:  # [[stages]] tables, as a config file writes them
+        text += "\n[[stages]]\n" + tomli_w.dumps({"name": stage["name"]})
+        for section, values in sections(stage).items():
+            body = tomli_w.dumps({section: values})
+            text += "\n" + body.replace(f"[{section}]", f"[stages.{section}]", 1)
+    return text
 
 
 def sources_table(rows: Iterable[Sequence[Any]]) -> None:

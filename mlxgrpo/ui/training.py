@@ -79,6 +79,7 @@ class TrainProgress:
         console.err.print(panel, soft_wrap=False)
         self.every = int(info.get("logging_steps", 1)) or 1
         self.headline = "loss" if info.get("algorithm_type") == "sft" else "reward_mean"
+        self.rewards = []  # a staged run starts each stage afresh
         self.progress.start()
         self.task = self.progress.add_task(
             "SFT" if self.headline == "loss" else "GRPO",

@@ -83,6 +83,8 @@ def train(
 
     cfg = resolved.config
     dist = distributed.init()  # size 1 unless started by mlx.launch
+    if resolved.stages:
+        return _train_stages(resolved, dist, callbacks, should_stop)
     distributed.reject_unsupported(cfg, dist)
     check_resume_target(cfg.run.resume)
     # Rank 0 names the run directory (a timestamp, a free -N suffix) and alone writes in it.
@@ -93,6 +95,42 @@ def train(
                 run_dir.mkdir(parents=True, exist_ok=True)
             held.enter_context(hold_run(run_dir))
         return _train_in(resolved, run_dir, dist, callbacks, should_stop)
+
+
+def _train_stages(
+    resolved: ResolvedConfig,
+    dist: Any,
+    callbacks: Sequence[Callback],
+    should_stop: Callable[[], bool],
+) -> dict[str, Any]:
+    """Run a staged config's stages in order (:mod:`~mlxgrpo.engine.loop.stages`): each in
+    its own directory of the run's, from the weights the one before it ended with. Resumed,
+    stages that finished are skipped and the first that did not continues."""
+    from mlxgrpo.engine.loop.stages import finished_stage, stage_config
+
+    if dist.active:
+        raise ConfigError(
+            "staged configs are not supported with several ranks yet", hint="train in one process"
+        )
+    cfg = resolved.config
+    run_dir, previous = _run_dir_of(cfg), None
+    cb, count, summaries = CallbackList(list(callbacks)), len(resolved.stages), []
+    for number, (name, stage) in enumerate(resolved.stages, start=1):
+        done = finished_stage(run_dir, name) if cfg.run.resume == "auto" else None
+        if done is not None:
+            cb.on_message(f"stage {number}/{count} {name}: finished earlier ({done})")
+            previous = done
+            continue
+        cb.on_message(f"stage {number}/{count}: {name}")
+        summary = train(
+            stage_config(stage, run_dir, previous, cfg.run.resume), callbacks, should_stop
+        )
+        summaries.append({"stage": name, **summary})
+        if summary["interrupted"]:
+            break
+        previous = Path(summary["final_dir"])
+    last = summaries[-1] if summaries else {"updates": 0, "interrupted": False}
+    return {**last, "run_dir": str(run_dir), "stages": summaries}
 
 
 def _train_in(
