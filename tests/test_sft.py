@@ -22,12 +22,15 @@ from mlxgrpo.data.loading import load_demonstrations
 from mlxgrpo.engine.loop.context import UpdateContext
 from mlxgrpo.engine.loop.sft_update import (
     demonstration_logprobs,
+    packing_capacity,
     padded_batch,
+    rows_of,
     sft_update,
     validation_loss,
 )
 from mlxgrpo.engine.loop.trainer import train
 from mlxgrpo.engine.loss.sft import sft_loss
+from mlxgrpo.engine.memory.packing import pack, packing_blocker
 from mlxgrpo.errors import ConfigError
 
 VOCAB = 48
@@ -203,13 +206,53 @@ def test_padded_log_probs_equal_each_demonstration_alone():
     """Right-padding and the tiled head on target positions only: every target's log-prob is
     that of the demonstration run alone (float64 softmax); non-targets are 0."""
     model, demos = _model(), _demos()
-    tokens, targets = padded_batch(demos, pad_id=0)
+    tokens, targets, _ = padded_batch(demos, pad_id=0)
     logp = np.asarray(demonstration_logprobs(model, tokens, targets, chunk_size=3))
     for row, demo in enumerate(demos):
         alone = _float64_logprobs(model, demo)
         mask = np.asarray(demo.targets[1:], dtype=bool)
         assert_close(logp[row, : len(alone)][mask], alone[mask], terms=TERMS, what=f"row {row}")
         assert not logp[row, : len(alone)][~mask].any() and not logp[row, len(alone) :].any()
+
+
+def test_packing_fills_rows_longest_first():
+    assert pack([5, 9, 3, 4, 2], 10) == [[1], [0, 3], [2, 4]]
+    assert pack([12, 3], 10) == [[0], [1]]  # too long for a row: a row of its own
+
+
+def test_packed_log_probs_equal_each_demonstration_alone():
+    """Three rows of packed demonstrations: no token sees another demonstration's, so every
+    target's log-prob is that of its demonstration run alone (float64 softmax), and a packed
+    demonstration's first token does not train."""
+    model, demos = _model(), _demos()
+    rows = rows_of(demos, capacity=16)
+    assert sorted(len(r.ids) for r in rows) == [5, 12, 15]  # [12], [9, 6] and [5]
+    tokens, targets, segments = padded_batch(rows, pad_id=0)
+    logp = np.asarray(demonstration_logprobs(model, tokens, targets, 3, segments))
+    got = {}
+    for row, r in enumerate(rows):
+        starts = [t for t in range(len(r.ids)) if t == 0 or r.segments[t] != r.segments[t - 1]]
+        for begin in starts:
+            length = r.segments.count(r.segments[begin])
+            got[tuple(r.ids[begin : begin + length])] = (row, begin, length)
+            assert r.targets[begin] == 0
+    for demo in demos:
+        row, begin, length = got[tuple(demo.ids)]
+        alone = _float64_logprobs(model, demo)
+        mask = np.asarray(demo.targets[1:], dtype=bool)
+        packed = logp[row, begin : begin + length - 1]
+        assert_close(packed[mask], alone[mask], terms=TERMS, what=f"demo at row {row}")
+
+
+def test_models_that_cannot_pack_say_why():
+    from mlx_lm.models import gpt2
+
+    assert packing_blocker(_model(), _model().model) is None
+    args = gpt2.ModelArgs("gpt2", 64, 32, 4, 2, 64, 1e-5, VOCAB)
+    absolute = gpt2.Model(args)
+    mx.eval(absolute.parameters())
+    assert "absolute position" in packing_blocker(absolute, absolute.model)
+    assert "trunk cannot run alone" in packing_blocker(absolute, None)
 
 
 def _context(model: nn.Module, *sets: str) -> UpdateContext:
@@ -229,8 +272,9 @@ def _context(model: nn.Module, *sets: str) -> UpdateContext:
         ("finetune.grad_checkpoint=false", "optim.gradient_accumulation_steps=1"),
         ("finetune.grad_checkpoint=true", "optim.gradient_accumulation_steps=2"),
         ("finetune.lm_head_chunk=2", "optim.max_tokens_per_microbatch=20"),
+        ("sft.packing=true", "sft.max_length=16", "optim.gradient_accumulation_steps=2"),
     ],
-    ids=["plain", "checkpointed-2-micro-batches", "chunked-head-token-packed"],
+    ids=["plain", "checkpointed-2-micro-batches", "chunked-head-token-packed", "packed"],
 )
 def test_one_update_takes_the_float64_mean_nll_step(sets):
     """With SGD at learning rate 1, the step is the gradient of the update's mean NLL: equal
@@ -244,7 +288,7 @@ def test_one_update_takes_the_float64_mean_nll_step(sets):
     def plain_loss():
         total = sum(
             -mx.sum(
-                demonstration_logprobs(reference, *padded_batch([d], 0))
+                demonstration_logprobs(reference, *padded_batch([d], 0)[:2])
                 * mx.array([d.targets[1:]], dtype=mx.float32)
             )
             for d in demos
@@ -254,7 +298,11 @@ def test_one_update_takes_the_float64_mean_nll_step(sets):
     before = dict(tree_flatten(reference.trainable_parameters()))
     grads = dict(tree_flatten(nn.value_and_grad(reference, plain_loss)()[1]))
     ctx = _context(model, *sets, "optim.max_grad_norm=0")
-    result = sft_update(ctx, demos, seed=0, lr=1.0)
+    capacity = packing_capacity(
+        model, resolve_config((), ["algorithm.type=sft", *sets], environ={}).config.sft
+    )
+    result = sft_update(ctx, demos, seed=0, lr=1.0, capacity=capacity)
+    assert result.metrics["rows"] == (3 if capacity else 4)
     assert_close(result.metrics["loss"], expected_nll.mean(), terms=TERMS, what="loss")
     assert result.metrics["target_tokens"] == len(expected_nll)
     after = dict(tree_flatten(model.trainable_parameters()))

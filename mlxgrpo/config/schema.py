@@ -376,6 +376,12 @@ class SftConfig:
         "truncated_examples counts them).",
         min=2,
     )
+    packing: bool = opt(
+        False,
+        "Pack short demonstrations into rows of up to max_length tokens, none attending to "
+        "another (less padding). A model where that is not exact (absolute position "
+        "embeddings, recurrent layers) trains unpacked, and the run says why.",
+    )
     completion_field: str = opt(
         "completion",
         "Column with a demonstration's completion, beside data.prompt_field. A 'messages' "

@@ -5,7 +5,8 @@ accumulated over them, and one optimizer step (docs/architecture.md §3).
 The memory techniques are GRPO's: the blocks are checkpointed as ``finetune.grad_checkpoint``
 says, and the LM head runs in tiles on the target positions only
 (:func:`~mlxgrpo.engine.memory.lm_head.sequence_logprobs` with a mask), so a demonstration's
-prompt costs the trunk's pass but no head.
+prompt costs the trunk's pass but no head. With ``sft.packing``, short demonstrations share
+rows without attending to each other (:mod:`~mlxgrpo.engine.memory.packing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,58 +28,117 @@ from mlxgrpo.engine.loop.microbatch import plan_microbatches
 from mlxgrpo.engine.loop.training_pass import step
 from mlxgrpo.engine.loop.update import UpdateResult
 from mlxgrpo.engine.loss.sft import sft_loss
-from mlxgrpo.engine.memory.lm_head import sequence_logprobs
+from mlxgrpo.engine.memory.lm_head import sequence_logprobs, split_lm_head
+from mlxgrpo.engine.memory.packing import pack, packing_blocker
 from mlxgrpo.engine.memory.recompute import checkpointed_blocks
 
 
-def padded_batch(demos: Sequence[EncodedDemonstration], pad_id: int) -> tuple[mx.array, mx.array]:
-    """``(tokens, targets)`` [N, T]: the demonstrations right-padded to the longest, and 1
-    where a token trains (never at padding)."""
-    width = max(len(d.ids) for d in demos)
-    tokens = np.full((len(demos), width), pad_id, dtype=np.int32)
-    targets = np.zeros((len(demos), width), dtype=np.float32)
-    for row, demo in enumerate(demos):
-        tokens[row, : len(demo.ids)] = demo.ids
-        targets[row, : len(demo.targets)] = demo.targets
-    return mx.array(tokens), mx.array(targets)
+@dataclass(frozen=True)
+class Row:
+    """One row of a batch: a demonstration, or several packed ones (``segments``: each
+    position's demonstration)."""
+
+    ids: list[int]
+    targets: list[int]
+    segments: list[int]
+
+
+def rows_of(demos: Sequence[EncodedDemonstration], capacity: int | None) -> list[Row]:
+    """The batch's rows: one per demonstration, or with a ``capacity`` packed up to that many
+    tokens (:func:`~mlxgrpo.engine.memory.packing.pack`). A packed demonstration's first token
+    never trains (it would be predicted from the one before it)."""
+    if capacity is None:
+        return [Row(d.ids, d.targets, [0] * len(d.ids)) for d in demos]
+    rows = []
+    for members in pack([len(d.ids) for d in demos], capacity):
+        ids: list[int] = []
+        targets: list[int] = []
+        segments: list[int] = []
+        for segment, i in enumerate(members):
+            ids += demos[i].ids
+            targets += [0, *demos[i].targets[1:]]
+            segments += [segment] * len(demos[i].ids)
+        rows.append(Row(ids, targets, segments))
+    return rows
+
+
+def padded_batch(
+    rows: Sequence[Row | EncodedDemonstration], pad_id: int
+) -> tuple[mx.array, mx.array, np.ndarray]:
+    """``(tokens, targets, segments)`` [N, T]: the rows right-padded to the longest, 1 where
+    a token trains (never at padding), and each position's segment (each padding position
+    a segment of its own, so that it sees nothing but itself)."""
+    width = max(len(r.ids) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
+    targets = np.zeros((len(rows), width), dtype=np.float32)
+    segments = np.tile(-1 - np.arange(width), (len(rows), 1))
+    for row, r in enumerate(rows):
+        tokens[row, : len(r.ids)] = r.ids
+        targets[row, : len(r.targets)] = r.targets
+        segments[row, : len(r.ids)] = r.segments if isinstance(r, Row) else 0
+    return mx.array(tokens), mx.array(targets), segments
 
 
 def demonstration_logprobs(
-    model: nn.Module, tokens: mx.array, targets: mx.array, chunk_size: int | None = None
+    model: nn.Module,
+    tokens: mx.array,
+    targets: mx.array,
+    chunk_size: int | None = None,
+    segments: np.ndarray | None = None,
 ) -> mx.array:
-    """[N, T-1]: the log-prob of each target token given the tokens before it (0 where the
-    token does not train)."""
-    return sequence_logprobs(model, tokens, 1, mask=targets, chunk_size=chunk_size)
+    """[N, T-1]: the log-prob of each target token given the tokens before it in its row's
+    segment (0 where the token does not train); ``segments`` None: one demonstration a row."""
+    return sequence_logprobs(
+        model, tokens, 1, mask=targets, chunk_size=chunk_size, segments=segments
+    )
+
+
+def packing_capacity(model: nn.Module, sft: Any) -> int | None:
+    """Row capacity for packed demonstrations (``sft``: the config's [sft] section), or None
+    when they train one per row: packing is off, or the model cannot pack
+    (:func:`~mlxgrpo.engine.memory.packing.packing_blocker`)."""
+    if not sft.packing:
+        return None
+    split = split_lm_head(model)
+    blocked = packing_blocker(model, split[0] if split is not None else None)
+    return sft.max_length if blocked is None else None
 
 
 def sft_update(
-    ctx: UpdateContext, demos: Sequence[EncodedDemonstration], seed: int, lr: float
+    ctx: UpdateContext,
+    demos: Sequence[EncodedDemonstration],
+    seed: int,
+    lr: float,
+    capacity: int | None = None,
 ) -> UpdateResult:
-    """Learn from one batch of demonstrations; returns the update's metrics: ``loss`` (mean
+    """Learn from one batch of demonstrations (packed into rows of ``capacity`` tokens when
+    given, see :func:`packing_capacity`); returns the update's metrics: ``loss`` (mean
     negative log-likelihood per target token), ``perplexity``, ``target_tokens``,
-    ``truncated_examples``, ``grad_norm`` and the timing and memory figures."""
+    ``truncated_examples``, ``rows``, ``grad_norm`` and the timing and memory figures."""
     started = time.perf_counter()
     mx.random.seed(seed)  # dropout is a function of (run seed, update)
     ctx.optimizer.learning_rate = lr
+    rows = rows_of(demos, capacity)
     chunks = plan_microbatches(
-        list(range(len(demos))),
-        [len(d.ids) for d in demos],
+        list(range(len(rows))),
+        [len(r.ids) for r in rows],
         parts=ctx.optim.gradient_accumulation_steps,
         max_tokens=ctx.optim.max_tokens_per_microbatch,
     )
-    batches = [padded_batch([demos[i] for i in c], ctx.codec.pad_id) for c in chunks if c]
-    update_tokens = sum(d.trained for d in demos)
+    batches = [padded_batch([rows[i] for i in c], ctx.codec.pad_id) for c in chunks if c]
+    update_tokens = sum(sum(r.targets[1:]) for r in rows)
     chunk_size = ctx.finetune.lm_head_chunk or None
 
-    def loss_of(tokens: mx.array, targets: mx.array):
-        logp = demonstration_logprobs(ctx.model, tokens, targets, chunk_size)
+    def loss_of(tokens: mx.array, targets: mx.array, segments: np.ndarray | None):
+        logp = demonstration_logprobs(ctx.model, tokens, targets, chunk_size, segments)
         return sft_loss(logp, targets[:, 1:], max(update_tokens, 1))
 
     value_and_grad = nn.value_and_grad(ctx.model, loss_of)
     grads, loss_sum, nll = None, 0.0, 0.0
-    for tokens, targets in batches:
+    for tokens, targets, segments in batches:
         with checkpointed_blocks(ctx.model, ctx.finetune.grad_checkpoint):
-            (loss, metrics), g = value_and_grad(tokens, targets)
+            packed = segments if capacity is not None else None
+            (loss, metrics), g = value_and_grad(tokens, targets, packed)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(loss, metrics, grads)
         loss_sum += loss.item()
@@ -84,13 +146,14 @@ def sft_update(
     grad_norm, applied = step(ctx, grads, loss_sum)
     seconds = time.perf_counter() - started
     mean_nll = nll / max(update_tokens, 1)
-    tokens_run = sum(int(t.size) for t, _ in batches)
+    tokens_run = sum(int(t.size) for t, _, _ in batches)
     return UpdateResult(
         {
             "loss": mean_nll,
             "perplexity": math.exp(min(mean_nll, 700.0)),
             "target_tokens": float(update_tokens),
             "truncated_examples": float(sum(d.truncated for d in demos)),
+            "rows": float(len(rows)),
             "grad_norm": grad_norm,
             "nonfinite_skipped": float(not applied),
             "micro_batches": float(len(batches)),
@@ -115,7 +178,7 @@ def validation_loss(
     nll, tokens = 0.0, 0
     for begin in range(0, len(demos), batch_size):
         part = demos[begin : begin + batch_size]
-        ids, targets = padded_batch(part, pad_id)
+        ids, targets, _ = padded_batch(part, pad_id)
         logp = demonstration_logprobs(model, ids, targets, chunk_size)
         nll -= mx.sum(logp * targets[:, 1:]).item()
         tokens += sum(d.trained for d in part)

@@ -352,7 +352,7 @@ def _start_info(s: Session) -> dict[str, Any]:
         ),
         "memory_paths": {
             path.name: path.describe()
-            for path in memory_paths(s.model, cfg.finetune, cfg.algorithm, s.ctx.tools)
+            for path in memory_paths(s.model, cfg.finetune, cfg.algorithm, s.ctx.tools, cfg.sft)
         },
     }
 
@@ -435,8 +435,12 @@ class _UpdateSource:
     rollout (GRPO), or batches of demonstrations (SFT)."""
 
     def __init__(self, s: Session) -> None:
-        self.s, self.generation = s, None
-        self.steps = s.resolved.config.optim.steps_per_generation
+        from mlxgrpo.engine.loop.sft_update import packing_capacity
+
+        cfg = s.resolved.config
+        self.s, self.generation, self.steps = s, None, cfg.optim.steps_per_generation
+        sft = cfg.algorithm.type == "sft"
+        self.capacity = packing_capacity(s.model, cfg.sft) if sft else None
 
     def next(self, update: int, seed: int, lr: float) -> Any:
         """Update ``update``'s result (engine.loop.update.UpdateResult), or None when the
@@ -447,7 +451,7 @@ class _UpdateSource:
         s, cfg = self.s, self.s.resolved.config
         if cfg.algorithm.type == "sft":
             batch = s.stream.next_batch()
-            return None if batch is None else sft_update(s.ctx, batch, seed, lr)
+            return None if batch is None else sft_update(s.ctx, batch, seed, lr, self.capacity)
         if update % self.steps == 0:  # a new rollout, for this and the next steps - 1 updates
             prompts = _generation_prompts(s.stream, self.steps)
             if prompts is None:

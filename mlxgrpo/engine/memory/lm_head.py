@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgrpo.engine.memory import chunked_head, shared_prefix
+from mlxgrpo.engine.memory import chunked_head, packing, shared_prefix
 from mlxgrpo.engine.memory.frozen_head import (
     FROZEN_HEAD_POSITIONS,
     frozen_head_logprobs,
@@ -155,6 +155,7 @@ def sequence_logprobs(
     prompt_lengths: Any = None,
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
+    segments: Any = None,
 ) -> mx.array: ...
 
 
@@ -171,6 +172,7 @@ def sequence_logprobs(
     prompt_lengths: Any = None,
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
+    segments: Any = None,
 ) -> tuple[mx.array, mx.array]: ...
 
 
@@ -186,6 +188,7 @@ def sequence_logprobs(
     prompt_lengths: Any = None,
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
+    segments: Any = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
@@ -205,7 +208,9 @@ def sequence_logprobs(
     T the log-probs and entropies are those of ``softmax(logits / T)``, the distribution the
     rollout samples from. ``known``: the blocks' outputs in the shared-prefix layout's suffix
     pass, already computed by the rollout (:mod:`~mlxgrpo.engine.memory.replay`); ignored when that
-    layout does not apply.
+    layout does not apply. ``segments`` [N, T]: which demonstration each position of a packed
+    row belongs to (:mod:`~mlxgrpo.engine.memory.packing`); none attends to another's, and the
+    model must pass :func:`~mlxgrpo.engine.memory.packing.packing_blocker`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -215,7 +220,9 @@ def sequence_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     width = length - start
-    head, features, selected = _head_features(model, tokens, start, mask, prompt_lengths, known)
+    head, features, selected = _head_features(
+        model, tokens, start, mask, prompt_lengths, known, segments
+    )
     targets = tokens[:, start:].reshape(-1)
     if selected is not None:
         targets = targets[mx.array(selected, dtype=mx.int32)]
@@ -243,6 +250,7 @@ def _head_features(
     mask: mx.array | None,
     prompt_lengths: Any,
     known: shared_prefix.KnownOutputs | None,
+    segments: Any = None,
 ) -> tuple[Callable | None, mx.array, np.ndarray | None]:
     """``(head, features, selected)``: the LM head (None when the model is not split and the
     features are its logits), the flat features [P, H] of the positions whose log-prob is
@@ -250,7 +258,9 @@ def _head_features(
     rows, length = tokens.shape
     width = length - start
     split = split_lm_head(model)
-    layout = _shared_prefix_layout(model, split, tokens, mask, prompt_lengths)
+    layout = None
+    if segments is None:
+        layout = _shared_prefix_layout(model, split, tokens, mask, prompt_lengths)
     if layout is not None:
         assert split is not None and mask is not None
         trunk, head = split
@@ -261,7 +271,14 @@ def _head_features(
             selected = np.arange(rows * width)
         return head, features, selected
     selected = _selected_positions(None if mask is None else mask[:, start:], rows, width)
-    if split is None:
+    if segments is not None:
+        if split is None:
+            raise ValueError("packed rows need a model whose trunk runs under its LM head")
+        trunk, head = split
+        caches = packing.segment_caches(trunk, np.asarray(segments)[:, :-1])
+        hidden = trunk(tokens[:, :-1], caches)[:, start - 1 :]
+        features = hidden.reshape(rows * width, hidden.shape[-1])
+    elif split is None:
         logits = model(tokens[:, :-1])[:, start - 1 :]
         features, head = logits.reshape(rows * width, -1), None
     else:

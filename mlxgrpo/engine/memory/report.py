@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlxgrpo.engine.memory import shared_prefix
 from mlxgrpo.engine.memory.frozen_head import target_rows
 from mlxgrpo.engine.memory.lm_head import split_lm_head
+from mlxgrpo.engine.memory.packing import packing_blocker
 from mlxgrpo.engine.memory.replay import replay_blocker
 from mlxgrpo.models.blocks import checkpoint_blocker
 from mlxgrpo.models.heads import conventional_head, head_linear
@@ -34,10 +35,11 @@ class MemoryPath:
 
 
 def memory_paths(
-    model: nn.Module, finetune: Any, algorithm: Any, tools: Any = None
+    model: nn.Module, finetune: Any, algorithm: Any, tools: Any = None, sft: Any = None
 ) -> list[MemoryPath]:
     """The techniques of docs/architecture.md §5 for this model and these config sections
-    (``[finetune]``, ``[algorithm]``; ``tools``: the rollout's tool runner, if any)."""
+    (``[finetune]``, ``[algorithm]``, and ``[sft]`` for packing; ``tools``: the rollout's tool
+    runner, if any)."""
     split = split_lm_head(model)
     unsplit = (
         "the output is not the LM head applied to the trunk (a logit softcap or scale, or a "
@@ -46,12 +48,16 @@ def memory_paths(
         else "no LM head where mlx-lm's conventions put it"
     )
     if getattr(algorithm, "type", "grpo") == "sft":
-        return [
+        paths = [
             _tiled_head(split, unsplit, algorithm),
             MemoryPath("shared prompt", False, "supervised fine-tuning: no group shares a prompt"),
             MemoryPath("replay", False, "supervised fine-tuning: no rollout to replay"),
             _checkpointing(model, finetune),
         ]
+        if sft is not None and sft.packing:
+            why = packing_blocker(model, split[0] if split is not None else None)
+            paths.append(MemoryPath("packing", why is None, why or ""))
+        return paths
     return [
         _tiled_head(split, unsplit, algorithm),
         _shared_prompt(model, split, unsplit),
