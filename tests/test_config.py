@@ -134,6 +134,7 @@ LEGACY_SAMPLE = {
     "eval_subset_size": (30, "eval.samples", 30),
     "eval_max_new_tokens": (48, "eval.max_new_tokens", 48),
     "log_jsonl": (False, "logging.jsonl", False),
+    "algorithm_type": ("sft", "algorithm.type", "sft"),
     "batch_size": (2, "optim.batch_size", 8),  # 2 prompts x the old default 4 micro-batches
     "gradient_accumulation_steps": (2, "optim.gradient_accumulation_steps", 2),
 }

@@ -223,3 +223,16 @@ def test_a_staged_run_resumes_with_auto_only(staged):
     with pytest.raises(ConfigProblems) as exc:
         resolve_config([staged], ["run.resume=/some/checkpoint"], environ={}, check_paths=False)
     assert any("a staged run resumes with auto" in p for p in exc.value.problems)
+
+
+def test_trinity_names_load(staged):
+    """Trinity-RFT's stage_name and algorithm_type, as its staged configs write them."""
+    text = STAGED[: STAGED.index("[[stages]]")]
+    text += '[[stages]]\nstage_name = "warm"\nalgorithm_type = "sft"\n'
+    text += '[[stages]]\nstage_name = "rl"\nalgorithm_type = "grpo"\n'
+    staged.write_text(text)
+    resolved = resolve_config([staged], environ={})
+    assert [(n, s.config.algorithm.type) for n, s in resolved.stages] == [
+        ("warm", "sft"),
+        ("rl", "grpo"),
+    ]

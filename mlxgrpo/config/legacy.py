@@ -1,4 +1,5 @@
-"""Flat keys of the original MLX-GRPO script, mapped onto the sectioned schema.
+"""Flat keys of the original MLX-GRPO script (and Trinity-RFT's ``algorithm_type``), mapped
+onto the sectioned schema.
 
 Old configs are flat TOML files (or a `[mlx_grpo]` table). Each old key maps to one dotted key,
 sometimes with a value conversion. Some old keys were near-duplicates of each other (eval_steps and
@@ -58,6 +59,8 @@ LEGACY_KEYS: dict[str, LegacyKey] = {
     "quantize_for_rollouts": LegacyKey("rollout.quantize_bits", convert=_bits_from_flag),
     "eval_every_updates": LegacyKey("eval.every_updates"),
     "eval_subset_size": LegacyKey("eval.samples", alias=True),
+    # Trinity-RFT's name, as its stages write it.
+    "algorithm_type": LegacyKey("algorithm.type"),
     "eval_max_new_tokens": LegacyKey("eval.max_new_tokens"),
     "log_jsonl": LegacyKey("logging.jsonl"),
 }

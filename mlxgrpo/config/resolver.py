@@ -152,6 +152,11 @@ def _stage_entries(stages: Any, path: Path, col: _Collector) -> list[tuple[str, 
     for number, table in enumerate(stages, start=1):
         body = dict(table)
         name = body.pop("name", None)
+        trinity = body.pop("stage_name", None)  # Trinity-RFT's name for it
+        if name is None:
+            name = trinity
+        elif trinity is not None:
+            col.problems.append(f"{path}: stage {name!r} sets both name and stage_name; keep one")
         problem = path_component_problem(name) if isinstance(name, str) else "no name"
         if not name or problem:
             col.problems.append(
