@@ -8,9 +8,10 @@ rollout (`algorithm.num_iterations = 2`), so the second pass is off-policy and t
 ratio handling (clip, soft gate, clipped weight, sequence ratio) matters.
 
 Beside the loss types, rows for the other advantage estimators, for GDPO's per-function
-aggregation and for two optimizer steps per rollout (each with the grpo loss). For each row and seed: the updates needed for the mean
-reward of 4 consecutive updates to reach the threshold, and the mean reward of the last 4
-updates. The table reports medians over the seeds.
+aggregation and for two optimizer steps per rollout (each with the grpo loss). For each row
+and seed: the updates needed for the mean reward of 4 consecutive updates to reach the
+threshold, and the mean reward of the last 4 updates. The table reports medians over the
+seeds.
 """
 
 from __future__ import annotations

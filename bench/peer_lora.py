@@ -87,7 +87,8 @@ def ensure_venv(cache: Path) -> Path:
     return python
 
 
-def _blas_path() -> str:
+def blas_path() -> str:
+    """The BLAS library mlxgrpo loaded for itself (Linux), for a peer to load the same."""
     from mlxgrpo.backend import blas_info
 
     if not sys.platform.startswith("linux"):
@@ -116,7 +117,7 @@ def command(
         "--config": config,
     }  # fmt: skip
     flat = [str(part) for pair in peer_args.items() for part in pair]
-    records = ["--records", str(work / "iterations.jsonl"), "--blas", _blas_path()]
+    records = ["--records", str(work / "iterations.jsonl"), "--blas", blas_path()]
     return [str(python), str(LAUNCHER), *records, "--", "--train", *flat]
 
 

@@ -272,3 +272,51 @@ def print_distributed_report(result: dict[str, Any], out: Path | None) -> None:
     console.print(_figure_table(title, rows))
     if out is not None:
         console.print(f"results: {out}")
+
+
+def print_sft_report(result: dict[str, Any], out: Path | None) -> None:
+    console = Console(width=max(Console().width, 110))
+    s, ours, env = result["settings"], result["mlxgrpo"], result["environment"]
+    title = (
+        f"mlxgrpo supervised fine-tuning at the {result['shape']} shape: batches of "
+        f"{s['batch_size']} demonstrations ({ours['target_tokens']:.0f} target tokens), LoRA r"
+        f"{s['lora_rank']} on every block; {env['backend']} / {env['blas']}; medians over "
+        f"{len(ours['steps'])} steps after a warm-up; weights {result['weights_gb']:.2f} GB"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "trainer",
+        "s / step",
+        "target tokens / s",
+        "peak GB",
+        "peak / weights",
+        "vs us",
+    ):
+        table.add_column(column, justify="left" if column == "trainer" else "right")
+    weights = result["weights_gb"]
+    table.add_row(
+        "mlxgrpo sft",
+        f"{ours['seconds_per_step']:.2f}",
+        f"{ours['tokens_per_sec']:.0f}",
+        f"{ours['peak_memory_gb']:.2f}",
+        f"{ours['peak_memory_gb'] / weights:.2f}x",
+        "",
+    )
+    for label, name in (
+        ("peer", "mlx_lm lora"),
+        ("peer_grad_checkpoint", "mlx_lm lora, grad ckpt"),
+    ):
+        peer = result.get(label)
+        if peer is None:
+            continue
+        table.add_row(
+            name,
+            f"{peer['seconds_per_step']:.2f}",
+            f"{peer['tokens_per_sec']:.0f}",
+            f"{peer['peak_memory_gb']:.2f}",
+            f"{peer['peak_memory_gb'] / weights:.2f}x",
+            f"{peer['speed_ratio']:.2f}x as fast, {peer['memory_ratio']:.2f}x the memory",
+        )
+    console.print(table)
+    if out is not None:
+        console.print(f"results: {out}")

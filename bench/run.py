@@ -4,6 +4,7 @@ every design.
     python bench/run.py [--quick] [--out results.json] [--repeats 3] [--sections ...]
     python bench/run.py --scale [--peer] [--quick] [--shapes a,b] [--out scale.json] [--repeats 2]
     python bench/run.py --learning [--quick] [--out learning.json]
+    python bench/run.py --sft [--peer] [--quick] [--out sft.json] [--repeats 3]
     python bench/run.py --distributed [--quick] [--out distributed.json] [--repeats 2]
 
 Builds a random-weight Qwen2-shaped benchmark model (~39M parameters; `--quick`: the tiny
@@ -15,6 +16,8 @@ Prints a Rich table and writes JSON for later comparison. `--scale` runs only th
 section instead (real Qwen2.5, Qwen3 and Gemma 3 shapes, optionally against mlx-lm-lora: see
 scale_bench.py).
 `--learning` runs only the learning table (every loss type on one task: learning_bench.py).
+`--sft` runs only supervised fine-tuning at the Qwen2.5-0.5B shape, with `--peer` against mlx-lm's
+own `mlx_lm lora` on identical work (sft_bench.py).
 `--distributed` runs only the data-parallel section: the same updates in one process and in 2
 ranks under `mlx.launch` on this machine (distributed_bench.py).
 """
@@ -88,7 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shapes", help="--scale: comma list of shape keys (default: all; see scale_setup.py)"
     )
     parser.add_argument(
-        "--peer", action="store_true", help="--scale: also run mlx-lm-lora (installed on demand)"
+        "--peer",
+        action="store_true",
+        help="--scale: also run mlx-lm-lora (installed on demand); --sft: also run mlx_lm lora",
+    )
+    parser.add_argument(
+        "--sft",
+        action="store_true",
+        help="only supervised fine-tuning at the Qwen2.5-0.5B shape (with --peer: vs mlx_lm lora)",
     )
     parser.add_argument(
         "--rollout-rows",
@@ -103,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     quick = args.quick
-    if args.peer and not args.scale:
-        parser.error("--peer belongs to --scale")
+    if args.peer and not (args.scale or args.sft):
+        parser.error("--peer belongs to --scale or --sft")
     if args.shapes and not args.scale:
         parser.error("--shapes belongs to --scale")
     if args.rollout_rows is not None and (not args.scale or args.rollout_rows < 1):
@@ -116,8 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             scale_setup.select_shapes(args.shapes, args.quick)
         except ValueError as exc:
             parser.error(str(exc))
-    if args.learning + args.scale + args.distributed > 1:
-        parser.error("--learning, --scale and --distributed are separate runs")
+    if args.learning + args.scale + args.distributed + args.sft > 1:
+        parser.error("--learning, --scale, --sft and --distributed are separate runs")
     args.repeats = args.repeats or (2 if args.scale or args.distributed else 3)
     args.max_new_tokens = args.max_new_tokens or (24 if quick else 128)
     args.single_calls = args.single_calls or (2 if quick else 8)
@@ -203,6 +213,20 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         "learning": learning_bench.measure_learning(
             seeds=1 if args.quick else 3, updates=6 if args.quick else 40
         ),
+    }
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_sft(args: argparse.Namespace) -> dict[str, Any]:
+    import sft_bench
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        **sft_bench.run_sft(args, environment()),
     }
     result["seconds"] = time.perf_counter() - started
     return result
@@ -334,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.learning:
         result = run_learning(args)
+    elif args.sft:
+        result = run_sft(args)
     elif args.distributed:
         result = run_distributed(args)
     else:
@@ -347,10 +373,13 @@ def main(argv: list[str] | None = None) -> int:
             print_learning_report,
             print_report,
             print_scale_report,
+            print_sft_report,
         )
 
         if args.learning:
             print_learning_report(result, args.out)
+        elif args.sft:
+            print_sft_report(result, args.out)
         elif args.distributed:
             print_distributed_report(result, args.out)
         else:

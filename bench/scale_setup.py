@@ -145,7 +145,7 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mlxgrpo-bench"
 
 
-def _key(*parts: Any) -> str:
+def cache_key(*parts: Any) -> str:
     text = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -177,7 +177,7 @@ def shape_key(shape: ModelShape) -> str:
     for field in fields(shape):
         if field.name in added and parts[field.name] == field.default:
             del parts[field.name]
-    return _key(parts)
+    return cache_key(parts)
 
 
 def model_dir(shape: ModelShape) -> Path:
@@ -213,7 +213,7 @@ def data_dir(vocab: int, s: Settings) -> Path:
         lines = "".join(json.dumps(row) + "\n" for row in rows)
         (tmp / "train.jsonl").write_text(lines, encoding="utf-8")
 
-    return cached_dir(cache_root() / "data" / f"prompts-{_key(text)}", build)
+    return cached_dir(cache_root() / "data" / f"prompts-{cache_key(text)}", build)
 
 
 def parameter_count(shape: ModelShape) -> int:

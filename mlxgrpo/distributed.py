@@ -309,9 +309,9 @@ def reject_unsupported(cfg: Any, dist: Dist) -> None:
     if not dist.active:
         return
     dist.check_batch_size(cfg.optim.batch_size)
-    if cfg.algorithm.type == "sft":
+    if cfg.algorithm.type != "grpo":
         raise ConfigError(
-            "algorithm.type = sft is not supported with several ranks yet",
+            f"algorithm.type = {cfg.algorithm.type} is not supported with several ranks yet",
             hint="train in one process",
         )
     if cfg.algorithm.dynamic_sampling:

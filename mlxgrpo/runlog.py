@@ -45,15 +45,42 @@ def is_run_dir(path: Path) -> bool:
     )
 
 
+def stage_runs(path: Path) -> list[Path]:
+    """The stages of a staged run (``[[stages]]``: one run directory per stage inside it), in
+    the order they started; [] when ``path`` is not a staged run."""
+    if not path.is_dir() or is_run_dir(path):
+        return []
+    stages = [p for p in path.iterdir() if not p.name.startswith(".") and is_run_dir(p)]
+    return sorted(stages, key=lambda p: (_started_at(p), p.name))
+
+
+def runs_under(root: Path) -> list[Path]:
+    """Run directories under `root`: those directly in it, and each staged run's stages."""
+    found: list[Path] = []
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        found += [path] if is_run_dir(path) else stage_runs(path)
+    return found
+
+
+def run_label(run_dir: Path, root: Path) -> str:
+    """How a run is named under `root`: its directory name, `run/stage` for a stage."""
+    try:
+        return run_dir.relative_to(root).as_posix()
+    except ValueError:
+        return run_dir.name
+
+
 def list_runs(root: Path) -> list[Path]:
-    """Run directories directly under `root`, oldest first (by when their config was written)."""
+    """Run directories under `root` (a staged run's stages included), oldest first (by when
+    their config was written)."""
     if not root.is_dir():
         raise ConfigError(
             f"no such directory '{root}'",
             hint="pass the directory that holds your runs (run.output_dir)",
         )
-    runs = [p for p in root.iterdir() if not p.name.startswith(".") and is_run_dir(p)]
-    return sorted(runs, key=lambda p: (_started_at(p), p.name))
+    return sorted(runs_under(root), key=lambda p: (_started_at(p), p.as_posix()))
 
 
 def resolve_run(spec: str, output_dir: str) -> Path:
@@ -63,7 +90,7 @@ def resolve_run(spec: str, output_dir: str) -> Path:
     """
     root = Path(output_dir).expanduser()
     if spec == LAST_RUN:
-        runs = [p for p in root.iterdir() if is_run_dir(p)] if root.is_dir() else []
+        runs = runs_under(root)
         if not runs:
             raise ConfigError(
                 f"no runs under '{root}' (run.output_dir)",

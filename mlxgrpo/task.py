@@ -8,7 +8,7 @@ the same prompts, the same system prompt and the same chat rendering. Both build
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from mlxgrpo.config import ResolvedConfig
@@ -47,6 +47,8 @@ class Task:
     reward_set: RewardSet | None  # None for supervised fine-tuning
     tools: Any = None  # generation.tool_loop.ToolRunner when rollout.tools is set
     codec: TextCodec | None = None
+    # algorithm.type = mix: the demonstrations of its SFT term (encoded with the tokenizer).
+    demonstrations: list[Any] = field(default_factory=list)
 
     @classmethod
     def load(
@@ -66,7 +68,16 @@ class Task:
         check_tools(resolved)
         train_examples = _load_train_examples(resolved) if train else []
         eval_examples = _load_eval_examples(resolved, eval_limit) if evaluate else []
-        return cls(resolved, train_examples, eval_examples, _build_reward_set(resolved))
+        demos = []
+        if train and resolved.config.algorithm.type == "mix":
+            demos = _load_demonstrations(resolved, "train", source=resolved.config.mix.dataset)
+        return cls(
+            resolved,
+            train_examples,
+            eval_examples,
+            _build_reward_set(resolved),
+            demonstrations=demos,
+        )
 
     def with_tokenizer(self, tokenizer: Any) -> Task:
         """This task with the tool runner and text codec of `tokenizer` (and, for supervised
@@ -82,7 +93,10 @@ class Task:
                 eval_examples=[encode(d) for d in self.eval_examples],
             )
         tools = build_tool_runner(self.resolved, tokenizer)
-        return replace(self, tools=tools, codec=text_codec(tokenizer, cfg, tools))
+        codec = text_codec(tokenizer, cfg, tools)
+        encode = demonstration_encoder(tokenizer, cfg, codec)
+        demos = [encode(d) for d in self.demonstrations]
+        return replace(self, tools=tools, codec=codec, demonstrations=demos)
 
 
 def demonstration_encoder(tokenizer: Any, cfg: Any, codec: TextCodec) -> Callable[[Any], Any]:
@@ -108,9 +122,11 @@ def demonstration_encoder(tokenizer: Any, cfg: Any, codec: TextCodec) -> Callabl
     )
 
 
-def _load_demonstrations(resolved: ResolvedConfig, which: str, limit: int | None = None) -> list:
+def _load_demonstrations(
+    resolved: ResolvedConfig, which: str, limit: int | None = None, source: str = ""
+) -> list:
     """The train split's demonstrations, or at most `limit` (default eval.samples) of the
-    eval split's, in file order."""
+    eval split's, in file order; from `source` when given, else from data.dataset."""
     from mlxgrpo.data import default_system_prompt, load_demonstrations
 
     cfg = resolved.config
@@ -119,7 +135,7 @@ def _load_demonstrations(resolved: ResolvedConfig, which: str, limit: int | None
         system = default_system_prompt(cfg.data.dataset)
     train = which == "train"
     return load_demonstrations(
-        cfg.data.dataset,
+        source or cfg.data.dataset,
         cfg.data.train_split if train else cfg.data.eval_split,
         system_prompt=system,
         subset=cfg.data.subset,

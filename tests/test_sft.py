@@ -196,23 +196,49 @@ def _demos() -> list[EncodedDemonstration]:
 
 def _float64_logprobs(model: nn.Module, demo: EncodedDemonstration) -> np.ndarray:
     """log p(token t | tokens < t) of one unpadded demonstration, softmax in float64."""
+    return _float64_reference(model, demo)[0]
+
+
+def _float64_reference(model: nn.Module, demo: EncodedDemonstration):
+    """(log-probs, whether each target is the argmax) of one unpadded demonstration."""
     logits = np.asarray(model(mx.array([demo.ids])[:, :-1]).astype(mx.float32), dtype=np.float64)
     logits = logits[0] - logits[0].max(axis=-1, keepdims=True)
     logsm = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    return logsm[np.arange(len(demo.ids) - 1), demo.ids[1:]]
+    positions = np.arange(len(demo.ids) - 1)
+    return logsm[positions, demo.ids[1:]], logits.argmax(axis=-1) == np.asarray(demo.ids[1:])
 
 
-def test_padded_log_probs_equal_each_demonstration_alone():
+@pytest.mark.parametrize("chunk", [3, None], ids=["head-in-chunks", "head-tiled"])
+def test_padded_log_probs_equal_each_demonstration_alone(chunk):
     """Right-padding and the tiled head on target positions only: every target's log-prob is
-    that of the demonstration run alone (float64 softmax); non-targets are 0."""
+    that of the demonstration run alone (float64 softmax), and its top-token flag that
+    logit's argmax; non-targets are 0."""
     model, demos = _model(), _demos()
     tokens, targets, _ = padded_batch(demos, pad_id=0)
-    logp = np.asarray(demonstration_logprobs(model, tokens, targets, chunk_size=3))
+    logp, top = map(np.asarray, demonstration_logprobs(model, tokens, targets, chunk))
     for row, demo in enumerate(demos):
-        alone = _float64_logprobs(model, demo)
+        alone, argmax = _float64_reference(model, demo)
         mask = np.asarray(demo.targets[1:], dtype=bool)
         assert_close(logp[row, : len(alone)][mask], alone[mask], terms=TERMS, what=f"row {row}")
         assert not logp[row, : len(alone)][~mask].any() and not logp[row, len(alone) :].any()
+        assert top[row, : len(alone)][mask].tolist() == argmax[mask].astype(float).tolist()
+        assert not top[row, : len(alone)][~mask].any()
+
+
+def test_token_accuracy_counts_the_targets_the_model_ranks_first():
+    """Held-out accuracy is the share of targets that are the float64 argmax; a
+    demonstration of the model's own greedy continuation scores exactly 1."""
+    model, demos = _model(), _demos()
+    figures = validation_loss(model, demos, pad_id=0, batch_size=4)
+    expected = np.concatenate(
+        [_float64_reference(model, d)[1][np.asarray(d.targets[1:], dtype=bool)] for d in demos]
+    )
+    assert figures["token_accuracy"] == pytest.approx(expected.mean(), abs=1e-9)
+    ids = demos[0].ids[:4]
+    for _ in range(6):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+    greedy = EncodedDemonstration(ids, [0] * 4 + [1] * 6)
+    assert validation_loss(model, [greedy], pad_id=0, batch_size=1)["token_accuracy"] == 1.0
 
 
 def test_packing_fills_rows_longest_first():
@@ -228,7 +254,7 @@ def test_packed_log_probs_equal_each_demonstration_alone():
     rows = rows_of(demos, capacity=16)
     assert sorted(len(r.ids) for r in rows) == [5, 12, 15]  # [12], [9, 6] and [5]
     tokens, targets, segments = padded_batch(rows, pad_id=0)
-    logp = np.asarray(demonstration_logprobs(model, tokens, targets, 3, segments))
+    logp = np.asarray(demonstration_logprobs(model, tokens, targets, 3, segments)[0])
     got = {}
     for row, r in enumerate(rows):
         starts = [t for t in range(len(r.ids)) if t == 0 or r.segments[t] != r.segments[t - 1]]
@@ -288,7 +314,7 @@ def test_one_update_takes_the_float64_mean_nll_step(sets):
     def plain_loss():
         total = sum(
             -mx.sum(
-                demonstration_logprobs(reference, *padded_batch([d], 0)[:2])
+                demonstration_logprobs(reference, *padded_batch([d], 0)[:2])[0]
                 * mx.array([d.targets[1:]], dtype=mx.float32)
             )
             for d in demos
@@ -362,13 +388,13 @@ def test_settings_of_the_other_kind_of_training_are_refused():
     with pytest.raises(ConfigProblems) as exc:
         resolve_config((), ["sft.train_on_prompt=true"], environ={})
     assert any(
-        p.startswith("sft.train_on_prompt is read by algorithm.type = sft only")
+        p.startswith("sft.train_on_prompt is read by algorithm.type = sft or mix only")
         for p in exc.value.problems
     )
     with pytest.raises(ConfigProblems) as exc:
         resolve_config((), ["algorithm.type=sft", "rollout.num_generations=4"], environ={})
     assert any(
-        p.startswith("rollout.num_generations is read by GRPO runs only")
+        p.startswith("rollout.num_generations is read by algorithm.type = grpo or mix only")
         for p in exc.value.problems
     )
 

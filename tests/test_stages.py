@@ -13,8 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlxgrpo import runlog
 from mlxgrpo.config import ConfigProblems, resolve_config
 from mlxgrpo.engine.io.callbacks import Callback
+from mlxgrpo.engine.io.checkpoint import resolve_adapter_source
 from mlxgrpo.engine.loop.trainer import train
 
 STAGED = """
@@ -166,6 +168,12 @@ def test_stages_run_in_order_from_each_others_weights_and_resume(tmp_path, stage
     assert f'adapter_path = "{root / "sft" / "final"}"' in grpo_cfg
     sft_out, grpo_out = _adapters(root / "sft"), _adapters(root / "grpo")
     assert any(not mx.array_equal(sft_out[k], grpo_out[k]).item() for k in sft_out)
+    # Viewers see the stages as runs of their own; adapters of a staged run are its last's.
+    runs_root = tmp_path / "runs"
+    listed = [runlog.run_label(p, runs_root) for p in runlog.list_runs(runs_root)]
+    assert listed == ["whole/sft", "whole/grpo"]
+    assert resolve_adapter_source(str(root), str(runs_root)) == root / "grpo" / "final"
+    assert resolve_adapter_source("last", str(runs_root)) == root / "grpo" / "final"
 
     stop = StopInStage("grpo", 2)
     halted = run("split", "auto", callbacks=[stop], should_stop=stop.should_stop)

@@ -30,7 +30,10 @@ def runs(
     if directory is None:
         directory = Path(load_config(config, set_, check_paths=False).config.run.output_dir)
     root = directory.expanduser()
-    summaries = [runlog.summarize_run(path) for path in runlog.list_runs(root)]
+    summaries = [
+        {**runlog.summarize_run(path), "name": runlog.run_label(path, root)}
+        for path in runlog.list_runs(root)
+    ]
     if json_output:
         ui.raw(json.dumps(summaries, indent=2) + "\n")
     elif not summaries:

@@ -64,8 +64,16 @@ class _Collector:
     stages: list[tuple[str, list[_Entry]]] = field(default_factory=list)
 
 
-# Settings of the whole staged run, which no stage may change.
-STAGE_GLOBAL_KEYS = ("run.output_dir", "run.run_name", "run.resume", "run.resume_despite_changes")
+# Settings of the whole staged run, which no stage may change (the sinks are built once).
+STAGE_GLOBAL_KEYS = (
+    "run.output_dir",
+    "run.run_name",
+    "run.resume",
+    "run.resume_despite_changes",
+    "logging.tensorboard",
+    "logging.wandb_project",
+    "logging.log_completions_steps",
+)
 # A stage after the first starts from the weights the one before it ended with.
 STAGE_CHAINED_KEYS = ("model.path", "model.adapter_path")
 

@@ -173,8 +173,9 @@ class AlgorithmConfig:
     type: str = opt(
         "grpo",
         "What the run trains: grpo = sample, score and reinforce (the keys below, [rollout] "
-        "and [rewards]); sft = supervised fine-tuning on demonstrations ([sft]).",
-        choices=("grpo", "sft"),
+        "and [rewards]); sft = supervised fine-tuning on demonstrations ([sft]); mix = grpo "
+        "plus mix.sft_weight x the SFT loss on a batch of demonstrations each update ([mix]).",
+        choices=("grpo", "sft", "mix"),
     )
     loss_type: str = opt(
         "grpo",
@@ -368,7 +369,7 @@ class SftConfig:
     train_on_prompt: bool = opt(
         False,
         "Train on every token of a conversation, not only its assistant turns (a plain text "
-        "always trains whole).",
+        "always trains whole). The [sft] keys serve algorithm.type = sft and mix.",
     )
     max_length: int = opt(
         2048,
@@ -387,6 +388,21 @@ class SftConfig:
         "Column with a demonstration's completion, beside data.prompt_field. A 'messages' "
         "column (chat turns) or a 'text' column (trained whole) is used instead when present.",
     )
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    sft_weight: float = opt(
+        0.1,
+        "Weight of the SFT loss added to each update's GRPO loss (algorithm.type = mix).",
+        min=0,
+    )
+    dataset: str = opt(
+        "",
+        "Where the demonstrations come from, as data.dataset names data; empty = data.dataset "
+        "itself (a synthetic task's own demonstrations, or the file's demonstration columns).",
+    )
+    batch_size: int = opt(0, "Demonstrations per update; 0 = optim.batch_size.", min=0)
 
 
 @dataclass(frozen=True)
@@ -469,6 +485,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -51,7 +51,7 @@ def check_config(resolved: ResolvedConfig) -> list[str]:
     return problems
 
 
-# Keys that only a GRPO run reads (besides the rest of [algorithm], [rollout] and [rewards]).
+# Keys that only GRPO (and mix) runs read, besides the rest of [algorithm], [rollout], [rewards].
 GRPO_ONLY_KEYS = (
     "optim.steps_per_generation",
     "eval.max_new_tokens",
@@ -61,40 +61,49 @@ GRPO_ONLY_KEYS = (
 )
 
 
+def _readers(key: str) -> tuple[str, ...] | None:
+    """The kinds of training (algorithm.type) that read ``key``; None: every kind."""
+    section = key.split(".")[0]
+    if section == "sft":
+        return ("sft", "mix")
+    if section == "mix":
+        return ("mix",)
+    grpo_only = section in ("rollout", "rewards") or key in GRPO_ONLY_KEYS
+    if grpo_only or (section == "algorithm" and key != "algorithm.type"):
+        return ("grpo", "mix")
+    return None
+
+
 def _check_training_kind(resolved: ResolvedConfig) -> list[str]:
-    """Settings of one kind of training set while the run is of the other (accepted, then
-    ignored): one problem naming the first of them. In a stage, only what the stage itself
-    sets counts; the top level of a staged config holds settings for the other stages too."""
-    kind = resolved.config.algorithm.type
+    """Settings that this run's kind of training does not read (accepted, then ignored): one
+    problem naming the first of them. In a stage, only what the stage itself sets counts; the
+    top level of a staged config holds settings for the other stages too. An SFT or mix run's
+    demonstrations must exist."""
+    cfg = resolved.config
+    kind = cfg.algorithm.type
     changed = resolved.changed_keys()
-    if resolved.stage is not None:  # what a staged config's top level sets is for some stage
+    if resolved.stage is not None:
         changed = [key for key in changed if resolved.sources[key].layer == "stage"]
-    if kind == "sft":
-        unused = [
-            key
-            for key in changed
-            if key.split(".")[0] in ("rollout", "rewards")
-            or (key.startswith("algorithm.") and key != "algorithm.type")
-            or key in GRPO_ONLY_KEYS
-        ]
-        reads = "GRPO runs"
-    else:
-        unused = [key for key in changed if key.startswith("sft.")]
-        reads = "algorithm.type = sft"
-    if kind == "sft":
-        problems = _check_demonstrations(resolved.config.data.dataset)
+    if kind != "grpo":
+        key = "mix.dataset" if kind == "mix" and cfg.mix.dataset else "data.dataset"
+        problems = _check_demonstrations(key, cfg.get(key), kind)
         if problems:
             return problems
+    unused = [
+        (key, readers) for key in changed if (readers := _readers(key)) and kind not in readers
+    ]
     if not unused:
         return []
+    key, readers = unused[0]
     more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+    kinds = " or ".join(readers)
     return [
-        f"{unused[0]}{more} is read by {reads} only, and this run has algorithm.type = {kind}; "
-        "leave it out, or set algorithm.type"
+        f"{key}{more} is read by algorithm.type = {kinds} only, and this run has "
+        f"algorithm.type = {kind}; leave it out, or set algorithm.type"
     ]
 
 
-def _check_demonstrations(dataset: str) -> list[str]:
+def _check_demonstrations(key: str, dataset: str, kind: str) -> list[str]:
     """A synthetic task that writes no demonstrations cannot feed supervised fine-tuning (a
     data file's columns are checked when it loads)."""
     from mlxgrpo.data.synthetic import is_synthetic, parse_synthetic_spec
@@ -108,7 +117,7 @@ def _check_demonstrations(dataset: str) -> list[str]:
         return []  # the dataset check names the bad spec
     if task.demonstrate is None or task.demonstrate(probe, options) is None:
         return [
-            f"data.dataset = {dataset} writes no demonstrations for algorithm.type = sft; use "
+            f"{key} = {dataset} writes no demonstrations for algorithm.type = {kind}; use "
             "synthetic:repeat, synthetic:copy, synthetic:arithmetic without a tool, or a file "
             "of demonstrations"
         ]

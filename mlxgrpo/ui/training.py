@@ -145,6 +145,7 @@ _EVAL_KEYS = (
     "tokens_per_sec",
     "loss",
     "perplexity",
+    "token_accuracy",
 )
 
 
@@ -172,6 +173,7 @@ def reward_table(update: int, m: dict[str, Any]) -> Table:
         ("kl", m.get("kl")),
         ("entropy", m.get("entropy")),
         ("loss", m.get("policy_loss")),
+        ("sft loss", m.get("sft_loss")),
         ("grad norm", m.get("grad_norm")),
         ("learning rate", m.get("learning_rate")),
     ]
@@ -197,6 +199,7 @@ def sft_table(update: int, m: dict[str, Any]) -> Table:
     rows = [
         ("loss", fmt(m.get("loss"))),
         ("perplexity", fmt(m.get("perplexity"))),
+        ("token accuracy", fmt(m.get("token_accuracy"))),
         ("target tokens", f"{m.get('target_tokens', 0):.0f}"),
         ("truncated examples", f"{m.get('truncated_examples', 0):.0f}"),
         ("grad norm", fmt(m.get("grad_norm"))),
@@ -212,8 +215,11 @@ def _algorithm_line(info: dict[str, Any]) -> str:
     tail = f"{info['total_updates']} updates"
     if info.get("algorithm_type") == "sft":
         return f"sft, {info['batch_size']} demonstrations per update, {tail}"
+    loss = info["loss_type"]
+    if info.get("algorithm_type") == "mix":
+        loss = f"{loss} + {info.get('mix_sft_weight')} x sft"
     return (
-        f"{info['loss_type']}, G = {info['num_generations']}, "
+        f"{loss}, G = {info['num_generations']}, "
         f"{info['batch_size']} prompts per update, {tail}"
         + _per_rollout(info.get("steps_per_generation", 1))
     )

@@ -280,13 +280,15 @@ def resolve_adapter_source(spec: str, output_dir: str) -> Path:
     """An adapter directory from what a user may point at.
 
     `spec` is an adapter directory itself, a run directory (its `final/` or newest checkpoint),
-    or `last`: the most recently modified run under `output_dir` that has adapters.
+    a staged run (its latest stage's), or `last`: the most recently modified run under
+    `output_dir` (a stage of a staged run included) that has adapters.
     """
     from mlxgrpo.errors import ConfigError
+    from mlxgrpo.runlog import runs_under, stage_runs
 
     if spec == LAST_RUN:
         root = Path(output_dir).expanduser()
-        runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+        runs = runs_under(root)
         found = [(p.stat().st_mtime, a) for p in runs if (a := _run_adapters(p)) is not None]
         if not found:
             raise ConfigError(
@@ -297,6 +299,9 @@ def resolve_adapter_source(spec: str, output_dir: str) -> Path:
     path = Path(spec).expanduser()
     if (path / ADAPTER_WEIGHTS).is_file() or not path.is_dir():
         return path  # an adapter dir, or a missing path that the loader reports clearly
+    stages = [a for stage in stage_runs(path) if (a := _run_adapters(stage)) is not None]
+    if stages:
+        return stages[-1]
     adapters = _run_adapters(path)
     if adapters is not None:
         return adapters

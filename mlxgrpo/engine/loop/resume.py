@@ -79,6 +79,8 @@ def resume_session(session: Any, cb: Callback) -> None:
     _check_identity(session, loaded.path, loaded.state, cb)
     state = apply_checkpoint(loaded, session.model, session.optimizer, finetune_type)
     session.stream.load_state(state["data"])
+    if session.demonstrations is not None and isinstance(state.get("demonstrations"), dict):
+        session.demonstrations.load_state(state["demonstrations"])
     session.start_update = int(state["update"])
     steps = session.resolved.config.optim.steps_per_generation
     if session.start_update % steps:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,12 +85,14 @@ def demonstration_logprobs(
     targets: mx.array,
     chunk_size: int | None = None,
     segments: np.ndarray | None = None,
-) -> mx.array:
-    """[N, T-1]: the log-prob of each target token given the tokens before it in its row's
-    segment (0 where the token does not train); ``segments`` None: one demonstration a row."""
-    return sequence_logprobs(
-        model, tokens, 1, mask=targets, chunk_size=chunk_size, segments=segments
+) -> tuple[mx.array, mx.array]:
+    """``(logp, top)`` [N, T-1]: the log-prob of each target token given the tokens before it
+    in its row's segment, and 1.0 where it is the model's top token (both 0 where the token
+    does not train); ``segments`` None: one demonstration a row."""
+    logp, top = sequence_logprobs(
+        model, tokens, 1, mask=targets, chunk_size=chunk_size, segments=segments, with_top=True
     )
+    return logp, top * targets[:, 1:]
 
 
 def packing_capacity(model: nn.Module, sft: Any) -> int | None:
@@ -104,20 +106,44 @@ def packing_capacity(model: nn.Module, sft: Any) -> int | None:
     return sft.max_length if blocked is None else None
 
 
-def sft_update(
+@dataclass
+class SftGradients:
+    """The summed gradient of a batch of demonstrations' loss, and its figures."""
+
+    grads: Any
+    loss: float  # the (weighted) loss, as differentiated
+    nll: float  # the summed negative log-likelihood of the target tokens
+    correct: float  # target tokens that were the model's top token
+    target_tokens: int
+    rows: int
+    micro_batches: int
+    tokens_run: int  # tokens through the trunk, padding included
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return figures(self.nll, self.correct, self.target_tokens, prefix)
+
+
+def figures(nll: float, correct: float, tokens: int, prefix: str = "") -> dict[str, float]:
+    """Loss (mean negative log-likelihood per target token), perplexity, token accuracy and
+    target tokens, each name after ``prefix``."""
+    mean = nll / max(tokens, 1)
+    return {
+        f"{prefix}loss": mean,
+        f"{prefix}perplexity": math.exp(min(mean, 700.0)),
+        f"{prefix}token_accuracy": correct / max(tokens, 1),
+        f"{prefix}target_tokens": float(tokens),
+    }
+
+
+def sft_gradients(
     ctx: UpdateContext,
     demos: Sequence[EncodedDemonstration],
-    seed: int,
-    lr: float,
     capacity: int | None = None,
-) -> UpdateResult:
-    """Learn from one batch of demonstrations (packed into rows of ``capacity`` tokens when
-    given, see :func:`packing_capacity`); returns the update's metrics: ``loss`` (mean
-    negative log-likelihood per target token), ``perplexity``, ``target_tokens``,
-    ``truncated_examples``, ``rows``, ``grad_norm`` and the timing and memory figures."""
-    started = time.perf_counter()
-    mx.random.seed(seed)  # dropout is a function of (run seed, update)
-    ctx.optimizer.learning_rate = lr
+    weight: float = 1.0,
+) -> SftGradients:
+    """The gradient of ``weight`` x the mean negative log-likelihood of the demonstrations'
+    target tokens, accumulated over micro-batches (packed into rows of ``capacity`` tokens
+    when given, see :func:`packing_capacity`)."""
     rows = rows_of(demos, capacity)
     chunks = plan_microbatches(
         list(range(len(rows))),
@@ -130,11 +156,12 @@ def sft_update(
     chunk_size = ctx.finetune.lm_head_chunk or None
 
     def loss_of(tokens: mx.array, targets: mx.array, segments: np.ndarray | None):
-        logp = demonstration_logprobs(ctx.model, tokens, targets, chunk_size, segments)
-        return sft_loss(logp, targets[:, 1:], max(update_tokens, 1))
+        logp, top = demonstration_logprobs(ctx.model, tokens, targets, chunk_size, segments)
+        loss, metrics = sft_loss(logp, targets[:, 1:], max(update_tokens, 1))
+        return weight * loss, {**metrics, "correct": mx.sum(top)}
 
     value_and_grad = nn.value_and_grad(ctx.model, loss_of)
-    grads, loss_sum, nll = None, 0.0, 0.0
+    grads, loss_sum, nll, correct = None, 0.0, 0.0, 0.0
     for tokens, targets, segments in batches:
         with checkpointed_blocks(ctx.model, ctx.finetune.grad_checkpoint):
             packed = segments if capacity is not None else None
@@ -143,27 +170,63 @@ def sft_update(
         mx.eval(loss, metrics, grads)
         loss_sum += loss.item()
         nll += metrics["nll_sum"].item()
-    grad_norm, applied = step(ctx, grads, loss_sum)
-    seconds = time.perf_counter() - started
-    mean_nll = nll / max(update_tokens, 1)
+        correct += metrics["correct"].item()
     tokens_run = sum(int(t.size) for t, _, _ in batches)
+    return SftGradients(
+        grads, loss_sum, nll, correct, update_tokens, len(rows), len(batches), tokens_run
+    )
+
+
+def sft_update(
+    ctx: UpdateContext,
+    demos: Sequence[EncodedDemonstration],
+    seed: int,
+    lr: float,
+    capacity: int | None = None,
+) -> UpdateResult:
+    """Learn from one batch of demonstrations (:func:`sft_gradients`, then one optimizer
+    step); returns the update's metrics: ``loss`` (mean negative log-likelihood per target
+    token), ``perplexity``, ``target_tokens``, ``truncated_examples``, ``rows``,
+    ``grad_norm`` and the timing and memory figures."""
+    started = time.perf_counter()
+    mx.random.seed(seed)  # dropout is a function of (run seed, update)
+    ctx.optimizer.learning_rate = lr
+    found = sft_gradients(ctx, demos, capacity)
+    grad_norm, applied = step(ctx, found.grads, found.loss)
+    seconds = time.perf_counter() - started
     return UpdateResult(
         {
-            "loss": mean_nll,
-            "perplexity": math.exp(min(mean_nll, 700.0)),
-            "target_tokens": float(update_tokens),
+            **found.metrics(),
             "truncated_examples": float(sum(d.truncated for d in demos)),
-            "rows": float(len(rows)),
+            "rows": float(found.rows),
             "grad_norm": grad_norm,
             "nonfinite_skipped": float(not applied),
-            "micro_batches": float(len(batches)),
+            "micro_batches": float(found.micro_batches),
             "learning_rate": lr,
-            "train_tokens_per_sec": tokens_run / seconds if seconds > 0 else 0.0,
+            "train_tokens_per_sec": found.tokens_run / seconds if seconds > 0 else 0.0,
             "train_seconds": seconds,
             "step_seconds": seconds,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }
     )
+
+
+def mix_term(
+    ctx: UpdateContext,
+    demos: Sequence[EncodedDemonstration],
+    weight: float,
+    capacity: int | None = None,
+) -> Callable[[], tuple[Any, float, dict[str, float]]]:
+    """For ``algorithm.type = "mix"``: the SFT term a GRPO pass adds to its gradient
+    (:func:`~mlxgrpo.engine.loop.training_pass.learn`'s ``extra``), taken at the weights of the
+    pass that calls it: ``(grads, weighted loss, {"sft_loss", "sft_perplexity",
+    "sft_target_tokens"})``."""
+
+    def term() -> tuple[Any, float, dict[str, float]]:
+        found = sft_gradients(ctx, demos, capacity, weight)
+        return found.grads, found.loss, found.metrics("sft_")
+
+    return term
 
 
 def validation_loss(
@@ -173,14 +236,15 @@ def validation_loss(
     batch_size: int,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
-    """Mean negative log-likelihood per target token of held-out demonstrations, and its
-    perplexity, ``batch_size`` demonstrations at a time, without gradients."""
-    nll, tokens = 0.0, 0
+    """Mean negative log-likelihood per target token of held-out demonstrations, its
+    perplexity and the token accuracy, ``batch_size`` demonstrations at a time, without
+    gradients."""
+    nll, correct, tokens = 0.0, 0.0, 0
     for begin in range(0, len(demos), batch_size):
         part = demos[begin : begin + batch_size]
         ids, targets, _ = padded_batch(part, pad_id)
-        logp = demonstration_logprobs(model, ids, targets, chunk_size)
+        logp, top = demonstration_logprobs(model, ids, targets, chunk_size)
         nll -= mx.sum(logp * targets[:, 1:]).item()
+        correct += mx.sum(top).item()
         tokens += sum(d.trained for d in part)
-    mean = nll / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "target_tokens": tokens}
+    return figures(nll, correct, tokens)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ class Session:
     start_update: int = 0
     dist: Any = None  # mlxgrpo.distributed.Dist
     entropy_control: Any = None  # engine.loop.entropy_control.EntropyControl, with a target
+    demonstrations: Any = None  # algorithm.type = mix: the PromptStream of its SFT term's data
 
 
 def run_directory(output_dir: str, run_name: str, resume: str) -> Path:
@@ -193,6 +193,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
     from mlxgrpo.distributed import Dist
     from mlxgrpo.engine.loop.context import UpdateContext
     from mlxgrpo.engine.loop.entropy_control import EntropyControl
+    from mlxgrpo.engine.loop.streams import demonstration_stream, prompt_stream
     from mlxgrpo.models.finetune import load_policy, model_source
     from mlxgrpo.models.loading import load_model
     from mlxgrpo.task import Task
@@ -212,7 +213,7 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         # The frozen reference copy of full fine-tuning stays in the compute dtype.
         ref_model, _ = load_model(cfg.model.path, dtype=cfg.model.dtype, **model_source(cfg.model))
         ref_model.freeze()
-    stream, total = _prompt_stream(cfg, task.train_examples)
+    stream, total = prompt_stream(cfg, task.train_examples)
     optimizer = _optimizer(cfg.optim, model)
     ctx = UpdateContext.from_config(
         model,
@@ -238,6 +239,8 @@ def _setup(resolved: ResolvedConfig, run_dir: Path, cb: Callback, dist: Any = No
         dist=ctx.dist,
     )
     session.entropy_control = EntropyControl.from_config(cfg.algorithm)
+    if cfg.algorithm.type == "mix":
+        session.demonstrations = demonstration_stream(cfg, task.demonstrations, total)
     resume_session(session, cb)
     return session
 
@@ -257,40 +260,6 @@ def _check_rollout_budget(cfg: Any, model: Any) -> None:
         available=memory_budget_bytes(),
         keys=f"rollout.max_new_tokens = {r.max_new_tokens}",
     )
-
-
-def _prompt_stream(cfg: Any, train_examples: list) -> tuple[Any, int]:
-    """The training prompts in batches of optim.batch_size, for as many epochs as the run's
-    updates (and dynamic sampling's extra draws) may read; and the number of updates."""
-    from mlxgrpo.data import PromptStream, num_updates
-
-    per_epoch = num_updates(len(train_examples), cfg.optim.batch_size, 1)
-    if per_epoch == 0:
-        raise ConfigError(
-            f"{len(train_examples)} training prompts are fewer than optim.batch_size = "
-            f"{cfg.optim.batch_size}",
-            hint="lower optim.batch_size or raise run.max_train_samples",
-        )
-    total = cfg.run.max_steps or per_epoch * cfg.run.num_epochs
-    steps = cfg.optim.steps_per_generation
-    if total < steps:
-        raise ConfigError(
-            f"the run has {total} updates, fewer than optim.steps_per_generation = {steps}",
-            hint="lower optim.steps_per_generation, or train longer (run.max_steps, "
-            "run.num_epochs)",
-        )
-    total -= total % steps  # whole generations (a config's max_steps is a multiple already)
-    epochs = max(cfg.run.num_epochs, math.ceil(total / per_epoch))
-    if cfg.algorithm.dynamic_sampling:  # extra draws read on into later epochs
-        epochs *= 1 + cfg.algorithm.max_resample_batches
-    stream = PromptStream(
-        train_examples,
-        cfg.optim.batch_size,
-        seed=cfg.run.seed,
-        num_epochs=epochs,
-        shuffle=cfg.data.shuffle,
-    )
-    return stream, total
 
 
 def _optimizer(optim_cfg: Any, model: Any) -> Any:
@@ -338,6 +307,7 @@ def _start_info(s: Session) -> dict[str, Any]:
         "dataset": cfg.data.dataset,
         "rewards": list(s.task.reward_set.names) if s.task.reward_set is not None else [],
         "algorithm_type": cfg.algorithm.type,
+        "mix_sft_weight": cfg.mix.sft_weight,
         "loss_type": cfg.algorithm.loss_type,
         "num_generations": cfg.rollout.num_generations,
         "batch_size": cfg.optim.batch_size,
@@ -439,7 +409,7 @@ class _UpdateSource:
 
         cfg = s.resolved.config
         self.s, self.generation, self.steps = s, None, cfg.optim.steps_per_generation
-        sft = cfg.algorithm.type == "sft"
+        sft = cfg.algorithm.type != "grpo"  # sft, or mix with its SFT term
         self.capacity = packing_capacity(s.model, cfg.sft) if sft else None
 
     def next(self, update: int, seed: int, lr: float) -> Any:
@@ -458,7 +428,13 @@ class _UpdateSource:
                 return None
             more = s.stream.next_batch if cfg.algorithm.dynamic_sampling else None
             self.generation = sample_generation(s.ctx, prompts, seed, more)
-        return train_step(s.ctx, self.generation, update % self.steps, seed, lr)
+        extra = None
+        if s.demonstrations is not None:  # mix: this update's batch of demonstrations
+            from mlxgrpo.engine.loop.sft_update import mix_term
+
+            demos = s.demonstrations.next_batch()
+            extra = mix_term(s.ctx, demos, cfg.mix.sft_weight, self.capacity)
+        return train_step(s.ctx, self.generation, update % self.steps, seed, lr, extra)
 
 
 def _generation_prompts(stream: Any, steps: int) -> list | None:
@@ -525,6 +501,8 @@ def _checkpoint(s: Session, update: int) -> Path:
     }
     if s.entropy_control is not None:
         state["entropy_coeff"] = s.entropy_control.coeff
+    if s.demonstrations is not None:
+        state["demonstrations"] = s.demonstrations.state()
     return save_checkpoint(
         s.run_dir,
         update,

@@ -12,6 +12,7 @@ take theirs from one pass of the policy before the first step (:func:`old_logpro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -37,12 +38,15 @@ def learn(
     advantages: list[float],
     keep: list[int],
     olds: list[mx.array] | None = None,
+    extra: Callable[[], tuple[Any, float, dict[str, float]]] | None = None,
 ):
     """Gradient passes over the kept completions; returns (metrics, tokens processed).
 
     ``olds``: per micro-batch (:func:`micro_batches`), the old policy's log-probs, for a step
     taken after the weights moved away from the rollout's (a later step of one generation,
-    :func:`old_logprobs`); None: the first pass of this step gives them."""
+    :func:`old_logprobs`); None: the first pass of this step gives them. ``extra``: another
+    loss term each pass adds, as ``() -> (grads, loss, metrics)`` at the pass's weights (the
+    SFT term of ``algorithm.type = "mix"``); its metrics are logged beside the policy's."""
     algo, dist = ctx.algorithm, ctx.dist
     # Every rank takes the same branch: a rank with nothing to train still joins the sums.
     if not dist.sum_floats([len(keep)])[0]:
@@ -87,7 +91,12 @@ def learn(
         # Each rank's loss and metrics are its shares of the global ones (global normalisers).
         grads = dist.sum_gradients(_zero_grads(ctx) if grads is None else grads)
         loss_sum, metrics_sum = _summed(dist, loss_sum, metrics_sum)
-        grad_norm, applied = step(ctx, grads, loss_sum)
+        extra_loss = 0.0
+        if extra is not None:
+            extra_grads, extra_loss, extra_metrics = extra()
+            grads = tree_map(mx.add, grads, extra_grads)
+            metrics_sum.update(extra_metrics)
+        grad_norm, applied = step(ctx, grads, loss_sum + extra_loss)
         for name, value in {"policy_loss": loss_sum, "grad_norm": grad_norm, **metrics_sum}.items():
             totals[name] = totals.get(name, 0.0) + value / passes
         if not applied:

@@ -147,16 +147,24 @@ def sample_generation(
     )
 
 
-def train_step(ctx: UpdateContext, gen: Generation, step: int, seed: int, lr: float):
+def train_step(
+    ctx: UpdateContext,
+    gen: Generation,
+    step: int,
+    seed: int,
+    lr: float,
+    extra: Callable[[], tuple[Any, float, dict[str, float]]] | None = None,
+):
     """The ``step``-th optimizer step of ``gen`` at learning rate ``lr`` (``seed``: the
-    update's, for dropout); its result carries the generation's rollout figures, and the
-    first step also its completions and reward errors."""
+    update's, for dropout; ``extra``: another loss term, see
+    :func:`~mlxgrpo.engine.loop.training_pass.learn`); its result carries the generation's
+    rollout figures, and the first step also its completions and reward errors."""
     started, dist = time.perf_counter(), ctx.dist
     comm_before = gen.comm_before if step == 0 else dist.comm_seconds
     mx.random.seed(seed)  # the training pass's dropout does not depend on the extra draws
     ctx.optimizer.learning_rate = lr
     train_metrics, trained_tokens = learn(
-        ctx, gen.trained.rollout, gen.advantages, gen.shares[step], gen.olds[step]
+        ctx, gen.trained.rollout, gen.advantages, gen.shares[step], gen.olds[step], extra
     )
     train_seconds = time.perf_counter() - started
     [(train_rate, train_seconds)] = distributed.global_rates(

@@ -159,6 +159,18 @@ class _Running:
         return [p for p in parts if p is not None]
 
 
+def _finished(running: _Running, with_entropy: bool, with_top: bool) -> list[mx.array]:
+    """Once every tile is in: the log-probs, and the entropies and top-token flags (1.0 where
+    the target's logit is the highest, ties included) when asked."""
+    log_total = mx.log(running.total)
+    values = [(running.picked - running.peak) - log_total]
+    if with_entropy:
+        values.append(log_total - running.weighted / running.total)
+    if with_top:
+        values.append((running.picked >= running.peak).astype(mx.float32))
+    return values
+
+
 def _mapped(z: mx.array, logit_map: LogitMap) -> tuple[mx.array, mx.array | None]:
     """The map's logits ``u`` of raw float32 logits ``z``, and ``du/dz`` (None when 1)."""
     scale, cap = logit_map.logit_scale(), logit_map.softcap
@@ -189,8 +201,10 @@ def frozen_head_logprobs(
     differentiable: bool,
     temperature: float,
     tile: int | None = None,
+    with_top: bool = False,
 ) -> tuple[mx.array, ...]:
-    """``(logp [P],)`` or ``(logp, entropy)`` of flat ``features`` [P, H], ``step`` positions
+    """``(logp [P],)`` or ``(logp, entropy)`` (with ``with_top``, then 1.0 where the target's
+    logit is the highest, ties included) of flat ``features`` [P, H], ``step`` positions
     at a time, each chunk walking the vocabulary ``tile`` entries at a time (None: from
     :data:`FROZEN_TILE_BUDGET_BYTES`).
 
@@ -238,10 +252,7 @@ def frozen_head_logprobs(
                     lambda x, s=start, t=end: logits_of(x, s, t), [f], [e.astype(f.dtype)]
                 )[1][0]
             running.add(peak, total, picked, weighted, spread)
-        log_total = mx.log(running.total)
-        values = [(running.picked - running.peak) - log_total]
-        if with_entropy:
-            values.append(log_total - running.weighted / running.total)
+        values = _finished(running, with_entropy, with_top)
         if not differentiable:
             return values
         softmax_w = running.spread / running.total[:, None]

@@ -71,9 +71,14 @@ def _vocab_size(owner: nn.Module | None, fallback: int) -> int:
 
 
 def _chunk_function(
-    head: Callable, owner: nn.Module | None, with_entropy: bool, entropy_grad, temperature: float
+    head: Callable,
+    owner: nn.Module | None,
+    with_entropy: bool,
+    entropy_grad,
+    temperature: float,
+    with_top: bool = False,
 ):
-    """(params, features [C, H], targets [C]) -> (logp [C], entropy [C]) or (logp [C],)."""
+    """(params, features [C, H], targets [C]) -> (logp [C], [entropy [C],] [top [C]])."""
 
     def run(params: Any, features: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
         if owner is not None:
@@ -82,8 +87,14 @@ def _chunk_function(
         if temperature != 1.0:  # as the sampler tempers them
             logits = tempered(logits, temperature)
         if with_entropy:
-            return token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
-        return (token_logprobs(logits, targets),)
+            outputs = token_logprobs_and_entropy(logits, targets, entropy_grad=entropy_grad)
+        else:
+            outputs = (token_logprobs(logits, targets),)
+        if with_top:  # 1 where the target has the highest logit (ties included)
+            picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+            top = picked >= mx.max(logits, axis=-1)
+            outputs = (*outputs, mx.stop_gradient(top.astype(mx.float32)))
+        return tuple(outputs)
 
     return run
 
@@ -98,8 +109,10 @@ def _apply_head(
     entropy_grad: bool,
     differentiable: bool,
     temperature: float,
+    with_top: bool = False,
 ) -> tuple[mx.array, ...]:
-    """Log-probs (and entropies) of flat ``features`` [P, H] -> [P], chunk by chunk."""
+    """Log-probs (and entropies, and whether each target is the top token) of flat
+    ``features`` [P, H] -> [P], chunk by chunk."""
     owner = _head_owner(head)
     positions = int(targets.shape[0])
     params = owner.trainable_parameters() if owner is not None else {}
@@ -114,9 +127,10 @@ def _apply_head(
             with_entropy=with_entropy,
             differentiable=differentiable,
             temperature=temperature,
+            with_top=with_top,
         )
     step = chunk_size or head_chunk_positions(_vocab_size(owner, positions))
-    run = _chunk_function(head, owner, with_entropy, entropy_grad, temperature)
+    run = _chunk_function(head, owner, with_entropy, entropy_grad, temperature, with_top)
     try:
         if positions <= step:  # one chunk: keep its logits for the backward pass
             return run(params, features, targets)
@@ -125,7 +139,7 @@ def _apply_head(
             return run(params, features, targets[lo:hi])
 
         if differentiable and not params and not (with_entropy and entropy_grad):
-            outputs = 2 if with_entropy else 1
+            outputs = 1 + with_entropy + with_top
             prepared = chunked_head.gradient_in_forward(chunk, positions, step, outputs)
             return prepared(params, features)
         return chunked_head.recomputing(chunk, positions, step)(params, features)
@@ -156,6 +170,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
     segments: Any = None,
+    with_top: Literal[False] = False,
 ) -> mx.array: ...
 
 
@@ -173,7 +188,27 @@ def sequence_logprobs(
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
     segments: Any = None,
+    with_top: Literal[False] = False,
 ) -> tuple[mx.array, mx.array]: ...
+
+
+@overload
+def sequence_logprobs(
+    model: nn.Module,
+    tokens: mx.array,
+    start: int,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+    mask: mx.array | None = None,
+    differentiable: bool = True,
+    prompt_lengths: Any = None,
+    temperature: float = 1.0,
+    known: shared_prefix.KnownOutputs | None = None,
+    segments: Any = None,
+    *,
+    with_top: Literal[True],
+) -> tuple[mx.array, ...]: ...
 
 
 def sequence_logprobs(
@@ -189,7 +224,8 @@ def sequence_logprobs(
     temperature: float = 1.0,
     known: shared_prefix.KnownOutputs | None = None,
     segments: Any = None,
-) -> mx.array | tuple[mx.array, mx.array]:
+    with_top: bool = False,
+) -> mx.array | tuple[mx.array, ...]:
     """Per-token log-probs of ``tokens[:, start:]`` with the whole prompt in context.
 
     Runs the model once over ``tokens[:, :-1]`` (mlx-lm call convention) and keeps positions
@@ -210,7 +246,9 @@ def sequence_logprobs(
     pass, already computed by the rollout (:mod:`~mlxgrpo.engine.memory.replay`); ignored when that
     layout does not apply. ``segments`` [N, T]: which demonstration each position of a packed
     row belongs to (:mod:`~mlxgrpo.engine.memory.packing`); none attends to another's, and the
-    model must pass :func:`~mlxgrpo.engine.memory.packing.packing_blocker`.
+    model must pass :func:`~mlxgrpo.engine.memory.packing.packing_blocker`. ``with_top``: also
+    return, last, 1.0 where the target token has the highest logit (ties included), without
+    gradient (token accuracy).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -236,11 +274,12 @@ def sequence_logprobs(
         entropy_grad=entropy_grad,
         differentiable=differentiable,
         temperature=temperature,
+        with_top=with_top,
     )
     if selected is not None:
         outputs = [_scatter(values, selected, rows * width) for values in outputs]
     logp, *rest = (values.reshape(rows, width) for values in outputs)
-    return (logp, rest[0]) if with_entropy else logp
+    return (logp, *rest) if with_entropy or with_top else logp
 
 
 def _head_features(
