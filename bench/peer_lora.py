@@ -88,13 +88,28 @@ def ensure_venv(cache: Path) -> Path:
 
 
 def blas_path() -> str:
-    """The BLAS library mlxgrpo loaded for itself (Linux), for a peer to load the same."""
+    """The BLAS library mlxgrpo loaded for itself (Linux), for the peer to load the same."""
     from mlxgrpo.backend import blas_info
 
     if not sys.platform.startswith("linux"):
         return ""  # macOS: Accelerate, no preload
     info = blas_info()  # the library mlxgrpo loaded for itself, if it loaded one
     return info.path or "" if info.loaded_by_us else ""
+
+
+def check_peer_blas() -> None:
+    """The peer's launcher can only preload a BLAS that exports plain names. With the
+    scipy-openblas32 wheel (prefixed names, which mlxgrpo rebinds into libmlx itself) the
+    peer would run MLX's reference BLAS, many times slower: an unfair comparison, refused."""
+    from mlxgrpo.backend import WHEEL_LABEL, blas_info
+
+    info = blas_info()
+    if sys.platform.startswith("linux") and info.loaded_by_us and WHEEL_LABEL in info.name:
+        raise PeerError(
+            "--peer: mlxgrpo runs on the scipy-openblas32 wheel here, which the peer's process "
+            "cannot load; install a system OpenBLAS (apt install libopenblas0) so that both "
+            "trainers use the same library"
+        )
 
 
 def command(
@@ -123,6 +138,7 @@ def command(
 
 def run_peer(python: Path, model: Path, data: Path, shape: Any, s: Any, repeats: int) -> dict:
     """`repeats` + 1 peer iterations (the first is a warm-up); medians as for mlxgrpo."""
+    check_peer_blas()
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-bench-peer-") as tmp:
         work = Path(tmp)
         argv = command(python, model, data, shape, s, repeats + 1, work)

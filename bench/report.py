@@ -302,6 +302,16 @@ def print_sft_report(result: dict[str, Any], out: Path | None) -> None:
         f"{ours['peak_memory_gb'] / weights:.2f}x",
         "",
     )
+    plain = result.get("mlxgrpo_no_checkpointing")
+    if plain is not None:
+        table.add_row(
+            "mlxgrpo sft, no ckpt",
+            f"{plain['seconds_per_step']:.2f}",
+            f"{plain['tokens_per_sec']:.0f}",
+            f"{plain['peak_memory_gb']:.2f}",
+            f"{plain['peak_memory_gb'] / weights:.2f}x",
+            "",
+        )
     for label, name in (
         ("peer", "mlx_lm lora"),
         ("peer_grad_checkpoint", "mlx_lm lora, grad ckpt"),

@@ -6,12 +6,12 @@ identical work.
 Identical work: the same model directory, the same rows (a system prompt, a question and an
 answer of vocabulary words, rendered by the model's chat template; the loss on the answer
 only: mlx-lm's `--mask-prompt`), LoRA of rank 8 and scale 20 on every block, batches of 4
-demonstrations, one optimizer step per batch, no gradient clipping difference that matters
-for time. Each trainer runs `repeats + 1` steps; the first is a warm-up. Figures: median
-seconds per step, target tokens per second (the tokens the loss covers, as mlx-lm counts
-them) and peak memory (MLX's peak during the step, the resident weights,
-adapters and optimizer state included). Both load the same BLAS (bench/sft_peer_launcher.py
-runs the peer's unchanged `main`). The peer runs with and without its `--grad-checkpoint`.
+demonstrations, one optimizer step per batch. Each trainer runs `repeats + 1` steps; the first
+is a warm-up. Figures: median seconds per step, target tokens per second (the tokens the loss
+covers, as mlx-lm counts them) and peak memory (MLX's peak during the step, the resident
+weights, adapters and optimizer state included). Both get the same BLAS set-up
+(bench/sft_peer_launcher.py imports mlxgrpo first, then runs the peer's unchanged `main`).
+The peer runs with and without its `--grad-checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class SftSettings:
     batch_size: int = 4
     system_words: int = 16
     question_words: int = 80  # about 130 prompt tokens with the system prompt and template
-    answer_words: int = 40  # about 128 answer tokens
+    answer_words: int = 126  # 128 target tokens with the end-of-turn marker and newline
     rows: int = 64
     lora_rank: int = 8
     lora_scale: float = 20.0
@@ -84,8 +85,10 @@ def data_dir(vocab: int, s: SftSettings) -> Path:
     )
 
 
-def measure_ours(model: Path, data: Path, s: SftSettings, repeats: int) -> dict[str, Any]:
-    """mlxgrpo's SFT updates on the rows, through `mlxgrpo.train`."""
+def measure_ours(
+    model: Path, data: Path, s: SftSettings, repeats: int, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """mlxgrpo's SFT updates on the rows, through `mlxgrpo.train` (``extra``: more settings)."""
     import mlx.core as mx
 
     from mlxgrpo.config import resolve_config
@@ -124,6 +127,7 @@ def measure_ours(model: Path, data: Path, s: SftSettings, repeats: int) -> dict[
             "run.resume=never",
             "checkpoint.save_steps=0",
             "logging.jsonl=false",
+            *extra,
         ]
         probe = Probe()
         mx.reset_peak_memory()
@@ -143,9 +147,7 @@ def measure_peer(
     model: Path, data: Path, s: SftSettings, repeats: int, grad_checkpoint: bool
 ) -> dict[str, Any]:
     """mlx-lm's `lora` trainer on the same rows and settings, through sft_peer_launcher.py
-    (the same BLAS as ours, its per-iteration figures recorded)."""
-    from peer_lora import blas_path
-
+    (the same BLAS set-up as ours, its per-iteration figures recorded)."""
     with tempfile.TemporaryDirectory(prefix="mlxgrpo-sft-peer-") as tmp:
         work = Path(tmp)
         config = work / "lora.yaml"  # JSON is YAML; the LoRA settings have no flags
@@ -159,7 +161,7 @@ def measure_peer(
             "--val-batches": 1, "--adapter-path": work / "adapters",
         }  # fmt: skip
         argv = [sys.executable, str(LAUNCHER), "--records", str(work / "steps.jsonl")]
-        argv += ["--blas", blas_path(), "--", "--train", "--mask-prompt"]
+        argv += ["--", "--train", "--mask-prompt"]
         argv += [str(part) for pair in peer_args.items() for part in pair]
         if grad_checkpoint:
             argv.append("--grad-checkpoint")
@@ -185,8 +187,9 @@ def measure_peer(
 
 
 def run_sft(args: Any, environment: dict[str, Any]) -> dict[str, Any]:
-    """The SFT section: ours, and with ``args.peer`` mlx-lm's trainer with and without its
-    gradient checkpointing, on the first scale shape (the tiny one with ``--quick``)."""
+    """The SFT section: ours (default settings, and without activation checkpointing), and with
+    ``args.peer`` mlx-lm's trainer with and without its gradient checkpointing, on the first
+    scale shape (the tiny one with ``--quick``)."""
     s = QUICK if args.quick else FULL
     key, shape = next(iter(scale_setup.select_shapes(None, args.quick).items()))
     model = scale_setup.model_dir(shape)
@@ -202,6 +205,12 @@ def run_sft(args: Any, environment: dict[str, Any]) -> dict[str, Any]:
         "weights_gb": weights_gb,
         "mlxgrpo": {**ours, "peak_vs_weights": ours["peak_memory_gb"] / weights_gb},
     }
+    plain = measure_ours(model, data, s, args.repeats, ["finetune.grad_checkpoint=false"])
+    plain["tokens_per_sec"] = plain["target_tokens"] / plain["seconds_per_step"]
+    result["mlxgrpo_no_checkpointing"] = {
+        **plain,
+        "peak_vs_weights": plain["peak_memory_gb"] / weights_gb,
+    }
     if args.peer:
         for label, checkpoint in (("peer", False), ("peer_grad_checkpoint", True)):
             peer = measure_peer(model, data, s, args.repeats, checkpoint)
@@ -210,5 +219,7 @@ def run_sft(args: Any, environment: dict[str, Any]) -> dict[str, Any]:
                 # Per target token: each trainer draws its own batches of the same rows.
                 "speed_ratio": ours["tokens_per_sec"] / peer["tokens_per_sec"],
                 "memory_ratio": ours["peak_memory_gb"] / peer["peak_memory_gb"],
+                "no_checkpointing_speed_ratio": plain["tokens_per_sec"] / peer["tokens_per_sec"],
+                "no_checkpointing_memory_ratio": plain["peak_memory_gb"] / peer["peak_memory_gb"],
             }
     return result

@@ -1,11 +1,12 @@
 """Runs mlx-lm's own supervised fine-tuning entry point (`mlx_lm lora`'s `main`, unchanged)
-for the SFT bench. Not imported by mlxgrpo; needs no mlxgrpo.
+for the SFT bench, in mlxgrpo's environment.
 
-    python sft_peer_launcher.py --records FILE [--blas LIB] -- <mlx_lm lora arguments>
+    python sft_peer_launcher.py --records FILE -- <mlx_lm lora arguments>
 
 What it adds around the peer's `main`:
-- `--blas LIB`: loads that BLAS with RTLD_GLOBAL before mlx is imported, as mlxgrpo does on
-  Linux (mlx[cpu]'s bundled reference BLAS is far slower; both trainers get the same library).
+- `import mlxgrpo` before mlx loads: the same BLAS set-up as mlxgrpo's own process (a system
+  OpenBLAS loaded globally, or libmlx rebound to the scipy-openblas32 wheel), so both trainers
+  multiply with the same library.
 - a training callback in place of its reporting ones, which appends one JSON line per
   iteration to FILE (run with --steps-per-report 1): the iteration's seconds and tokens per
   second by the peer's own timer (which leaves out reporting and validation), and the peak
@@ -15,7 +16,6 @@ What it adds around the peer's `main`:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 
@@ -24,11 +24,11 @@ def main() -> None:
     split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", required=True)
-    parser.add_argument("--blas", default="")
     ours = parser.parse_args(sys.argv[1:split])
-    if ours.blas:
-        ctypes.CDLL(ours.blas, mode=ctypes.RTLD_GLOBAL)
 
+    import mlxgrpo  # noqa: F401  (the BLAS set-up, before anything imports mlx)
+
+    # isort: split
     import mlx.core as mx
     from mlx_lm import lora
     from mlx_lm.tuner.callbacks import TrainingCallback

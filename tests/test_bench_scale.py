@@ -443,3 +443,18 @@ def test_peer_install_failure_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "could not install mlx-lm-lora" in lines[0]
     assert lines[0].endswith("error: offline")
     assert not peer_lora.venv_dir(tmp_path / "bench-cache").exists()
+
+
+def test_the_peer_refuses_a_blas_it_cannot_load(monkeypatch) -> None:
+    """With the prefixed wheel the peer would run MLX's reference BLAS: refused, one line."""
+    from mlxgrpo import backend
+
+    wheel = backend.BlasInfo(f"OpenBLAS {backend.WHEEL_LABEL}", "/x/libscipy_openblas.so", True)
+    system = backend.BlasInfo("OpenBLAS 0.3.21 (pthread)", "/usr/lib/libopenblas.so.0", True)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(backend, "blas_info", lambda: wheel)
+    with pytest.raises(peer_lora.PeerError, match="install a system OpenBLAS"):
+        peer_lora.check_peer_blas()
+    monkeypatch.setattr(backend, "blas_info", lambda: system)
+    peer_lora.check_peer_blas()
+    assert peer_lora.blas_path() == "/usr/lib/libopenblas.so.0"

@@ -73,4 +73,10 @@ def test_both_trainers_ran_the_same_steps_and_the_ratios_follow(sft) -> None:
     assert not peer["grad_checkpoint"] and checkpointed["grad_checkpoint"]
     assert ours["target_tokens"] > 0
     assert ours["memory_paths"]["tiled head"] == "on"
+    plain = result["mlxgrpo_no_checkpointing"]
+    assert plain["memory_paths"]["checkpointing"].startswith("off")
+    assert ours["memory_paths"]["checkpointing"] == "on"
+    assert peer["no_checkpointing_speed_ratio"] == pytest.approx(
+        plain["tokens_per_sec"] / peer["tokens_per_sec"], rel=1e-9
+    )
     assert "mlx_lm lora, grad ckpt" in stdout and "mlxgrpo sft" in stdout

@@ -429,3 +429,40 @@ def test_a_stopped_sft_run_resumes_to_the_same_weights(tmp_path):
     split = mx.load(str(tmp_path / "split" / "final" / "adapters.safetensors"))
     assert whole.keys() == split.keys()
     assert all(mx.array_equal(whole[k], split[k]).item() for k in whole)
+
+
+@pytest.mark.parametrize("kind", ["dora", "full"])
+def test_sft_trains_dora_and_full_weights(tmp_path, kind):
+    """The same SFT run with DoRA adapters, and with every weight trained: the trained weights
+    move, and final/ holds what that kind of training leaves (adapters, or a whole model)."""
+    resolved = resolve_config(
+        (),
+        [
+            *SFT_RUN,
+            f"finetune.type={kind}",
+            "run.max_steps=3",
+            "eval.every_updates=0",
+            "optim.learning_rate=1e-3",
+            f"run.output_dir={tmp_path}",
+            "run.run_name=r",
+        ],
+        environ={},
+    )
+    summary = train(resolved)
+    assert summary["updates"] == 3 and summary["last_loss"] < summary["first_loss"] * 2
+    final = tmp_path / "r" / "final"
+    if kind == "full":
+        from mlxgrpo.models.loading import load_model
+
+        trained, _ = load_model(str(final))
+        base, _ = load_model("builtin:tiny-qwen2")
+        moved = [
+            k
+            for k, v in tree_flatten(trained.parameters())
+            if not mx.array_equal(v, dict(tree_flatten(base.parameters()))[k]).item()
+        ]
+        assert len(moved) > 10  # every block's matrices, not a few stray ones
+    else:
+        adapters = mx.load(str(final / "adapters.safetensors"))
+        assert any(".m" in k for k in adapters)  # DoRA's magnitudes
+        assert all(bool(mx.isfinite(v).all()) for v in adapters.values())
