@@ -109,3 +109,24 @@ def assert_whole_model_gradients(model: nn.Module, batch, *, terms: int) -> None
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in want_grads.items():
         assert_close(grads[name], grad, terms=terms, what=name)
+
+
+def bare_context(model: nn.Module, sets: list[str], optimizer=None):
+    """An UpdateContext of ``model`` under the config ``--set`` items ``sets``, without a task:
+    no reward set, pad id 0, and SGD at learning rate 1 (a step is minus the gradient) unless
+    another ``optimizer`` is given."""
+    import types
+
+    import mlx.optimizers as optim
+
+    from mlxgrpo.config import resolve_config
+    from mlxgrpo.engine.loop.context import UpdateContext
+
+    cfg = resolve_config((), sets, environ={}).config
+    return UpdateContext.from_config(
+        model,
+        cfg,
+        reward_set=None,
+        optimizer=optimizer if optimizer is not None else optim.SGD(learning_rate=1.0),
+        codec=types.SimpleNamespace(pad_id=0),
+    )

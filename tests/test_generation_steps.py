@@ -5,7 +5,6 @@ checkpoints, stops and resumes at whole generations."""
 from __future__ import annotations
 
 import json
-import types
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,6 +12,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import spread_reward
+from loss_checks import bare_context
 from random_models import add_random_adapters, random_lm
 from test_train import LEARN
 from tolerance import assert_close
@@ -67,14 +67,7 @@ def _model() -> nn.Module:
 
 
 def _context(model: nn.Module, *sets: str) -> UpdateContext:
-    cfg = resolve_config((), ["rollout.temperature=1.0", *sets], environ={}).config
-    return UpdateContext.from_config(
-        model,
-        cfg,
-        reward_set=None,
-        optimizer=optim.Adam(1e-2),
-        codec=types.SimpleNamespace(pad_id=0),
-    )
+    return bare_context(model, ["rollout.temperature=1.0", *sets], optim.Adam(1e-2))
 
 
 def _rollout(model: nn.Module, record: bool):

@@ -8,10 +8,10 @@ import types
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import spread_reward
+from loss_checks import bare_context
 from mlx.utils import tree_flatten
 from random_models import add_random_adapters, random_lm
 from test_train import LEARN
@@ -38,14 +38,7 @@ def _model() -> nn.Module:
 
 def _context(model: nn.Module) -> UpdateContext:
     sets = ["algorithm.type=mix", "rollout.temperature=1.0", "optim.max_grad_norm=0"]
-    cfg = resolve_config((), sets, environ={}).config
-    return UpdateContext.from_config(
-        model,
-        cfg,
-        reward_set=None,
-        optimizer=optim.SGD(learning_rate=1.0),
-        codec=types.SimpleNamespace(pad_id=0),
-    )
+    return bare_context(model, sets)
 
 
 def _demos() -> list[EncodedDemonstration]:

@@ -4,13 +4,12 @@ loss against float64, the memory paths' gradients, and a run that lowers its los
 from __future__ import annotations
 
 import json
-import types
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 import pytest
+from loss_checks import bare_context
 from mlx.utils import tree_flatten
 from random_models import add_random_adapters, random_lm
 from tolerance import assert_close
@@ -282,14 +281,7 @@ def test_models_that_cannot_pack_say_why():
 
 
 def _context(model: nn.Module, *sets: str) -> UpdateContext:
-    cfg = resolve_config((), ["algorithm.type=sft", *sets], environ={}).config
-    return UpdateContext.from_config(
-        model,
-        cfg,
-        reward_set=None,
-        optimizer=optim.SGD(learning_rate=1.0),
-        codec=types.SimpleNamespace(pad_id=0),
-    )
+    return bare_context(model, ["algorithm.type=sft", *sets])
 
 
 @pytest.mark.parametrize(
