@@ -213,7 +213,7 @@ def test_padded_log_probs_equal_each_demonstration_alone(chunk):
     that of the demonstration run alone (float64 softmax), and its top-token flag that
     logit's argmax; non-targets are 0."""
     model, demos = _model(), _demos()
-    tokens, targets, _ = padded_batch(demos, pad_id=0)
+    tokens, targets, _ = padded_batch(rows_of(demos, None), pad_id=0)
     logp, top = map(np.asarray, demonstration_logprobs(model, tokens, targets, chunk))
     for row, demo in enumerate(demos):
         alone, argmax = _float64_reference(model, demo)
@@ -306,7 +306,7 @@ def test_one_update_takes_the_float64_mean_nll_step(sets):
     def plain_loss():
         total = sum(
             -mx.sum(
-                demonstration_logprobs(reference, *padded_batch([d], 0)[:2])[0]
+                demonstration_logprobs(reference, *padded_batch(rows_of([d], None), 0)[:2])[0]
                 * mx.array([d.targets[1:]], dtype=mx.float32)
             )
             for d in demos

@@ -62,9 +62,7 @@ def rows_of(demos: Sequence[EncodedDemonstration], capacity: int | None) -> list
     return rows
 
 
-def padded_batch(
-    rows: Sequence[Row | EncodedDemonstration], pad_id: int
-) -> tuple[mx.array, mx.array, np.ndarray]:
+def padded_batch(rows: Sequence[Row], pad_id: int) -> tuple[mx.array, mx.array, np.ndarray]:
     """``(tokens, targets, segments)`` [N, T]: the rows right-padded to the longest, 1 where
     a token trains (never at padding), and each position's segment (each padding position
     a segment of its own, so that it sees nothing but itself)."""
@@ -75,7 +73,7 @@ def padded_batch(
     for row, r in enumerate(rows):
         tokens[row, : len(r.ids)] = r.ids
         targets[row, : len(r.targets)] = r.targets
-        segments[row, : len(r.ids)] = r.segments if isinstance(r, Row) else 0
+        segments[row, : len(r.ids)] = r.segments
     return mx.array(tokens), mx.array(targets), segments
 
 
@@ -92,7 +90,7 @@ def demonstration_logprobs(
     logp, top = sequence_logprobs(
         model, tokens, 1, mask=targets, chunk_size=chunk_size, segments=segments, with_top=True
     )
-    return logp, top * targets[:, 1:]
+    return logp, top
 
 
 def packing_capacity(model: nn.Module, sft: Any) -> int | None:
@@ -242,7 +240,7 @@ def validation_loss(
     nll, correct, tokens = 0.0, 0.0, 0
     for begin in range(0, len(demos), batch_size):
         part = demos[begin : begin + batch_size]
-        ids, targets, _ = padded_batch(part, pad_id)
+        ids, targets, _ = padded_batch(rows_of(part, None), pad_id)
         logp, top = demonstration_logprobs(model, ids, targets, chunk_size)
         nll -= mx.sum(logp * targets[:, 1:]).item()
         correct += mx.sum(top).item()

@@ -22,11 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxgrpo.engine.memory.shared_prefix import states_agree
 from mlxgrpo.models.blocks import attention_caches, trunk_blocks, without_dropout
 
 PROBE_LENGTHS = (7, 5, 4)  # the probe row's demonstrations
 PROBE_VOCAB = 31  # ids every vocabulary has
-PROBE_TOLERANCE = 1e-3  # share of the hidden states' RMS (a leak is off by the whole scale)
 
 # id(model) -> (a weak reference to it, why not, or None)
 _VERDICTS: dict[int, tuple[weakref.ref, str | None]] = {}
@@ -138,12 +138,9 @@ def _probe(trunk: nn.Module) -> str | None:
         for length in PROBE_LENGTHS:
             alone.append(trunk(mx.array(ids[None, begin : begin + length]), None)[0])
             begin += length
-        plain = mx.concatenate(alone).astype(mx.float32)
-        packed = packed.astype(mx.float32)
-        scale = float(mx.sqrt(mx.mean(plain * plain)).item())
-        error = float(mx.max(mx.abs(plain - packed)).item())
+        agree = states_agree(mx.concatenate(alone), packed)
     except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         return f"its attention cannot take a per-row mask ({type(e).__name__})"
-    if not error <= PROBE_TOLERANCE * max(scale, 1e-6):
+    if not agree:
         return "a token's hidden state depends on its absolute position or on other examples"
     return None

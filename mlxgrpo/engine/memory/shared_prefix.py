@@ -119,16 +119,24 @@ def two_passes_match(trunk: nn.Module, windows: list[int] | None = None) -> str 
         asked: set[int] = set()
         hidden = suffix_hidden(trunk, layout, windows_asked=asked)
         shared = hidden.reshape(-1, hidden.shape[-1])[mx.array(layout.source)]
-        plain, shared = plain.astype(mx.float32), shared.astype(mx.float32)
-        scale = float(mx.sqrt(mx.mean(plain * plain)).item())
-        error = float(mx.max(mx.abs(plain - shared)).item())
+        agree = states_agree(plain, shared)
     except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         return f"its attention cannot take a per-row cache ({type(e).__name__})"
-    if not error <= PROBE_TOLERANCE * max(scale, 1e-6):
+    if not agree:
         return "its attention is not a mask over the prompt's keys and values"
     if not set(windows) <= asked:
         return "its sliding windows do not come from its caches' masks"
     return None
+
+
+def states_agree(plain: mx.array, other: mx.array) -> bool:
+    """Whether hidden states ``other`` equal ``plain`` up to float rounding: every entry
+    within :data:`PROBE_TOLERANCE` of the plain states' RMS (a wrong mask or position is off
+    by the whole scale). Evaluates both."""
+    plain, other = plain.astype(mx.float32), other.astype(mx.float32)
+    scale = float(mx.sqrt(mx.mean(plain * plain)).item())
+    error = float(mx.max(mx.abs(plain - other)).item())
+    return error <= PROBE_TOLERANCE * max(scale, 1e-6)
 
 
 @dataclass(frozen=True)
